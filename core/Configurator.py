@@ -1,0 +1,333 @@
+"""Reading experiment YAML files and building objects from ``{module_name, class_name, params}`` blocks.
+
+Everything that can be built from YAML goes through :func:`build`, the one strict builder: it requires
+``module_name`` and ``class_name``, accepts an optional ``params`` mapping (``None`` means ``{}``) and an
+optional ``enabled`` flag, rejects every other key, checks that the class is a subclass of what the slot
+expects, binds ``params`` to the constructor's signature and checks their types *before* constructing.
+Every failure is a :class:`ConfigError` that names the YAML path and, where it helps, the valid choices.
+
+Loading (:func:`load_config`) uses a safe YAML loader that also accepts ``!!python/tuple``, composes
+``_base_`` files (paths relative to the including file, merged in order, the including file last) and
+applies ``--set a.b.c=value`` overrides. The loaded config is a fresh nested ``dict``; builders never
+mutate it (they work on deep copies).
+"""
+
+from __future__ import annotations
+
+import collections.abc as cabc
+import copy
+import difflib
+import importlib
+import inspect
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BLOCK_KEYS = ("module_name", "class_name", "params", "enabled")
+MERGE_MARKERS = ("<<<<<<<", "=======", ">>>>>>>", "|||||||")
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the file and/or YAML path at fault."""
+
+
+class _SafeTupleLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``!!python/tuple`` (used by older configs for sizes)."""
+
+
+def _construct_tuple(loader: yaml.SafeLoader, node: yaml.Node) -> tuple:
+    return tuple(loader.construct_sequence(node, deep=True))
+
+
+_SafeTupleLoader.add_constructor("tag:yaml.org,2002:python/tuple", _construct_tuple)
+
+
+# --------------------------------------------------------------------------------------------- loading
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read one YAML file (no composition) into a dict, refusing merge-conflict markers."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.startswith(MERGE_MARKERS):
+            raise ConfigError(
+                f"{path}:{lineno}: merge-conflict marker {line[:7]!r}; resolve the conflict before running"
+            )
+    try:
+        data = yaml.load(text, Loader=_SafeTupleLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``override`` into a copy of ``base``; mappings merge, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _compose(path: Path, stack: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(str(p) for p in (*stack, path))
+        raise ConfigError(f"circular _base_ include: {chain}")
+    data = read_yaml(path)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: _base_ must be a path or a list of paths, got {bases!r}")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: _base_ file not found: {base} (looked at {base_path})")
+        merged = merge(merged, _compose(base_path, (*stack, path)))
+    return merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into a key path and a YAML-scalar-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY.PATH=VALUE")
+    key, raw = text.split("=", 1)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {text!r}: empty key in {key!r}")
+    try:
+        value = yaml.load(raw, Loader=_SafeTupleLoader) if raw.strip() else None  # noqa: S506
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {err}") from err
+    return keys, value
+
+
+def apply_overrides(config: dict[str, Any], overrides: cabc.Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``config`` with each ``a.b.c=value`` applied; intermediate keys must be mappings."""
+    out = copy.deepcopy(config)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise ConfigError(f"--set {text!r}: {where} is a {type(child).__name__}, not a mapping")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: cabc.Sequence[str] = ()) -> dict[str, Any]:
+    """Load ``path`` with ``_base_`` composition and ``--set`` overrides; the result is a fresh dict."""
+    config = _compose(Path(path), ())
+    config = apply_overrides(config, overrides)
+    if overrides:
+        config["overrides"] = list(overrides)
+    return config
+
+
+def get_path(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    """Read ``a.b.c`` from a nested mapping, returning ``default`` where a key is absent."""
+    node: Any = config
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def check_keys(section: Any, allowed: cabc.Iterable[str], path: str, *, required: cabc.Iterable[str] = ()) -> dict:
+    """Check a plain mapping section: must be a dict, no unknown keys, required keys present."""
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {type(section).__name__} ({section!r})")
+    allowed = list(allowed)
+    for key in section:
+        if key not in allowed:
+            raise ConfigError(f"{path}.{key}: unknown key{_suggest(key, allowed)}; valid keys: {', '.join(allowed)}")
+    for key in required:
+        if key not in section:
+            raise ConfigError(f"{path}.{key}: required key is missing")
+    return section
+
+
+# --------------------------------------------------------------------------------------------- building
+def _suggest(name: str, choices: cabc.Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def is_enabled(block: Any) -> bool:
+    """``enabled: false`` switches a block off; absent means on."""
+    return not (isinstance(block, dict) and block.get("enabled", True) is False)
+
+
+def resolve_class(block: Any, path: str, base: type | None = None) -> type:
+    """Validate a block's shape and import its class (without constructing it)."""
+    if not isinstance(block, dict):
+        raise ConfigError(f"{path}: expected a {{module_name, class_name, params}} block, got {block!r}")
+    for key in block:
+        if key not in BLOCK_KEYS:
+            raise ConfigError(f"{path}.{key}: unknown key{_suggest(key, BLOCK_KEYS)}; valid keys: {', '.join(BLOCK_KEYS)}")
+    for key in ("module_name", "class_name"):
+        if not isinstance(block.get(key), str) or not block[key]:
+            raise ConfigError(f"{path}.{key}: required, must be a non-empty string")
+    if not isinstance(block.get("enabled", True), bool):
+        raise ConfigError(f"{path}.enabled: must be true or false, got {block['enabled']!r}")
+    module_name, class_name = block["module_name"], block["class_name"]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
+            raise ConfigError(f"{path}.module_name: no module named {module_name!r}") from err
+        raise ConfigError(f"{path}.module_name: importing {module_name!r} failed: {err}") from err
+    cls = getattr(module, class_name, None)
+    if not inspect.isclass(cls):
+        choices = sorted(
+            n for n, obj in vars(module).items()
+            if inspect.isclass(obj) and obj.__module__ == module.__name__ and not n.startswith("_")
+            and (base is None or issubclass(obj, base))
+        )
+        raise ConfigError(
+            f"{path}.class_name: {module_name} has no class {class_name!r}{_suggest(class_name, choices)}; "
+            f"available: {', '.join(choices) or '(none)'}"
+        )
+    if base is not None and not issubclass(cls, base):
+        raise ConfigError(f"{path}.class_name: {module_name}.{class_name} is not a subclass of {base.__name__}")
+    return cls
+
+
+def build(block: Any, path: str, base: type | None = None, **injected: Any) -> Any:
+    """Build the object a YAML block describes.
+
+    Args:
+        block: ``{module_name, class_name, params, enabled}`` mapping from the config (not mutated).
+        path: its YAML path, used in every error message (e.g. ``trainer.params.optimizer``).
+        base: the class the slot expects; the built class must be a subclass.
+        **injected: runtime objects passed to the constructor besides ``params`` (model, data, ...);
+            a YAML param of the same name is an error.
+
+    Raises:
+        ConfigError: naming ``path`` for any shape, import, class, binding, type or constructor error.
+    """
+    cls = resolve_class(block, path, base)
+    params = copy.deepcopy(block.get("params")) or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}.params: expected a mapping, got {type(params).__name__}")
+    for key in params:
+        if key in injected:
+            raise ConfigError(f"{path}.params.{key}: set by the framework, not from YAML")
+    check_params(cls, params, f"{path}.params", injected=injected)
+    try:
+        return cls(**params, **injected)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: {block['module_name']}.{block['class_name']}: {err}") from err
+
+
+def check_params(cls: Any, params: dict[str, Any], path: str, *, injected: cabc.Mapping[str, Any] = ()) -> None:
+    """Check that ``params`` bind to ``cls``'s signature and match its annotations."""
+    target = cls.__init__ if inspect.isclass(cls) else cls
+    signature = inspect.signature(target)
+    parameters = [p for p in signature.parameters.values() if p.name != "self"]
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    names = [p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    user_names = [n for n in names if n not in injected]
+    if not takes_kwargs:
+        for key in params:
+            if key not in names:
+                raise ConfigError(
+                    f"{path}.{key}: unknown parameter{_suggest(key, user_names)}; "
+                    f"valid parameters: {', '.join(user_names) or '(none)'}"
+                )
+    for p in parameters:
+        if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.default is not p.empty:
+            continue
+        if p.name not in params and p.name not in injected:
+            raise ConfigError(f"{path}.{p.name}: required parameter is missing")
+    try:
+        hints = typing.get_type_hints(target)
+    except (NameError, TypeError):  # unresolvable forward references: skip type checks, binding was checked
+        hints = {}
+    for key, value in params.items():
+        if key in hints:
+            problem = type_problem(value, hints[key])
+            if problem:
+                raise ConfigError(f"{path}.{key}: {problem}")
+
+
+def type_problem(value: Any, annotation: Any) -> str | None:
+    """Return why ``value`` does not fit ``annotation`` (a readable sentence), or ``None`` if it fits.
+
+    Understands the annotations YAML values can meet: builtins, ``Literal``, unions/``Optional``,
+    ``list``/``tuple``/``Sequence``/``dict``/``Mapping`` with item types, and ``Any``. Other annotations
+    (classes such as ``nn.Module``) accept anything: they are injected or checked by the constructor.
+    """
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return None
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Literal:
+        return None if value in args else f"{value!r} is not one of {', '.join(repr(a) for a in args)}"
+    if origin in (typing.Union, types.UnionType):
+        problems = [type_problem(value, a) for a in args]
+        if any(p is None for p in problems):
+            return None
+        literal_choices = [repr(c) for a in args if typing.get_origin(a) is typing.Literal for c in typing.get_args(a)]
+        if literal_choices:
+            return f"{value!r} is not one of {', '.join(literal_choices)} (or another accepted type)"
+        return f"expected {_type_name(annotation)}, got {type(value).__name__} ({value!r})"
+    if annotation is type(None):
+        return None if value is None else f"expected null, got {value!r}"
+    if annotation is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return None if ok else f"expected a number, got {type(value).__name__} ({value!r})"
+    if annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"expected an integer, got {type(value).__name__} ({value!r})"
+    if annotation in (bool, str):
+        return None if isinstance(value, annotation) else f"expected {annotation.__name__}, got {value!r}"
+    container = origin or annotation
+    if container in (list, tuple, cabc.Sequence):
+        if not isinstance(value, list | tuple):
+            return f"expected a list, got {type(value).__name__} ({value!r})"
+        if container is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                return f"expected {len(args)} items, got {len(value)} ({value!r})"
+            item_types = args
+        else:
+            item_types = (args[0],) * len(value) if args else ()
+        for i, (item, item_type) in enumerate(zip(value, item_types, strict=False)):
+            problem = type_problem(item, item_type)
+            if problem:
+                return f"item {i}: {problem}"
+        return None
+    if container in (dict, cabc.Mapping):
+        if not isinstance(value, dict):
+            return f"expected a mapping, got {type(value).__name__} ({value!r})"
+        if len(args) == 2:
+            for k, v in value.items():
+                problem = type_problem(k, args[0]) or type_problem(v, args[1])
+                if problem:
+                    return f"key {k!r}: {problem}"
+        return None
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

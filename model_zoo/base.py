@@ -1,0 +1,61 @@
+"""The model interface every anomaly-detection model implements."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from data.batch import Batch
+
+
+@dataclass
+class AnomalyOutput:
+    """What ``get_anomaly`` returns; all tensors on the input's device.
+
+    Attributes:
+        anomaly_map: [B,1,H,W], >= 0, larger is more anomalous.
+        anomaly_score: [B], image-level score, larger is more anomalous.
+        reconstruction: [B,1,H,W] in [0,1] (the model's pseudo-healthy restoration), or None.
+        extras: further named [B,...] tensors for figures (e.g. AutoDDPM's mask and inpainting).
+    """
+
+    anomaly_map: Tensor
+    anomaly_score: Tensor
+    reconstruction: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.anomaly_map.ndim != 4 or self.anomaly_map.shape[1] != 1:
+            raise ValueError(f"anomaly_map must be [B,1,H,W], got {tuple(self.anomaly_map.shape)}")
+        if self.anomaly_score.shape != self.anomaly_map.shape[:1]:
+            raise ValueError(f"anomaly_score must be [B], got {tuple(self.anomaly_score.shape)}")
+
+
+class AnomalyModel(nn.Module, abc.ABC):
+    """Base class: a generative model trained on healthy data that scores deviations from it.
+
+    Subclasses implement :meth:`training_losses` and :meth:`get_anomaly`. Method knobs are keyword-only
+    constructor arguments. Everything stays in torch on the input's device.
+    """
+
+    @abc.abstractmethod
+    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
+        """Named scalar loss terms for one training batch; the trainer weights and sums them."""
+
+    @abc.abstractmethod
+    def get_anomaly(self, x: Tensor, *, generator: torch.Generator | None = None) -> AnomalyOutput:
+        """Anomaly map and score for x: [B,1,H,W] in [0,1]."""
+
+    @torch.no_grad()
+    def validation_losses(self, batch: Batch, *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Per-batch validation metrics (scalars, lower is better); default: reconstruction MAE and MSE.
+
+        The trainer monitors ``val/<key>`` (``trainer.params.monitor``, default ``recon_mae``).
+        """
+        out = self.get_anomaly(batch.image, generator=generator)
+        recon = out.reconstruction if out.reconstruction is not None else batch.image
+        diff = recon - batch.image
+        return {"recon_mae": diff.abs().mean(), "recon_mse": diff.pow(2).mean()}
