@@ -1,0 +1,113 @@
+"""The strict builder and the YAML loader."""
+
+from typing import Literal
+
+import pytest
+import torch
+
+from core.Configurator import ConfigError, apply_overrides, build, load_config, read_yaml, type_problem
+
+
+class Widget:
+    def __init__(self, *, size: int, scale: float = 1.0, mode: Literal["a", "b"] = "a",
+                 channels: tuple[int, ...] = (1, 2), name: str | None = None) -> None:
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        self.size, self.scale, self.mode, self.channels, self.name = size, scale, mode, channels, name
+
+
+def block(**params):
+    return {"module_name": "tests.core.test_configurator", "class_name": "Widget", "params": params}
+
+
+def test_build_binds_params_without_mutating_the_block():
+    spec = block(size=3, channels=[4, 5])
+    frozen = repr(spec)
+    widget = build(spec, "model")
+    assert (widget.size, widget.scale, widget.channels) == (3, 1.0, [4, 5])
+    assert repr(spec) == frozen
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({**block(size=1), "paramz": {}}, r"model\.paramz: unknown key \(did you mean 'params'\?\)"),
+        (block(size=1, scal=2.0), r"model\.params\.scal: unknown parameter \(did you mean 'scale'\?\)"),
+        (block(), r"model\.params\.size: required parameter is missing"),
+        (block(size="big"), r"model\.params\.size: expected an integer, got str"),
+        (block(size=1, mode="c"), r"model\.params\.mode: 'c' is not one of 'a', 'b'"),
+        (block(size=1, channels=[1, "x"]), r"model\.params\.channels: item 1: expected an integer"),
+        (block(size=-1), r"model: tests\.core\.test_configurator\.Widget: size must be >= 0"),
+        ({"module_name": "tests.core.test_configurator", "class_name": "Wigdet"},
+         r"model\.class_name: .* has no class 'Wigdet' \(did you mean 'Widget'\?\)"),
+        ({"module_name": "model_zoo.no_such_module", "class_name": "X"},
+         r"model\.module_name: no module named 'model_zoo\.no_such_module'"),
+        ({"class_name": "Widget"}, r"model\.module_name: required"),
+        ("AutoEncoder", r"model: expected a \{module_name, class_name, params\} block"),
+    ],
+)
+def test_bad_blocks_name_the_yaml_path(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        build(spec, "model")
+
+
+def test_wrong_base_class_is_refused():
+    with pytest.raises(ConfigError, match="is not a subclass of Module"):
+        build(block(size=1), "model", base=torch.nn.Module)
+
+
+def test_injected_objects_cannot_come_from_yaml():
+    with pytest.raises(ConfigError, match="set by the framework"):
+        build(block(size=1, name="x"), "model", name="injected")
+
+
+def test_type_problem_understands_common_annotations():
+    assert type_problem(1, float) is None
+    assert type_problem(True, int) is not None
+    assert type_problem(None, int | None) is None
+    assert type_problem([1, 2], list[int]) is None
+    assert type_problem({"a": 1.5}, dict[str, float]) is None
+    assert type_problem({"a": "x"}, dict[str, float]) is not None
+    assert type_problem((64, 64), tuple[int, int]) is None
+    assert type_problem((64,), tuple[int, int]) is not None
+
+
+def test_yaml_tuple_base_composition_and_overrides(tmp_path):
+    (tmp_path / "_base").mkdir()
+    (tmp_path / "_base" / "data.yaml").write_text(
+        "data:\n  params:\n    target_size: !!python/tuple [128, 128]\n    batch_size: 8\n")
+    (tmp_path / "exp.yaml").write_text(
+        "_base_: [_base/data.yaml]\ndata:\n  module_name: m\n  class_name: C\n  params:\n    batch_size: 4\n")
+    config = load_config(tmp_path / "exp.yaml", ["data.params.batch_size=2", "experiment.seed=7"])
+    assert config["data"]["params"] == {"target_size": (128, 128), "batch_size": 2}
+    assert config["experiment"] == {"seed": 7}
+    assert config["overrides"] == ["data.params.batch_size=2", "experiment.seed=7"]
+
+
+def test_override_cannot_descend_into_a_scalar():
+    with pytest.raises(ConfigError, match=r"--set 'name.x=1': name is a str"):
+        apply_overrides({"name": "run"}, ["name.x=1"])
+
+
+def test_merge_conflict_marker_is_refused(tmp_path):
+    path = tmp_path / "conflict.yaml"
+    path.write_text("name: a\n<<<<<<< HEAD\nseed: 1\n=======\nseed: 2\n>>>>>>> branch\n")
+    with pytest.raises(ConfigError, match=r"conflict\.yaml:2: merge-conflict marker"):
+        read_yaml(path)
+
+
+def test_missing_base_and_cycles(tmp_path):
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="circular _base_"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("_base_: nope.yaml\n")
+    with pytest.raises(ConfigError, match="_base_ file not found: nope.yaml"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_unsafe_yaml_tags_are_refused(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("x: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        read_yaml(path)
