@@ -1,0 +1,123 @@
+"""CPU contract test that every registered model must pass (tiny sizes, random [2,1,32,32] input in [0,1]).
+
+To register a model, append ``(id, factory)`` to :data:`MODEL_CASES`, where ``factory()`` returns a fresh YAML
+``model`` block (``{module_name, class_name, params}``) with tiny sizes that works on 32x32 inputs. Every test
+builds the model through :func:`core.Configurator.build`, exactly as ``core/Main.py`` does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from core.Configurator import build
+from data.batch import Batch
+from model_zoo.base import AnomalyModel, AnomalyOutput
+
+SIZE = 32
+
+
+def _ae_block() -> dict[str, Any]:
+    return {"module_name": "model_zoo.ae", "class_name": "AutoEncoder",
+            "params": {"channels": [4, 8], "latent_channels": 8, "kernel_size": 3}}
+
+
+def _vae_block() -> dict[str, Any]:
+    return {"module_name": "model_zoo.vae", "class_name": "VAE",
+            "params": {"image_size": SIZE, "channels": [4, 8], "latent_dim": 8}}
+
+
+def _vae_sampled_block() -> dict[str, Any]:
+    block = _vae_block()
+    block["params"]["sample_at_test"] = True
+    return block
+
+
+MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+    ("ae", _ae_block),
+    ("vae", _vae_block),
+    ("vae_sampled", _vae_sampled_block),
+]
+"""(id, factory returning a tiny YAML model block); other models append here (DDPM, AutoDDPM, ...)."""
+
+
+@pytest.fixture(params=[factory for _, factory in MODEL_CASES], ids=[name for name, _ in MODEL_CASES])
+def model(request: pytest.FixtureRequest) -> AnomalyModel:
+    torch.manual_seed(0)
+    return build(request.param(), "model", base=AnomalyModel)
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.rand(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+def test_builds_from_block(model: AnomalyModel) -> None:
+    assert isinstance(model, AnomalyModel)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+
+
+def test_training_losses_are_finite_and_reach_every_parameter(model: AnomalyModel, x: torch.Tensor) -> None:
+    model.train()
+    losses = model.training_losses(Batch(image=x))
+    assert losses and all(isinstance(k, str) for k in losses)
+    for name, value in losses.items():
+        assert value.ndim == 0, f"loss {name!r} must be a scalar, got shape {tuple(value.shape)}"
+        assert torch.isfinite(value), f"loss {name!r} is not finite: {value}"
+    torch.stack(list(losses.values())).sum().backward()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, p in params if p.grad is None]
+    assert not missing, f"no gradient reached {missing[:5]}"
+    assert all(torch.isfinite(p.grad).all() for _, p in params)
+    assert any(p.grad.abs().sum() > 0 for _, p in params)
+
+
+def test_calling_the_model_returns_training_losses(model: AnomalyModel, x: torch.Tensor) -> None:
+    # the trainer calls the (DDP-wrapped) module, so ``forward`` must stay ``training_losses``
+    model.train()
+    torch.manual_seed(0)
+    called = model(Batch(image=x))
+    torch.manual_seed(0)
+    direct = model.training_losses(Batch(image=x))
+    assert called.keys() == direct.keys()
+    for name in direct:
+        torch.testing.assert_close(called[name], direct[name])
+
+
+def test_anomaly_output_shapes_values_and_device(model: AnomalyModel, x: torch.Tensor) -> None:
+    model.eval()
+    out = model.get_anomaly(x, generator=torch.Generator().manual_seed(0))
+    assert isinstance(out, AnomalyOutput)
+    assert out.anomaly_map.shape == x.shape
+    assert out.anomaly_score.shape == (x.shape[0],)
+    tensors = [out.anomaly_map, out.anomaly_score, *out.extras.values()]
+    if out.reconstruction is not None:
+        assert out.reconstruction.shape == x.shape
+        assert out.reconstruction.min() >= 0 and out.reconstruction.max() <= 1
+        tensors.append(out.reconstruction)
+    for t in tensors:
+        assert t.device == x.device
+        assert torch.isfinite(t).all()
+    assert (out.anomaly_map >= 0).all()
+    for name, t in out.extras.items():
+        assert t.shape[0] == x.shape[0], f"extras[{name!r}] must be [B,...]"
+
+
+def test_deterministic_under_generator(model: AnomalyModel, x: torch.Tensor) -> None:
+    model.eval()
+    first = model.get_anomaly(x, generator=torch.Generator().manual_seed(123))
+    torch.rand(5)  # the global RNG must not matter
+    second = model.get_anomaly(x, generator=torch.Generator().manual_seed(123))
+    assert torch.equal(first.anomaly_map, second.anomaly_map)
+    assert torch.equal(first.anomaly_score, second.anomaly_score)
+
+
+def test_validation_losses_are_finite_scalars(model: AnomalyModel, x: torch.Tensor) -> None:
+    model.eval()
+    metrics = model.validation_losses(Batch(image=x), generator=torch.Generator().manual_seed(0))
+    assert metrics
+    assert all(v.ndim == 0 and math.isfinite(float(v)) for v in metrics.values())
