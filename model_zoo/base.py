@@ -45,6 +45,10 @@ class AnomalyModel(nn.Module, abc.ABC):
     def training_losses(self, batch: Batch) -> dict[str, Tensor]:
         """Named scalar loss terms for one training batch; the trainer weights and sums them."""
 
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        """``training_losses(batch)``: the trainer calls the (DDP-wrapped) model so gradients are synchronised."""
+        return self.training_losses(batch)
+
     @abc.abstractmethod
     def get_anomaly(self, x: Tensor, *, generator: torch.Generator | None = None) -> AnomalyOutput:
         """Anomaly map and score for x: [B,1,H,W] in [0,1]."""
