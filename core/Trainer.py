@@ -1,0 +1,555 @@
+"""One generic training loop for every model: AMP, EMA, clipping, validation, checkpoints, resume, DDP.
+
+Built from the YAML ``trainer:`` block::
+
+    trainer:
+      module_name: core.Trainer
+      class_name: Trainer
+      params:
+        max_epochs: 1500
+        optimizer: {module_name: torch.optim, class_name: AdamW, params: {lr: 1.0e-4}}
+        lr_scheduler: {module_name: torch.optim.lr_scheduler, class_name: CosineAnnealingLR, params: {T_max: 1500}}
+        ema_decay: 0.999
+        amp: auto
+        early_stopping_patience: 20
+
+The loop (:meth:`Trainer.fit`) is: for each epoch, build the train loader seeded with ``run.seed + epoch``
+(so the data order is reproducible and a resumed run skips exactly the batches already consumed: they are
+loaded and discarded, then the RNG states of the checkpoint are restored), run
+:meth:`Trainer.training_step` per batch (the one hook a method with another optimisation, e.g. a GAN,
+overrides), log every ``log_interval`` steps, write ``latest.pt`` every ``checkpoint_every_steps`` steps and
+at each epoch end, validate every ``val_interval`` epochs and write ``best.pt`` on improvement.
+
+Host-device synchronisation happens only at log steps, checkpoints and epoch ends: the non-finite-loss
+check accumulates on the device each step and is read there, so a NaN stops training with a
+``FloatingPointError`` at the next log step or checkpoint, before any checkpoint holding NaN weights is
+written (the last good ``latest.pt`` stays untouched).
+
+Distributed (``torchrun``): the model is wrapped in ``DistributedDataParallel`` and called through its
+``forward(batch)`` (which returns ``training_losses(batch)``) so gradients are synchronised. Validation,
+logging and file writes happen on rank 0; rank 0 broadcasts the monitored value so every rank takes the
+same early-stopping decision. Other ranks wait for rank 0 during validation (keep validation shorter than
+the process-group timeout).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal, Protocol, get_args
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from core.Configurator import build, is_enabled, resolve_class
+from data.batch import Batch
+from dl_utils import checkpoint as ckpt
+from dl_utils.distributed import barrier, is_distributed
+from dl_utils.ema import EMA
+from dl_utils.run import RunContext
+from model_zoo.base import AnomalyModel
+
+logger = logging.getLogger(__name__)
+
+AmpMode = Literal["auto", "bf16", "fp16", "off"]
+SchedulerInterval = Literal["epoch", "step"]
+DEFAULT_OPTIMIZER: dict[str, Any] = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": 1e-4}}
+RESERVED_TERMS = ("loss", "lr")
+
+
+class TrainData(Protocol):
+    """What the trainer needs from ``core.DataLoader.DataModule``."""
+
+    def train_dataloader(self, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> DataLoader: ...
+
+    def val_dataloader(self) -> DataLoader | None: ...
+
+
+class TrainLogger(Protocol):
+    """What the trainer needs from ``dl_utils.experiment_logger.ExperimentLogger``."""
+
+    def log_train(self, terms: Mapping[str, float | Tensor], *, step: int) -> None: ...
+
+    def log_val(self, metrics: Mapping[str, float | Tensor], *, step: int) -> None: ...
+
+
+def _check_choice(name: str, value: str, options: Any) -> None:
+    choices = get_args(options)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(repr(c) for c in choices)}")
+
+
+def _check_positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ValueError(f"{name} must be > 0{' or null' if allow_none else ''}, got {value!r}")
+
+
+class Trainer:
+    """Trains an :class:`~model_zoo.base.AnomalyModel` on ``data`` and keeps the best weights.
+
+    Args:
+        model, data, logger, run: injected by ``Main`` (model, DataModule, ExperimentLogger, RunContext).
+        max_epochs: upper bound on epochs.
+        max_steps: upper bound on optimizer steps (whichever of the two comes first); null = no bound.
+        optimizer: ``{module_name, class_name, params}`` of a ``torch.optim.Optimizer`` (``params`` injected);
+            default Adam, lr 1e-4. On CUDA ``fused: true`` is added when the optimizer supports it and the
+            block does not set it.
+        lr_scheduler: block of a ``torch.optim.lr_scheduler.LRScheduler`` (``optimizer`` injected), or null.
+            ``ReduceLROnPlateau`` is stepped with the monitored value after each validation.
+        lr_scheduler_interval: step the scheduler after every ``'epoch'`` or every optimizer ``'step'``.
+        loss_weights: weight per term of ``training_losses`` (absent terms weigh 1); an unknown name is an
+            error at the first step.
+        grad_clip_norm: clip the global gradient 2-norm to this value; null = no clipping.
+        amp: ``'auto'`` = bf16 autocast on CUDA and off on CPU; ``'bf16'``/``'fp16'`` autocast (a GradScaler
+            only for fp16); ``'off'``.
+        ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.999), used for
+            validation and saved as ``'ema'`` in the checkpoints (which ``load_model_weights`` prefers).
+        val_interval: validate every this many epochs (and after the last step).
+        val_max_batches: use only the first batches of the val loader; null = all.
+        monitor: key of ``model.validation_losses`` to monitor (logged as ``val/<monitor>``); lower is better.
+        early_stopping_patience: stop after this many validations without improvement; null = never.
+        early_stopping_min_delta: an improvement must lower the best value by more than this.
+        log_interval: log the mean of each term over the last this many steps (the only per-step sync).
+        checkpoint_every_steps: also write ``latest.pt`` every this many steps (mid-epoch); null = epoch ends.
+        compile: wrap the training forward in ``torch.compile`` (faster on GPUs after a warm-up compile of
+            tens of seconds; validation runs eagerly).
+        find_unused_parameters: passed to ``DistributedDataParallel`` (needed when some parameters get no
+            gradient in a step).
+        progress: show a tqdm bar per epoch (only on rank 0 and only when stderr is a terminal).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: AnomalyModel,
+        data: TrainData,
+        logger: TrainLogger,
+        run: RunContext,
+        max_epochs: int = 100,
+        max_steps: int | None = None,
+        optimizer: dict[str, Any] | None = None,
+        lr_scheduler: dict[str, Any] | None = None,
+        lr_scheduler_interval: SchedulerInterval = "epoch",
+        loss_weights: dict[str, float] | None = None,
+        grad_clip_norm: float | None = None,
+        amp: AmpMode = "auto",
+        ema_decay: float | None = None,
+        val_interval: int = 1,
+        val_max_batches: int | None = None,
+        monitor: str = "recon_mae",
+        early_stopping_patience: int | None = None,
+        early_stopping_min_delta: float = 0.0,
+        log_interval: int = 50,
+        checkpoint_every_steps: int | None = None,
+        compile: bool = False,
+        find_unused_parameters: bool = False,
+        progress: bool = True,
+    ) -> None:
+        _check_choice("amp", amp, AmpMode)
+        _check_choice("lr_scheduler_interval", lr_scheduler_interval, SchedulerInterval)
+        for name, value in (("max_epochs", max_epochs), ("val_interval", val_interval),
+                            ("log_interval", log_interval)):
+            _check_positive(name, value, allow_none=False)
+        for name, value in (("max_steps", max_steps), ("val_max_batches", val_max_batches),
+                            ("early_stopping_patience", early_stopping_patience),
+                            ("checkpoint_every_steps", checkpoint_every_steps), ("grad_clip_norm", grad_clip_norm)):
+            _check_positive(name, value)
+        if early_stopping_min_delta < 0:
+            raise ValueError(f"early_stopping_min_delta must be >= 0, got {early_stopping_min_delta!r}")
+        reserved = sorted(set(loss_weights or {}) & set(RESERVED_TERMS))
+        if reserved:
+            raise ValueError(f"loss_weights: {reserved} are reserved names, not loss terms")
+        if run.world_size > 1 and not is_distributed():
+            raise ValueError(f"run.world_size={run.world_size} but no process group is initialised "
+                             "(call dl_utils.distributed.init_distributed first)")
+
+        self.data, self.exp_logger, self.run = data, logger, run
+        self.device = torch.device(run.device)
+        self.max_epochs, self.max_steps = max_epochs, max_steps
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.loss_weights = dict(loss_weights or {})
+        self.grad_clip_norm = grad_clip_norm
+        self.val_interval, self.val_max_batches, self.monitor = val_interval, val_max_batches, monitor
+        self.patience, self.min_delta = early_stopping_patience, early_stopping_min_delta
+        self.log_interval, self.checkpoint_every_steps = log_interval, checkpoint_every_steps
+        self.progress = progress
+
+        if amp == "auto":
+            self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+            if self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+                self.amp_dtype = torch.float16  # pre-Ampere GPUs: fp16 with a GradScaler
+        else:
+            self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+        self.model = model.to(self.device)
+        self.ema = EMA(self.model, decay=ema_decay) if ema_decay is not None else None
+        self.optimizer = self._build_optimizer(optimizer or DEFAULT_OPTIMIZER)
+        self.scheduler: LRScheduler | None = None
+        if lr_scheduler is not None and is_enabled(lr_scheduler):
+            self.scheduler = build(lr_scheduler, "trainer.params.lr_scheduler", base=LRScheduler,
+                                   optimizer=self.optimizer)
+        self.engine: Any = self.model
+        if run.world_size > 1:
+            device_ids = None
+            if self.device.type == "cuda":
+                device_ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+            self.engine = DistributedDataParallel(self.model, device_ids=device_ids,
+                                                  find_unused_parameters=find_unused_parameters)
+        if compile:
+            self.engine = torch.compile(self.engine)
+
+        # Loop state (saved in checkpoints).
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer steps done
+        self.batch_in_epoch = 0  # batches of the current epoch already consumed
+        self.best_metric: float | None = None
+        self.bad_validations = 0
+        self.best_weights: dict[str, Tensor] | None = None  # a clone of the weights that scored best
+        self.last_val_metrics: dict[str, float] = {}
+        self._term_names: list[str] | None = None
+        self._reset_step_stats()
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _build_optimizer(self, block: dict[str, Any]) -> Optimizer:
+        path = "trainer.params.optimizer"
+        if self.device.type == "cuda":
+            cls = resolve_class(block, path, base=Optimizer)
+            params = block.get("params") or {}
+            if "fused" in inspect.signature(cls.__init__).parameters and "fused" not in params:
+                block = {**block, "params": {**params, "fused": True}}
+        return build(block, path, base=Optimizer, params=self.model.parameters())
+
+    def _reset_step_stats(self) -> None:
+        self._running: Tensor | None = None  # sum of [loss, *terms] since the last log step
+        self._running_count = 0
+        self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._bad_values: Tensor | None = None
+        self._device_step = torch.full((), self.step, dtype=torch.long, device=self.device)
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def fit(self) -> Path:
+        """Train until ``max_epochs``/``max_steps`` or early stopping; return ``checkpoint_dir / 'best.pt'``.
+
+        Raises:
+            FloatingPointError: a loss became NaN/inf (naming the step and the terms).
+            dl_utils.checkpoint.CheckpointError: ``run.resume_from`` is missing, corrupt or does not fit.
+        """
+        pending_rng = self._resume(self.run.resume_from) if self.run.resume_from is not None else None
+        val_loader = self.data.val_dataloader()
+        logger.info("training %s for up to %d epochs%s from epoch %d, step %d on %s (world size %d)",
+                    type(self.model).__name__, self.max_epochs,
+                    f" / {self.max_steps} steps" if self.max_steps else "", self.epoch, self.step, self.device,
+                    self.run.world_size)
+        while not self._done():
+            finished = self.train_epoch(pending_rng)
+            pending_rng = None
+            if finished:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                if self._scheduler_steps("epoch"):
+                    self.scheduler.step()
+            last = self._done(ignore_patience=True)
+            if val_loader is not None and ((finished and self.epoch % self.val_interval == 0) or last):
+                self._validate_and_track(val_loader)
+            self._save("latest.pt")
+        if val_loader is None:
+            logger.info("no validation loader: best.pt holds the final weights")
+            self.best_weights = ckpt.clone_state_dict(self._eval_model()) if self.run.is_main else None
+            self._save("best.pt")
+        barrier()
+        return self.run.checkpoint_dir / "best.pt"
+
+    def train_epoch(self, pending_rng: Mapping[str, Any] | None = None) -> bool:
+        """Run the rest of the current epoch; return True when the epoch was completed (not cut by max_steps)."""
+        loader = self.data.train_dataloader(rank=self.run.rank, world_size=self.run.world_size,
+                                            seed=self.run.seed + self.epoch)
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        n_batches = len(loader)
+        if n_batches == 0:
+            raise RuntimeError("train_dataloader() yields no batches (empty training set or drop_last too strict)")
+        if pending_rng is not None and self.batch_in_epoch == 0:
+            ckpt.restore_rng_state(pending_rng)
+        batches = self._skip(iter(loader), n_batches)
+        if pending_rng is not None and self.batch_in_epoch > 0:
+            ckpt.restore_rng_state(pending_rng)  # after skipping, which may have drawn random augmentations
+        self.model.train()
+        bar = tqdm(total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{self.max_epochs}",
+                   disable=not (self.progress and self.run.is_main and sys.stderr.isatty()), leave=False)
+        start, images, steps = time.perf_counter(), 0, 0
+        epoch_loss = torch.zeros((), device=self.device)
+        try:
+            for batch in batches:
+                terms = self.training_step(batch.to(self.device, non_blocking=True))
+                self.step += 1
+                self.batch_in_epoch += 1
+                steps += 1
+                images += len(batch) * self.run.world_size
+                epoch_loss += terms["loss"]
+                self._track(terms)
+                if self.step % self.log_interval == 0:
+                    self._log_train(bar, images / (time.perf_counter() - start))
+                if self.checkpoint_every_steps is not None and self.step % self.checkpoint_every_steps == 0:
+                    self._save("latest.pt")
+                bar.update(1)
+                if self._step_limit_reached():
+                    break
+        finally:
+            bar.close()
+        self._check_finite()
+        elapsed = time.perf_counter() - start
+        if steps:
+            logger.info("epoch %d/%d: %d steps (step %d), mean loss %.5g, %.1f images/s, %.1f s",
+                        self.epoch + 1, self.max_epochs, steps, self.step, epoch_loss.item() / steps,
+                        images / max(elapsed, 1e-9), elapsed)
+        return self.batch_in_epoch >= n_batches
+
+    def training_step(self, batch: Batch) -> dict[str, Tensor]:
+        """One optimisation step on one batch (override this one hook for another optimisation, e.g. GANs).
+
+        Args:
+            batch: on the training device; ``image`` [B,1,H,W] in [0,1].
+
+        Returns:
+            Detached scalars: ``'loss'`` (the weighted sum that was back-propagated) and every raw term.
+        """
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            terms = self.engine(batch)
+        loss = self._weighted_sum(terms)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        if self._scheduler_steps("step"):
+            self.scheduler.step()
+        return {"loss": loss.detach(), **{name: value.detach() for name, value in terms.items()}}
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _weighted_sum(self, terms: Mapping[str, Tensor]) -> Tensor:
+        if self._term_names is None:  # first step: check the model's terms once
+            if not isinstance(terms, Mapping) or not terms:
+                raise TypeError(f"{type(self.model).__name__}.training_losses must return a non-empty dict of "
+                                f"scalar tensors, got {type(terms).__name__}")
+            unknown = sorted(set(self.loss_weights) - set(terms))
+            if unknown:
+                raise ValueError(f"trainer.params.loss_weights: unknown term(s) {unknown}; "
+                                 f"{type(self.model).__name__} returns {sorted(terms)}")
+            for name, value in terms.items():
+                if name in RESERVED_TERMS:
+                    raise ValueError(f"{type(self.model).__name__}.training_losses returns a term named {name!r}, "
+                                     f"which is reserved ({', '.join(RESERVED_TERMS)})")
+                if not isinstance(value, Tensor) or value.ndim != 0:
+                    raise ValueError(f"{type(self.model).__name__}.training_losses term {name!r} must be a "
+                                     f"scalar tensor, got {getattr(value, 'shape', type(value).__name__)}")
+            self._term_names = list(terms)
+        loss = sum(self.loss_weights.get(name, 1.0) * value.float() for name, value in terms.items())
+        return loss  # type: ignore[return-value]
+
+    def _track(self, terms: Mapping[str, Tensor]) -> None:
+        """Accumulate terms and remember the first non-finite loss, on the device (no sync)."""
+        if self._term_names is None:  # a training_step override that does not use _weighted_sum
+            self._term_names = [name for name in terms if name != "loss"]
+        values = torch.stack([terms["loss"].float(), *(terms[name].float() for name in self._term_names)])
+        self._running = values if self._running is None else self._running + values
+        self._running_count += 1
+        self._device_step += 1
+        newly_bad = ~torch.isfinite(values[0]) & (self._bad_step < 0)
+        self._bad_step = torch.where(newly_bad, self._device_step, self._bad_step)
+        self._bad_values = values if self._bad_values is None else torch.where(newly_bad, values, self._bad_values)
+
+    def _check_finite(self) -> None:
+        """Raise FloatingPointError if any loss since the start was NaN/inf (one host sync)."""
+        bad_step = int(self._bad_step.item())
+        if bad_step >= 0:
+            names = ["loss", *(self._term_names or [])]
+            values = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, self._bad_values.tolist(), strict=True))
+            raise FloatingPointError(
+                f"non-finite training loss at step {bad_step} (epoch {self.epoch + 1}): {values}; stopping. "
+                f"The last checkpoint written before it ({self.run.checkpoint_dir / 'latest.pt'}) is untouched.")
+
+    def _log_train(self, bar: tqdm, images_per_s: float) -> None:
+        self._check_finite()
+        means = self._running / self._running_count
+        if is_distributed():
+            dist.all_reduce(means)
+            means = means / self.run.world_size
+        values = dict(zip(["loss", *self._term_names], means.tolist(), strict=True))
+        values["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        if self.run.is_main:
+            self.exp_logger.log_train(values, step=self.step)
+        bar.set_postfix(loss=f"{values['loss']:.4g}", img_s=f"{images_per_s:.0f}")
+        self._running, self._running_count = None, 0
+
+    def _skip(self, batches: Iterator[Batch], n_batches: int) -> Iterator[Batch]:
+        """Consume the batches of this epoch that a resumed checkpoint already trained on."""
+        if self.batch_in_epoch > n_batches:
+            raise RuntimeError(f"the checkpoint consumed {self.batch_in_epoch} batches of epoch {self.epoch + 1}, "
+                               f"but the epoch has only {n_batches}: was the data or batch size changed?")
+        if self.batch_in_epoch:
+            logger.info("resuming mid-epoch: skipping %d already-trained batches", self.batch_in_epoch)
+            for _ in itertools.islice(batches, self.batch_in_epoch):
+                pass
+        return batches
+
+    def _scheduler_steps(self, when: str) -> bool:
+        return (self.scheduler is not None and self.lr_scheduler_interval == when
+                and not isinstance(self.scheduler, ReduceLROnPlateau))
+
+    def _step_limit_reached(self) -> bool:
+        return self.max_steps is not None and self.step >= self.max_steps
+
+    def _done(self, *, ignore_patience: bool = False) -> bool:
+        if self.epoch >= self.max_epochs or self._step_limit_reached():
+            return True
+        return not ignore_patience and self.patience is not None and self.bad_validations >= self.patience
+
+    def _eval_model(self) -> AnomalyModel:
+        return self.ema.module if self.ema is not None else self.model
+
+    # ------------------------------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self, loader: DataLoader) -> dict[str, float]:
+        """Mean of ``validation_losses`` over the val loader (EMA weights when enabled), fixed generator.
+
+        The generator is re-seeded with ``run.seed`` at every call, so values are comparable across epochs.
+        """
+        net = self._eval_model()
+        was_training = net.training
+        net.eval()
+        generator = torch.Generator(device=self.device).manual_seed(self.run.seed)
+        sums: dict[str, Tensor] = {}
+        count = 0
+        for batch in itertools.islice(loader, self.val_max_batches):
+            batch = batch.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                values = net.validation_losses(batch, generator=generator)
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float() * len(batch)
+            count += len(batch)
+        net.train(was_training)
+        if count == 0:
+            raise RuntimeError("val_dataloader() yields no batches")
+        keys = list(sums)
+        metrics = dict(zip(keys, (torch.stack([sums[k] for k in keys]) / count).tolist(), strict=True))
+        if self.monitor not in metrics:
+            raise ValueError(f"trainer.params.monitor: {self.monitor!r} is not among the validation metrics "
+                             f"{sorted(metrics)} of {type(self.model).__name__}")
+        return metrics
+
+    def _validate_and_track(self, loader: DataLoader) -> None:
+        value = math.nan
+        if self.run.is_main:
+            self.last_val_metrics = self.validate(loader)
+            value = self.last_val_metrics[self.monitor]
+            self.exp_logger.log_val(self.last_val_metrics, step=self.step)
+        if is_distributed():  # every rank takes the same decision
+            shared = torch.tensor([value], dtype=torch.float64, device=self.device)
+            dist.broadcast(shared, src=0)
+            value = float(shared.item())
+        if isinstance(self.scheduler, ReduceLROnPlateau):
+            self.scheduler.step(value)
+        improved = math.isfinite(value) and (self.best_metric is None or value < self.best_metric - self.min_delta)
+        if improved:
+            self.best_metric, self.bad_validations = value, 0
+            if self.run.is_main:
+                self.best_weights = ckpt.clone_state_dict(self._eval_model())
+            self._save("best.pt")
+        else:
+            self.bad_validations += 1
+        logger.info("validation after epoch %d (step %d): %s %.5g%s (best %.5g, %d validation(s) without "
+                    "improvement)", self.epoch, self.step, self.monitor, value, " *" if improved else "",
+                    self.best_metric if self.best_metric is not None else math.nan, self.bad_validations)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _gather_rng(self) -> list[dict[str, Any]]:
+        state = ckpt.capture_rng_state()
+        if not is_distributed():
+            return [state]
+        states: list[Any] = [None] * self.run.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def state_dict(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        """Everything needed to continue training exactly (see ``dl_utils.checkpoint``)."""
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_metric": self.best_metric,
+            "rng": rng,
+            "config": self.run.config,
+            "trainer": {"batch_in_epoch": self.batch_in_epoch, "bad_validations": self.bad_validations,
+                        "world_size": self.run.world_size, "monitor": self.monitor},
+        }
+
+    def _save(self, name: str) -> None:
+        """Write ``checkpoint_dir/name`` from rank 0 (every rank calls this: RNG states are gathered)."""
+        self._check_finite()
+        rng = self._gather_rng()
+        if self.run.is_main:
+            path = ckpt.save_checkpoint(self.run.checkpoint_dir / name, self.state_dict(rng))
+            logger.debug("wrote %s (epoch %d, step %d)", path, self.epoch, self.step)
+
+    def _resume(self, path: Path) -> dict[str, Any]:
+        """Restore the loop from a checkpoint; return this rank's RNG state (restored when the data is)."""
+        path = Path(path)
+        state = ckpt.load_checkpoint(path)
+        missing = [k for k in ("model", "optimizer", "epoch", "step", "rng", "trainer") if k not in state]
+        if missing:
+            raise ckpt.CheckpointError(f"{path} is not a training checkpoint (no {', '.join(missing)}); "
+                                       "to start from weights only, load them into the model instead of resuming")
+        ckpt.load_state_strict(self.model, state["model"], f"'model' weights of {path}")
+        if self.ema is not None:
+            if state.get("ema") is None:
+                logger.warning("%s has no EMA weights: the EMA restarts from the model weights", path)
+                self.ema.load_state_dict(self.model.state_dict())
+            else:
+                ckpt.load_state_strict(self.ema.module, state["ema"], f"'ema' weights of {path}")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state.get("scheduler") is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler.is_enabled() and state.get("scaler") is not None:
+                self.scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError) as err:
+            raise ckpt.CheckpointError(f"{path}: optimizer/scheduler state does not fit this trainer "
+                                       f"configuration: {err}") from err
+        if self.scheduler is not None and state.get("scheduler") is None:
+            logger.warning("%s has no LR scheduler state: the scheduler starts afresh", path)
+        self.epoch, self.step, self.best_metric = int(state["epoch"]), int(state["step"]), state["best_metric"]
+        self.batch_in_epoch = int(state["trainer"]["batch_in_epoch"])
+        self.bad_validations = int(state["trainer"]["bad_validations"])
+        self._reset_step_stats()
+        rngs = state["rng"]
+        if len(rngs) != self.run.world_size:
+            logger.warning("%s was written by %d process(es), this run has %d: every rank takes rank 0's RNG state",
+                           path, len(rngs), self.run.world_size)
+            rngs = [rngs[0]] * self.run.world_size
+        logger.info("resumed from %s: epoch %d, step %d, %d batch(es) into the epoch", path, self.epoch, self.step,
+                    self.batch_in_epoch)
+        return rngs[self.run.rank]

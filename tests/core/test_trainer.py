@@ -1,0 +1,214 @@
+"""CPU tests of the generic training loop (tiny conv autoencoder, 8x8 images)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from core.Configurator import ConfigError, build
+from core.Trainer import Trainer
+from data.batch import Batch
+from dl_utils import checkpoint as ckpt
+from tests.core._trainer_fixtures import FakeData, RecordingLogger, TinyAE, make_run
+
+TRAINER_BLOCK = {"module_name": "core.Trainer", "class_name": "Trainer"}
+CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scheduler", "scaler", "epoch", "step", "best_metric", "rng",
+                   "config", "trainer"}
+
+
+def make_trainer(tmp_path: Path, model: TinyAE | None = None, data: FakeData | None = None,
+                 **params: object) -> tuple[Trainer, RecordingLogger]:
+    torch.manual_seed(0)
+    log = RecordingLogger()
+    params.setdefault("progress", False)
+    trainer = build({**TRAINER_BLOCK, "params": params}, "trainer", base=Trainer, model=model or TinyAE(),
+                    data=data or FakeData(), logger=log, run=make_run(tmp_path))
+    return trainer, log
+
+
+class ScriptedAE(TinyAE):
+    """Validation returns a scripted ``recon_mae`` sequence and snapshots the weights it was evaluated on."""
+
+    def __init__(self, values: list[float]) -> None:
+        super().__init__()
+        self.values, self.snapshots, self.val_batches = values, [], 0
+
+    def validation_losses(self, batch: Batch, *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        if self.val_batches % 2 == 0:  # 2 val batches per validation: snapshot once per validation
+            self.snapshots.append({k: v.detach().clone() for k, v in self.state_dict().items()})
+        value = self.values[(self.val_batches // 2) % len(self.values)]
+        self.val_batches += 1
+        return {"recon_mae": torch.tensor(value)}
+
+
+class NaNAt(TinyAE):
+    """Returns a NaN ``mse`` from the given step (1-based) on."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.nan_step = step
+
+    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
+        terms = super().training_losses(batch)
+        if self.calls >= self.nan_step:
+            terms["mse"] = terms["mse"] * float("nan")
+        return terms
+
+
+def test_fit_logs_every_term_and_writes_loadable_checkpoints(tmp_path: Path) -> None:
+    trainer, log = make_trainer(tmp_path, max_epochs=2, log_interval=2, progress=True)  # bar off: no tty
+    best = trainer.fit()
+    assert best == tmp_path / "checkpoints" / "best.pt"
+    assert [step for step, _ in log.train] == [2, 4, 6, 8, 10, 12]  # 6 batches of 4 per epoch
+    assert all(set(values) == {"loss", "mse", "l1", "lr"} for _, values in log.train)
+    assert all(math.isclose(v["loss"], v["mse"] + v["l1"], rel_tol=1e-5) for _, v in log.train)
+    assert [step for step, _ in log.val] == [6, 12]
+    assert trainer.data.seeds == [7, 8]  # train loader seeded with run.seed + epoch
+    for name in ("best.pt", "latest.pt"):
+        state = torch.load(tmp_path / "checkpoints" / name, weights_only=True)
+        assert set(state) == CHECKPOINT_KEYS
+        assert state["config"] == {"name": "tiny", "trainer": {"max_epochs": 3}}
+    latest = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
+    assert (latest["epoch"], latest["step"], latest["trainer"]["batch_in_epoch"]) == (2, 12, 0)
+    assert not list((tmp_path / "checkpoints").glob(".*tmp*"))  # atomic writes leave no temp file
+
+
+def test_yaml_options_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"trainer\.params\.amp: 'fp32' is not one of 'auto', 'bf16'"):
+        make_trainer(tmp_path, amp="fp32")
+    with pytest.raises(ConfigError, match="max_epoch.*did you mean 'max_epochs'"):
+        make_trainer(tmp_path, max_epoch=3)
+    with pytest.raises(ValueError, match="lr_scheduler_interval='batch' is not one of 'epoch', 'step'"):
+        Trainer(model=TinyAE(), data=FakeData(), logger=RecordingLogger(), run=make_run(tmp_path),
+                lr_scheduler_interval="batch")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="trainer.params.optimizer.class_name: torch.optim has no class 'Adamm'"):
+        make_trainer(tmp_path, optimizer={"module_name": "torch.optim", "class_name": "Adamm"})
+
+
+def test_loss_weights_weight_the_sum_and_unknown_names_fail(tmp_path: Path) -> None:
+    trainer, log = make_trainer(tmp_path, max_steps=3, log_interval=1, loss_weights={"mse": 2.0, "l1": 0.0})
+    trainer.fit()
+    assert len(log.train) == 3
+    assert all(math.isclose(v["loss"], 2.0 * v["mse"], rel_tol=1e-6) for _, v in log.train)
+    trainer, _ = make_trainer(tmp_path / "b", max_steps=3, loss_weights={"mse": 1.0, "kl": 0.5})
+    with pytest.raises(ValueError, match=r"unknown term\(s\) \['kl'\].*returns \['l1', 'mse'\]"):
+        trainer.fit()
+
+
+def test_best_weights_are_a_copy_and_early_stopping(tmp_path: Path) -> None:
+    model = ScriptedAE([0.5, 0.1, 0.3, 0.4, 0.05])
+    trainer, log = make_trainer(tmp_path, model=model, max_epochs=10, early_stopping_patience=2)
+    best_path = trainer.fit()
+    assert trainer.epoch == 4  # best at validation 2, then 2 validations without improvement
+    assert [v["recon_mae"] for _, v in log.val] == pytest.approx([0.5, 0.1, 0.3, 0.4])
+    assert trainer.best_metric == pytest.approx(0.1)
+    best_snapshot = model.snapshots[1]
+    final = model.state_dict()
+    assert any(not torch.equal(best_snapshot[k], final[k]) for k in final)  # training went on
+    for key in final:
+        assert torch.equal(trainer.best_weights[key], best_snapshot[key])
+        assert trainer.best_weights[key].data_ptr() != final[key].data_ptr()
+    saved = torch.load(best_path, weights_only=True)
+    assert saved["step"] == 12 and saved["best_metric"] == pytest.approx(0.1)
+    assert all(torch.equal(saved["model"][k], best_snapshot[k]) for k in final)
+
+
+def test_nan_loss_stops_with_the_step_and_terms_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    trainer, _ = make_trainer(tmp_path, model=NaNAt(5), max_epochs=2, checkpoint_every_steps=2, log_interval=50)
+    with pytest.raises(FloatingPointError, match=r"step 5 .*loss=nan, mse=nan, l1=\d"):
+        trainer.fit()
+    latest = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
+    assert latest["step"] == 4
+    assert all(torch.isfinite(v).all() for v in latest["model"].values())
+
+
+@pytest.mark.parametrize(("interval", "expected_lr"), [("epoch", 0.1 * 0.5**3), ("step", 0.1 * 0.5**18)])
+def test_scheduler_steps_per_epoch_or_per_step(tmp_path: Path, interval: str, expected_lr: float) -> None:
+    trainer, log = make_trainer(
+        tmp_path, max_epochs=3, log_interval=1, lr_scheduler_interval=interval,
+        optimizer={"module_name": "torch.optim", "class_name": "SGD", "params": {"lr": 0.1}},
+        lr_scheduler={"module_name": "torch.optim.lr_scheduler", "class_name": "StepLR",
+                      "params": {"step_size": 1, "gamma": 0.5}})
+    trainer.fit()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected_lr)
+    logged = [v["lr"] for _, v in log.train]
+    if interval == "epoch":
+        assert logged == pytest.approx([0.1] * 6 + [0.05] * 6 + [0.025] * 6)
+    else:
+        assert logged == pytest.approx([0.1 * 0.5**k for k in range(1, 19)])
+
+
+def test_max_steps_stops_mid_epoch_and_validates_at_the_end(tmp_path: Path) -> None:
+    trainer, log = make_trainer(tmp_path, max_epochs=5, max_steps=8)
+    trainer.fit()
+    assert (trainer.step, trainer.epoch, trainer.batch_in_epoch) == (8, 1, 2)
+    assert [step for step, _ in log.val] == [6, 8]
+    latest = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
+    assert (latest["step"], latest["epoch"], latest["trainer"]["batch_in_epoch"]) == (8, 1, 2)
+
+
+def test_ema_weights_are_validated_and_preferred_when_loading(tmp_path: Path) -> None:
+    trainer, log = make_trainer(tmp_path, max_epochs=2, ema_decay=0.9,
+                                optimizer={"module_name": "torch.optim", "class_name": "Adam",
+                                           "params": {"lr": 0.01}})
+    best = trainer.fit()
+    state = torch.load(best, weights_only=True)
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
+    data = FakeData()
+    expected = torch.stack([trainer.ema.module.validation_losses(b)["recon_mae"]
+                            for b in data.val_dataloader()]).mean().item()
+    assert log.val[-1][1]["recon_mae"] == pytest.approx(expected, rel=1e-6)
+    fresh = TinyAE()
+    description = ckpt.load_model_weights(fresh, best)
+    assert description.startswith("EMA weights from") and "step 12" in description
+    assert all(torch.equal(fresh.state_dict()[k], state["ema"][k]) for k in state["ema"])
+
+
+def test_without_validation_best_holds_the_final_weights(tmp_path: Path) -> None:
+    trainer, log = make_trainer(tmp_path, data=FakeData(with_val=False), max_epochs=1)
+    best = trainer.fit()
+    assert log.val == []
+    saved = torch.load(best, weights_only=True)
+    assert all(torch.equal(saved["model"][k], v) for k, v in trainer.model.state_dict().items())
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_modes_train_on_cpu(tmp_path: Path, amp: str) -> None:
+    trainer, log = make_trainer(tmp_path, max_steps=4, log_interval=2, amp=amp, grad_clip_norm=1.0)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    assert trainer.scaler.is_enabled() is (amp == "fp16")
+    assert all(math.isfinite(v["loss"]) for _, v in log.train)
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+class RandomVal(TinyAE):
+    """Validation draws its metric from the generator it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.val_batches = 0
+
+    def validation_losses(self, batch: Batch, *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        self.val_batches += 1
+        return {"recon_mae": torch.rand((), generator=generator)}
+
+
+def test_validation_uses_a_fixed_generator_and_val_max_batches(tmp_path: Path) -> None:
+    model = RandomVal()
+    trainer, log = make_trainer(tmp_path, model=model, max_epochs=3, val_max_batches=1)
+    trainer.fit()
+    assert model.val_batches == 3  # one of the two val batches per validation
+    expected = torch.rand((), generator=torch.Generator().manual_seed(7)).item()  # run.seed == 7
+    assert [v["recon_mae"] for _, v in log.val] == pytest.approx([expected] * 3)
+    assert trainer.bad_validations == 2  # equal is not better
+
+
+def test_unknown_monitor_key_is_an_error(tmp_path: Path) -> None:
+    trainer, _ = make_trainer(tmp_path, max_epochs=1, monitor="dice")
+    with pytest.raises(ValueError, match=r"monitor: 'dice' is not among the validation metrics \['recon_mae'"):
+        trainer.fit()
