@@ -1,0 +1,577 @@
+"""The embedded default benchmark: realistic healthy and pathological T1w slices that need no download.
+
+Healthy "subjects" are drawn from the real ICBM 2009a nonlinear symmetric T1 template (1 mm, skull-stripped)
+that nilearn ships offline. Each slice is a random oblique plane through the template volume:
+
+- a random axial level in a mid-brain band (template voxel z in [``z_band``], MNI z ~ +4 to +26 mm, the level
+  of the lateral ventricles, as the mid-axial slices of the reference study), tilted by up to 4 degrees
+  (pitch/roll), rotated in plane by up to 8 degrees, scaled by 0.92-1.08 per axis, shifted by up to 4 mm;
+- a smooth random elastic displacement (6x6 control grid, ~1.5-3 mm);
+- a smooth multiplicative bias field (exp of a random quadratic, up to about +-25 %), a gamma change (0.85-1.15)
+  and Rician noise (sigma 0.8-2.5 % of the white-matter level).
+
+The plane is rendered at twice ``size`` and area-averaged, so the slices are not aliased. Intensities are
+stored in fixed units, ``clip(x / ref, 0, 1)`` with ``ref`` = the subject's healthy brain 99th percentile divided
+by 0.85 (white matter ~0.8), so a lesion never changes the scaling of the healthy tissue around it; configs read
+them with ``intensity: unit``. Brain masks are the template brain mask sampled with the same geometry.
+
+Pathological classes (T1w appearance; each test image is a fresh subject; the anomaly mask marks exactly the
+pixels where the image deviates from that subject's healthy slice by design):
+
+- ``hyperintense_lesion``: a bright, irregular lesion (1.1-1.22 x white matter; e.g. subacute haemorrhage);
+- ``hypointense_lesion``: a dark, irregular lesion (CSF-like to grey-matter-like; e.g. infarct, cavity);
+- ``mass_effect``: a heterogeneous mass (darker core, slightly brighter rim) that displaces the surrounding tissue;
+- ``enlarged_ventricles``: lateral ventricles dilated by a radial deformation; the mask is the newly CSF area;
+- ``multifocal_lesions``: 3-14 small T1-hypointense foci (radius 1.3-6 px at 128) in white matter
+  (MS-like "black holes").
+
+Lesion sizes are balanced over three bins defined on 128x128 pixels like the ATLAS bins of METHODS.md
+(small 1-70, medium 71-569, large >= 570 px; scaled by (size/128)^2 at other sizes); every image's actual
+lesion size in pixels and its bin are columns of its class CSV (``lesion_px``, ``size_bin``). The sizes of
+``enlarged_ventricles`` follow from the dilation strength and are recorded the same way.
+
+Files (under ``root``, default ``cache/embedded/<version>-<params hash>`` in the repository root), all NPY:
+``images/<set>/<i>.npy`` float32 [size,size] in [0,1], ``brain/<set>/<i>.npy`` and ``anomaly/<class>/<i>.npy``
+uint8 {0,1}; split CSVs in ``splits/``: ``healthy_{train,val,test}.csv`` (+ ``_mask.csv``) and per class
+``<class>.csv`` / ``<class>_label.csv`` / ``<class>_mask.csv`` (row-aligned). Paths in CSVs are relative to the
+repository root when ``root`` is inside it, else absolute. Everything is a pure function of the parameters:
+every image has its own random generator seeded with (seed, set, index), so the same seed gives the same bytes.
+
+Copyright notice of the template (ICBM 2009a nonlinear symmetric, distributed with nilearn), kept with every
+derived image (also written to ``NOTICE`` in the benchmark folder):
+
+    Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute,
+    McGill University. Permission to use, copy, modify, and distribute this software and its documentation
+    for any purpose and without fee is hereby granted, provided that the above copyright notice appear in all
+    copies. The authors and McGill University make no representations about the suitability of this software
+    for any purpose. It is provided "as is" without express or implied warranty. The authors are not
+    responsible for any data loss, equipment damage, property loss, or injury to subjects or patients
+    resulting from the use or misuse of this software package.
+
+CLI: ``python -m data.embedded [--root DIR] [--size 128] [--grid docs/embedded_examples.png]`` builds (or finds)
+the benchmark and optionally writes a grid of examples with their masks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from data.preparer import DatasetPreparer
+
+logger = logging.getLogger(__name__)
+
+VERSION = "embedded-v3"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CLASSES = ("hyperintense_lesion", "hypointense_lesion", "mass_effect", "enlarged_ventricles", "multifocal_lesions")
+HEALTHY_SETS = ("healthy_train", "healthy_val", "healthy_test")
+SIZE_BINS = ("small", "medium", "large")
+BIN_EDGES_128 = (71, 570)  # px at 128x128: small < 71 <= medium < 570 <= large
+# Target lesion radii per bin, in output pixels at 128x128 (area ~ pi r^2 lands inside each bin).
+RADII_128 = ((2.6, 4.2), (5.5, 12.0), (14.5, 22.0))
+# Multifocal foci per bin: ((min count, max count), (min radius, max radius) in output px at 128x128).
+MULTIFOCAL_128 = (((3, 5), (1.3, 2.0)), ((4, 8), (2.5, 4.0)), ((10, 14), (4.5, 6.0)))
+NOTICE = (
+    "Images derived from the ICBM 2009a nonlinear symmetric T1 template and brain mask (distributed with nilearn).\n\n"
+    "Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute,\n"
+    "McGill University. Permission to use, copy, modify, and distribute this software and its documentation\n"
+    "for any purpose and without fee is hereby granted, provided that the above copyright notice appear in all\n"
+    "copies. The authors and McGill University make no representations about the suitability of this software\n"
+    "for any purpose. It is provided \"as is\" without express or implied warranty. The authors are not\n"
+    "responsible for any data loss, equipment damage, property loss, or injury to subjects or patients\n"
+    "resulting from the use or misuse of this software package.\n"
+)
+_SET_IDS = {name: i for i, name in enumerate((*HEALTHY_SETS, *CLASSES))}
+
+
+@functools.lru_cache(maxsize=1)
+def _template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Template T1 [197,233,189] float32 in [0,1], brain mask and lateral-ventricle mask (float32 {0,1})."""
+    from nilearn import datasets
+
+    t1 = np.asarray(datasets.load_mni152_template(resolution=1).dataobj, dtype=np.float32)
+    brain = (np.asarray(datasets.load_mni152_brain_mask(resolution=1).dataobj) > 0)
+    # Ventricles: dark voxels deep inside the brain, central box, large connected components only.
+    csf = (t1 < 0.35) & ndi.binary_erosion(brain, iterations=8)
+    box = np.zeros_like(csf)
+    box[60:140, 70:170, 60:110] = True
+    labels, n = ndi.label(csf & box)
+    sizes = ndi.sum(np.ones_like(labels), labels, index=np.arange(1, n + 1))
+    keep = np.flatnonzero(sizes > 1000) + 1
+    ventricles = np.isin(labels, keep)
+    return t1, brain.astype(np.float32), ventricles.astype(np.float32)
+
+
+def size_bin(lesion_px: int, size: int) -> str:
+    """The size bin of a lesion of ``lesion_px`` pixels in a ``size`` x ``size`` image."""
+    factor = (size / 128.0) ** 2
+    if lesion_px < BIN_EDGES_128[0] * factor:
+        return "small"
+    return "medium" if lesion_px < BIN_EDGES_128[1] * factor else "large"
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+@dataclass(frozen=True)
+class _Subject:
+    """The random draws that define one healthy subject's slice."""
+
+    z: float
+    angles: tuple[float, float, float]
+    scale: tuple[float, float]
+    shift: tuple[float, float]
+    elastic: np.ndarray  # [2,6,6] control-point displacements in mm
+    bias: np.ndarray  # [5] quadratic bias-field coefficients
+    gamma: float
+    noise: float
+    noise_seed: int
+
+
+def _draw_subject(rng: np.random.Generator, z_band: tuple[float, float]) -> _Subject:
+    return _Subject(
+        z=float(rng.uniform(*z_band)),
+        angles=(float(rng.uniform(-8, 8)), float(rng.uniform(-4, 4)), float(rng.uniform(-4, 4))),
+        scale=(float(rng.uniform(0.92, 1.08)), float(rng.uniform(0.92, 1.08))),
+        shift=(float(rng.uniform(-4, 4)), float(rng.uniform(-4, 4))),
+        elastic=rng.normal(0.0, 1.0, size=(2, 6, 6)) * float(rng.uniform(1.5, 3.0)),
+        bias=rng.uniform(-0.2, 0.2, size=5),
+        gamma=float(rng.uniform(0.85, 1.15)),
+        noise=float(rng.uniform(0.008, 0.025)),
+        noise_seed=int(rng.integers(2**31)),
+    )
+
+
+def _rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
+    a, b, c = (math.radians(v) for v in (yaw, pitch, roll))
+    rz = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
+    ry = np.array([[math.cos(c), 0, math.sin(c)], [0, 1, 0], [-math.sin(c), 0, math.cos(c)]])
+    return rz @ rx @ ry
+
+
+def _plane(res: int) -> np.ndarray:
+    """Display-plane coordinates [2,res,res] in mm: (right, anterior), centred, field of view 233 mm."""
+    fov = 233.0
+    centres = ((np.arange(res) + 0.5) / res - 0.5) * fov
+    right = np.broadcast_to(centres[None, :], (res, res))
+    anterior = np.broadcast_to(-centres[:, None], (res, res))
+    return np.stack([right, anterior]).astype(np.float64)
+
+
+@functools.lru_cache(maxsize=4)
+def _upsampler(res: int) -> np.ndarray:
+    """[res,6] matrix of 1-D cubic-spline zoom from 6 control points to ``res`` (zoom is linear and separable)."""
+    return np.stack([ndi.zoom(np.eye(6)[k], res / 6.0, order=3, mode="nearest") for k in range(6)], axis=1)
+
+
+def _sample(subject: _Subject, plane: np.ndarray,
+            ventricles: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Render the subject's oblique slice on ``plane`` (mm): T1, brain mask and (if asked) ventricle mask."""
+    volumes = _template()
+    res = plane.shape[-1]
+    up = _upsampler(res)
+    elastic = np.einsum("hk,ckl,wl->chw", up, subject.elastic, up)
+    u = plane[0] * subject.scale[0] + subject.shift[0] + elastic[0]
+    w = plane[1] * subject.scale[1] + subject.shift[1] + elastic[1]
+    rot = _rotation(*subject.angles)
+    centre = np.array([(volumes[0].shape[0] - 1) / 2.0, (volumes[0].shape[1] - 1) / 2.0, subject.z])
+    coords = np.einsum("ij,jhw->ihw", rot, np.stack([u, w, np.zeros_like(u)])) + centre[:, None, None]
+    out = [ndi.map_coordinates(vol, coords, order=1, mode="constant", cval=0.0, prefilter=False)
+           for vol in volumes[: 3 if ventricles else 2]]
+    return (out[0].astype(np.float32), (out[1] > 0.5).astype(np.float32),
+            (out[2] > 0.5).astype(np.float32) if ventricles else None)
+
+
+def _radial_warp(plane: np.ndarray, centre: np.ndarray, sigma: float, strength: float) -> np.ndarray:
+    """Plane whose content near ``centre`` (mm) is magnified (pushed outwards): a smooth expansion."""
+    d = plane - centre[:, None, None]
+    r2 = (d**2).sum(0)
+    factor = 1.0 - strength * np.exp(-r2 / (2.0 * sigma**2))
+    return centre[:, None, None] + d * factor[None]
+
+
+# ------------------------------------------------------------------------------------------------ lesions
+def _blob(res: int, centre: tuple[float, float], radius: float, rng: np.random.Generator,
+          irregularity: float = 0.2) -> np.ndarray:
+    """Soft irregular blob [res,res] in [0,1] (1 inside, ~1 px soft edge), radius in pixels."""
+    yy, xx = np.mgrid[0:res, 0:res].astype(np.float64)
+    dy, dx = yy - centre[0], xx - centre[1]
+    stretch, angle = rng.uniform(0.75, 1.3), rng.uniform(0, math.pi)
+    ca, sa = math.cos(angle), math.sin(angle)
+    u, v = (ca * dx + sa * dy) * stretch, (-sa * dx + ca * dy) / stretch
+    theta, dist = np.arctan2(v, u), np.hypot(u, v)
+    boundary = np.ones_like(theta)
+    for k in range(2, 6):
+        boundary += irregularity / k * rng.uniform(0.3, 1.0) * np.cos(k * theta + rng.uniform(0, 2 * math.pi))
+    return 1.0 / (1.0 + np.exp(-(radius * boundary - dist) / 0.7))
+
+
+def _pick_centre(allowed: np.ndarray, rng: np.random.Generator, margin_px: float,
+                 depth: np.ndarray | None = None) -> tuple[float, float]:
+    """A random pixel of ``allowed`` at least ``margin_px`` from its border (smaller margins if none is).
+
+    Args:
+        allowed: [H,W] bool region.
+        rng: random generator.
+        margin_px: wanted distance to the region's border.
+        depth: precomputed ``distance_transform_edt(allowed)`` (computed when None).
+    """
+    depth = ndi.distance_transform_edt(allowed) if depth is None else depth
+    for margin in (margin_px, margin_px / 2, 1.0, 0.0):
+        idx = np.flatnonzero(depth > margin)
+        if idx.size:
+            i = int(idx[rng.integers(idx.size)])
+            return float(i // allowed.shape[1]), float(i % allowed.shape[1])
+    raise ValueError("no brain tissue in the slice to place a lesion")
+
+
+def _texture(shape: tuple[int, int], rng: np.random.Generator, sigma: float = 2.0) -> np.ndarray:
+    field = ndi.gaussian_filter(rng.normal(0.0, 1.0, size=shape), sigma)
+    return field / (field.std() + 1e-8)
+
+
+class _Renderer:
+    """Renders healthy and pathological slices at ``2 * size`` and finishes them at ``size``."""
+
+    def __init__(self, size: int, z_band: tuple[float, float]) -> None:
+        self.size, self.res, self.z_band = size, 2 * size, z_band
+        self.plane = _plane(self.res)
+        self.px_mm = 233.0 / self.res  # mm per supersampled pixel
+        yy, xx = np.mgrid[0:self.res, 0:self.res].astype(np.float64) / self.res * 2.0 - 1.0
+        self.poly = np.stack([xx, yy, xx * yy, xx**2, yy**2])
+
+    def radius(self, rng: np.random.Generator, bin_index: int) -> float:
+        """A lesion radius in supersampled pixels for size bin ``bin_index``."""
+        low, high = RADII_128[bin_index]
+        return float(rng.uniform(low, high)) * self.size / 128.0 * 2.0
+
+    def finish(self, image: np.ndarray, subject: _Subject, ref: float | None = None) -> tuple[np.ndarray, float]:
+        """Bias field, 2x area downsampling, gamma, Rician noise, fixed scaling; returns ([size,size], ref)."""
+        biased = image * np.exp(np.tensordot(subject.bias, self.poly, axes=1))
+        small = biased.reshape(self.size, 2, self.size, 2).mean(axis=(1, 3))
+        small = np.clip(small, 0.0, None) ** subject.gamma
+        noise_rng = np.random.default_rng(subject.noise_seed)
+        if ref is None:
+            ref = float(np.percentile(small[small > 0.05], 99)) / 0.85
+        n1, n2 = noise_rng.normal(0.0, subject.noise * ref * 0.8, size=(2, *small.shape))
+        noisy = np.sqrt((small + n1) ** 2 + n2**2)
+        return np.clip(noisy / ref, 0.0, 1.0).astype(np.float32), ref
+
+    def down_mask(self, mask: np.ndarray) -> np.ndarray:
+        return (mask.reshape(self.size, 2, self.size, 2).mean(axis=(1, 3)) >= 0.5).astype(np.uint8)
+
+    def healthy(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        subject = _draw_subject(rng, self.z_band)
+        t1, brain, _ = _sample(subject, self.plane)
+        image, _ = self.finish(t1, subject)
+        return image, self.down_mask(brain)
+
+    def pathological(self, cls: str, rng: np.random.Generator,
+                     bin_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image [size,size] float32 in [0,1], anomaly mask and brain mask uint8 {0,1}."""
+        subject = _draw_subject(rng, self.z_band)
+        t1, brain, ventricles = _sample(subject, self.plane, ventricles=cls == "enlarged_ventricles")
+        _, ref = self.finish(t1, subject)
+        tissue = (brain > 0) & (t1 > 0.55)
+        if cls == "enlarged_ventricles":
+            image, anomaly, brain = self._ventricles(subject, t1, ventricles, rng)
+        elif cls == "mass_effect":
+            image, anomaly, brain = self._mass(subject, tissue, rng, bin_index)
+        elif cls == "multifocal_lesions":
+            image, anomaly = self._multifocal(t1, tissue, rng, bin_index)
+        elif cls in ("hyperintense_lesion", "hypointense_lesion"):
+            radius = self.radius(rng, bin_index)
+            centre = _pick_centre(tissue, rng, radius)
+            blob = _blob(self.res, centre, radius, rng, irregularity=0.35) * brain
+            wm = float(np.percentile(t1[tissue], 90))
+            if cls == "hyperintense_lesion":
+                level = wm * rng.uniform(1.1, 1.22) * (1.0 + 0.04 * _texture(t1.shape, rng))
+            else:
+                level = wm * rng.uniform(0.2, 0.45) * (1.0 + 0.08 * _texture(t1.shape, rng))
+            image = t1 * (1.0 - blob) + level * blob
+            anomaly = blob
+        else:
+            raise ValueError(f"unknown class {cls!r}; valid classes: {', '.join(CLASSES)}")
+        final, _ = self.finish(image, subject, ref)
+        anomaly_small = self.down_mask(anomaly >= 0.5) * self.down_mask(brain)
+        return final, anomaly_small, self.down_mask(brain)
+
+    def _ventricles(self, subject: _Subject, t1: np.ndarray, ventricles: np.ndarray | None,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if ventricles is None or ventricles.sum() < 4:
+            raise ValueError("the slice shows no ventricles")
+        cy, cx = ndi.center_of_mass(ventricles)
+        centre = self.plane[:, int(round(cy)), int(round(cx))]
+        extent = math.sqrt(float(ventricles.sum()) / math.pi) * self.px_mm
+        warped = _radial_warp(self.plane, centre, sigma=max(extent, 8.0) * 1.6, strength=rng.uniform(0.3, 0.5))
+        image, brain, new_vent = _sample(subject, warped, ventricles=True)
+        assert new_vent is not None
+        anomaly = ((new_vent > 0) & (ventricles == 0)).astype(np.float32)
+        return image, anomaly, brain
+
+    def _mass(self, subject: _Subject, tissue: np.ndarray, rng: np.random.Generator,
+              bin_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        radius = self.radius(rng, bin_index)
+        centre = _pick_centre(tissue, rng, radius * 1.5)
+        centre_mm = self.plane[:, int(centre[0]), int(centre[1])]
+        warped = _radial_warp(self.plane, centre_mm, sigma=radius * self.px_mm * 1.3, strength=rng.uniform(0.5, 0.75))
+        image, brain, _ = _sample(subject, warped)
+        blob = _blob(self.res, centre, radius, rng, irregularity=0.25) * brain
+        core = _blob(self.res, centre, radius * rng.uniform(0.4, 0.7), rng, irregularity=0.3)
+        wm = float(np.percentile(image[(brain > 0) & (image > 0.55)], 90))
+        texture = _texture(image.shape, rng, sigma=1.5)
+        level = wm * (0.62 + 0.05 * texture) * (1.0 - 0.35 * core) + wm * 0.12 * (blob - core).clip(0, 1)
+        return image * (1.0 - blob) + level * blob, blob, brain
+
+    def _multifocal(self, t1: np.ndarray, tissue: np.ndarray, rng: np.random.Generator,
+                    bin_index: int) -> tuple[np.ndarray, np.ndarray]:
+        wm_level = float(np.percentile(t1[tissue], 75))
+        free = tissue & (t1 > wm_level * 0.95)  # white matter not yet next to a focus
+        # Small, separate foci; the size bin sets how many and how big (radii in output pixels at 128x128).
+        count_range, radius_range = MULTIFOCAL_128[bin_index]
+        count = int(rng.integers(count_range[0], count_range[1] + 1))
+        union = np.zeros_like(t1)
+        yy, xx = np.mgrid[0:self.res, 0:self.res]
+        for _ in range(count):
+            r = float(rng.uniform(*radius_range)) * self.size / 128.0 * 2.0
+            centre = _pick_centre(free, rng, r * 0.5)
+            union = np.maximum(union, _blob(self.res, centre, r, rng, irregularity=0.2))
+            free &= (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 > (2.5 * r) ** 2
+        level = wm_level * rng.uniform(0.45, 0.6)
+        return t1 * (1.0 - union) + level * union, union
+
+
+@functools.lru_cache(maxsize=2)
+def _renderer(size: int, z_band: tuple[float, float]) -> _Renderer:
+    return _Renderer(size, z_band)
+
+
+def _render_task(task: tuple[int, int, tuple[float, float], str, int]
+                 ) -> tuple[str, int, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Render image ``i`` of set ``name``; its generator is seeded with (seed, set id, i) only."""
+    seed, size, z_band, name, i = task
+    rng = np.random.default_rng([seed, _SET_IDS[name], i])
+    if name in HEALTHY_SETS:
+        image, brain = _renderer(size, z_band).healthy(rng)
+        return name, i, image, brain, None
+    image, anomaly, brain = _renderer(size, z_band).pathological(name, rng, i % 3)
+    return name, i, image, brain, anomaly
+
+
+# ------------------------------------------------------------------------------------------------ the block
+class EmbeddedBenchmark(DatasetPreparer):
+    """Generator of the embedded default benchmark (see the module docstring); a ``data.params.prepare`` block.
+
+    Args:
+        root: output folder; None means ``cache/embedded/<version>-<params hash>`` under the repository root.
+            Relative paths are resolved against the repository root.
+        seed: master seed; the same parameters give the same bytes.
+        n_train: healthy training slices.
+        n_val: healthy validation slices (threshold selection).
+        n_test: healthy test slices.
+        n_per_class: pathological slices per class, balanced over the three size bins.
+        size: image side in pixels (square).
+        classes: pathological classes to generate (subset of :data:`CLASSES`).
+        z_band: (low, high) template voxel z of the axial level (MNI z = voxel z - 72 mm).
+        workers: processes used to render (forked; the output does not depend on it).
+    """
+
+    def __init__(self, *, root: str | None = None, seed: int = 0, n_train: int = 600, n_val: int = 60,
+                 n_test: int = 60, n_per_class: int = 60, size: int = 128, classes: Sequence[str] = CLASSES,
+                 z_band: Sequence[float] = (76.0, 98.0), workers: int = 1) -> None:
+        for key, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("n_per_class", n_per_class)):
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        if size < 16 or size % 2:
+            raise ValueError(f"size must be an even number >= 16, got {size}")
+        unknown = [c for c in classes if c not in CLASSES]
+        if unknown or not classes:
+            raise ValueError(f"classes {unknown or list(classes)!r} invalid; valid classes: {', '.join(CLASSES)}")
+        if len(z_band) != 2 or not 40 <= z_band[0] <= z_band[1] <= 140:
+            raise ValueError(f"z_band must be (low, high) within [40, 140], got {z_band!r}")
+        self.params = {"version": VERSION, "seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test,
+                       "n_per_class": n_per_class, "size": size, "classes": list(classes),
+                       "z_band": [float(z_band[0]), float(z_band[1])]}
+        digest = hashlib.sha256(json.dumps(self.params, sort_keys=True).encode()).hexdigest()[:12]
+        default = REPO_ROOT / "cache" / "embedded" / f"{VERSION}-{digest}"
+        self.root = (Path(root) if Path(root).is_absolute() else REPO_ROOT / root) if root else default
+        self.seed, self.size, self.classes = seed, size, tuple(classes)
+        self.counts = {"healthy_train": n_train, "healthy_val": n_val, "healthy_test": n_test}
+        self.n_per_class = n_per_class
+        self.z_band = (float(z_band[0]), float(z_band[1]))
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
+
+    def is_built(self) -> bool:
+        """True when ``root`` holds a complete build with these parameters."""
+        manifest = self.root / "manifest.json"
+        return manifest.is_file() and json.loads(manifest.read_text())["params"] == self.params
+
+    def prepare(self) -> Path:
+        """Build the benchmark into ``root`` unless a complete build with the same parameters is there."""
+        if self.is_built():
+            return self.root
+        if self.root.exists() and any(self.root.iterdir()):
+            raise FileExistsError(f"{self.root} exists but holds no complete build with these parameters; "
+                                  "delete it or choose another root")
+        start = time.perf_counter()
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.root.name}-", dir=self.root.parent))
+        self._write(tmp)
+        try:
+            os.rename(tmp, self.root)  # atomic; replaces an empty folder, fails on a non-empty one
+        except OSError:
+            # Another process finished the same build first; the builds are identical (deterministic).
+            shutil.rmtree(tmp)
+            if not self.is_built():
+                raise
+        logger.info("embedded benchmark built in %s (%.1f s)", self.root, time.perf_counter() - start)
+        return self.root
+
+    def _rel(self, path: Path, tmp: Path) -> str:
+        final = self.root / path.relative_to(tmp)
+        try:
+            return final.relative_to(REPO_ROOT).as_posix()
+        except ValueError:
+            return final.as_posix()
+
+    def _write(self, tmp: Path) -> None:
+        tasks = [(self.seed, self.size, self.z_band, name, i) for name, n in self.counts.items() for i in range(n)]
+        tasks += [(self.seed, self.size, self.z_band, cls, i) for cls in self.classes for i in range(self.n_per_class)]
+        _template()  # load once before forking, so workers share it
+        if self.workers > 1:
+            with multiprocessing.get_context("fork").Pool(self.workers) as pool:
+                self._save_all(tmp, pool.imap(_render_task, tasks, chunksize=8))
+        else:
+            self._save_all(tmp, map(_render_task, tasks))
+        (tmp / "NOTICE").write_text(NOTICE, encoding="utf-8")
+        (tmp / "manifest.json").write_text(json.dumps({"params": self.params}, indent=1, sort_keys=True))
+
+    def _save_all(self, tmp: Path, results: Iterable[tuple[str, int, np.ndarray, np.ndarray, np.ndarray | None]]
+                  ) -> None:
+        (tmp / "splits").mkdir(parents=True)
+        rows: dict[str, dict[str, list[dict]]] = {}
+        for name, i, image, brain, anomaly in results:
+            img_path, brain_path, label_path = self._save(tmp, name, i, image, brain, anomaly)
+            table = rows.setdefault(name, {"": [], "_mask": [], "_label": []})
+            table["_mask"].append({"filename": brain_path})
+            if anomaly is None:
+                table[""].append({"filename": img_path})
+                continue
+            px = int(anomaly.sum())
+            table[""].append({"filename": img_path, "class": name, "lesion_px": px,
+                              "size_bin": size_bin(px, self.size)})
+            table["_label"].append({"filename": label_path})
+        for name, table in rows.items():
+            for suffix, entries in table.items():
+                if entries:
+                    self._csv(tmp / "splits" / f"{name}{suffix}.csv", entries)
+
+    def _save(self, tmp: Path, name: str, i: int, image: np.ndarray, brain: np.ndarray,
+              anomaly: np.ndarray | None) -> tuple[str, str, str]:
+        paths = []
+        for kind, array in (("images", image), ("brain", brain), ("anomaly", anomaly)):
+            if array is None:
+                paths.append("")
+                continue
+            path = tmp / kind / name / f"{i:05d}.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, array)
+            paths.append(self._rel(path, tmp))
+        return paths[0], paths[1], paths[2]
+
+    @staticmethod
+    def _csv(path: Path, rows: list[dict]) -> None:
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def write_grid(root: Path, out: Path, *, per_row: int = 6) -> Path:
+    """Draw ``per_row`` examples of the healthy test set and of each class (anomaly outline in red)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def rows_of(name: str) -> list[dict]:
+        with (root / "splits" / f"{name}.csv").open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+
+    def load(path: str) -> np.ndarray:
+        p = Path(path)
+        return np.load(p if p.is_absolute() else REPO_ROOT / p)
+
+    names = ["healthy_test", *[c for c in CLASSES if (root / "splits" / f"{c}.csv").is_file()]]
+    fig, axes = plt.subplots(len(names), per_row, figsize=(1.6 * per_row, 1.7 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        images = rows_of(name)
+        labels = rows_of(f"{name}_label") if name != "healthy_test" else None
+        brains = rows_of(f"{name}_mask")
+        step = max(len(images) // per_row, 1)
+        for c in range(per_row):
+            ax = axes[r, c]
+            ax.axis("off")
+            i = c * step
+            if i >= len(images):
+                continue
+            ax.imshow(load(images[i]["filename"]), cmap="gray", vmin=0, vmax=1)
+            ax.contour(load(brains[i]["filename"]), levels=[0.5], colors="deepskyblue", linewidths=0.4)
+            if labels is not None:
+                ax.contour(load(labels[i]["filename"]), levels=[0.5], colors="red", linewidths=0.6)
+                ax.set_title(f"{images[i]['lesion_px']} px", fontsize=6)
+        axes[r, 0].text(-0.05, 0.5, name.replace("_", "\n"), transform=axes[r, 0].transAxes, ha="right",
+                        va="center", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.suptitle("Embedded benchmark (ICBM 2009a template, (C) 1993-2009 Louis Collins, MNI, McGill); "
+                 "red: anomaly mask, blue: brain mask", fontsize=7)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: build (or find) the benchmark, optionally write the example grid."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
+    parser.add_argument("--root", default=None, help="output folder (default: cache/embedded/<version-hash>)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--n-train", type=int, default=600)
+    parser.add_argument("--n-val", type=int, default=60)
+    parser.add_argument("--n-test", type=int, default=60)
+    parser.add_argument("--n-per-class", type=int, default=60)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--grid", type=Path, default=None, help="write a PNG grid of examples here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    bench = EmbeddedBenchmark(root=args.root, seed=args.seed, size=args.size, n_train=args.n_train, n_val=args.n_val,
+                              n_test=args.n_test, n_per_class=args.n_per_class, workers=args.workers)
+    root = bench.prepare()
+    print(root)
+    if args.grid is not None:
+        print(write_grid(root, args.grid))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,116 @@
+"""The embedded benchmark: same seed -> same bytes, sound masks, CSVs, grid CLI, and use via the data config."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.Configurator import build, load_config
+from core.DataLoader import REPO_ROOT, DataModule
+from data.embedded import CLASSES, EmbeddedBenchmark, main, size_bin
+
+TINY = {"seed": 3, "n_train": 2, "n_val": 1, "n_test": 1, "n_per_class": 3, "size": 32}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("embedded") / "a"
+    return EmbeddedBenchmark(root=str(root), **TINY).prepare()
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes().replace(str(root).encode(), b"<root>")
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_same_seed_same_bytes_other_seed_differs(built: Path, tmp_path: Path) -> None:
+    again = EmbeddedBenchmark(root=str(tmp_path / "b"), workers=2, **TINY).prepare()  # workers do not matter
+    assert _files(built) == _files(again)
+    other = EmbeddedBenchmark(root=str(tmp_path / "c"), **{**TINY, "seed": 4}).prepare()
+    images = [p.relative_to(built) for p in built.rglob("images/*/*.npy")]
+    assert any((built / p).read_bytes() != (other / p).read_bytes() for p in images)
+
+
+def test_layout_images_and_masks(built: Path) -> None:
+    splits = built / "splits"
+    for name in ("healthy_train", "healthy_val", "healthy_test"):
+        assert len(_rows(splits / f"{name}.csv")) == TINY[f"n_{name.split('_')[1]}"]
+        assert len(_rows(splits / f"{name}_mask.csv")) == len(_rows(splits / f"{name}.csv"))
+    for cls in CLASSES:
+        rows, labels, masks = (_rows(splits / f"{cls}{s}.csv") for s in ("", "_label", "_mask"))
+        assert len(rows) == len(labels) == len(masks) == TINY["n_per_class"]
+        for row, label, mask in zip(rows, labels, masks, strict=True):
+            image, anomaly, brain = (np.load(r["filename"]) for r in (row, label, mask))
+            assert image.shape == (32, 32) and image.dtype == np.float32
+            assert 0.0 <= image.min() and image.max() <= 1.0
+            assert anomaly.dtype == brain.dtype == np.uint8 and set(np.unique(anomaly)) <= {0, 1}
+            assert int(row["lesion_px"]) == int(anomaly.sum()) > 0, cls
+            assert row["size_bin"] == size_bin(int(anomaly.sum()), 32)
+            assert not (anomaly & (1 - brain)).any()  # lesions lie inside the brain
+    assert "Louis Collins" in (built / "NOTICE").read_text()
+
+
+def test_pathology_is_visible_against_healthy_tissue(built: Path) -> None:
+    rows = _rows(built / "splits" / "hypointense_lesion.csv")
+    labels = _rows(built / "splits" / "hypointense_lesion_label.csv")
+    masks = _rows(built / "splits" / "hypointense_lesion_mask.csv")
+    contrasts = []
+    for row, label, mask in zip(rows, labels, masks, strict=True):
+        image, lesion, brain = np.load(row["filename"]), np.load(label["filename"]), np.load(mask["filename"])
+        healthy = (brain == 1) & (lesion == 0)
+        contrasts.append(np.median(image[healthy]) - image[lesion == 1].mean())
+    assert min(contrasts) > 0.1
+
+
+def test_prepare_is_idempotent_and_refuses_foreign_folders(built: Path, tmp_path: Path) -> None:
+    stamp = (built / "manifest.json").stat().st_mtime_ns
+    assert EmbeddedBenchmark(root=str(built), **TINY).prepare() == built
+    assert (built / "manifest.json").stat().st_mtime_ns == stamp
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "other.txt").write_text("not ours")
+    with pytest.raises(FileExistsError, match="no complete build"):
+        EmbeddedBenchmark(root=str(tmp_path / "x"), **TINY).prepare()
+
+
+def test_default_root_depends_on_parameters() -> None:
+    a, b = EmbeddedBenchmark(**TINY), EmbeddedBenchmark(**{**TINY, "seed": 9})
+    assert a.root.parent == REPO_ROOT / "cache" / "embedded" and a.root != b.root
+
+
+@pytest.mark.parametrize("params", [{"size": 15}, {"n_train": 0}, {"classes": ["tumour"]}, {"z_band": [10, 20]}])
+def test_invalid_parameters(params: dict) -> None:
+    with pytest.raises(ValueError):
+        EmbeddedBenchmark(**{**TINY, **params})
+
+
+def test_embedded_config_builds_every_loader(built: Path) -> None:
+    config = load_config(REPO_ROOT / "projects/normative_eval/configs/_base/embedded_data.yaml",
+                         [f"data.params.prepare.params.{k}={v}" for k, v in TINY.items()]
+                         + [f"data.params.prepare.params.root={built}", "data.params.target_size=[32,32]"])
+    data = build(config["data"], "data", base=DataModule)
+    assert data.test_set_names == ["healthy_test", *CLASSES]
+    batch = next(iter(data.train_dataloader()))
+    assert batch.image.shape == (2, 1, 32, 32) and batch.brain_mask is not None and batch.anomaly_mask is None
+    for name in CLASSES:
+        info = data.dataset_info(name)
+        assert info.pathological and info.has_anomaly_mask and info.size == TINY["n_per_class"]
+        test = next(iter(data.eval_dataloader(name)))
+        assert test.anomaly_mask.sum() > 0 and test.label.tolist() == [1] * TINY["n_per_class"]
+    assert not data.dataset_info("healthy_test").pathological
+    assert all(p.is_relative_to(built) for p in data.split_files())
+
+
+def test_grid_cli(built: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["--root", str(built), "--grid", str(tmp_path / "grid.png")]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    assert main(args) == 0
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(built) in capsys.readouterr().out
