@@ -37,10 +37,35 @@ def _vae_sampled_block() -> dict[str, Any]:
     return block
 
 
+def _ddpm_block(**extra: Any) -> dict[str, Any]:
+    return {"module_name": "model_zoo.ddpm", "class_name": "DDPM",
+            "params": {"channels": [8, 16, 16], "num_head_channels": 8, "norm_num_groups": 8, "noise_level": 2,
+                       "val_noise_level": 2, "val_inference_steps": 2, **extra}}
+
+
+def _anoddpm_simplex_block() -> dict[str, Any]:
+    return _ddpm_block(noise_type="simplex", inference="strided", inference_steps=2)
+
+
+def _ddpm_ddim_block() -> dict[str, Any]:
+    return _ddpm_block(inference="ddim", inference_steps=2)
+
+
+def _autoddpm_block() -> dict[str, Any]:
+    block = _ddpm_block(noise_level_inpaint=1, resample_steps=2, perceptual={
+        "module_name": "optim.losses.perceptual", "class_name": "PerceptualDistance",
+        "params": {"net": "squeeze", "backend": "random"}})
+    return {**block, "module_name": "model_zoo.autoddpm", "class_name": "AutoDDPM"}
+
+
 MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("ae", _ae_block),
     ("vae", _vae_block),
     ("vae_sampled", _vae_sampled_block),
+    ("ddpm", _ddpm_block),
+    ("anoddpm_simplex", _anoddpm_simplex_block),
+    ("ddpm_ddim", _ddpm_ddim_block),
+    ("autoddpm", _autoddpm_block),
 ]
 """(id, factory returning a tiny YAML model block); other models append here (DDPM, AutoDDPM, ...)."""
 

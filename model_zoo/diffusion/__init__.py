@@ -1,0 +1,1 @@
+"""Diffusion building blocks: noise types (:mod:`.noise`) and procedures (:mod:`.procedures`)."""

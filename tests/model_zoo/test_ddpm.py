@@ -1,0 +1,285 @@
+"""DDPM / AnoDDPM: closed forms, reverse steps against MONAI, network-call counts, determinism, configs."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+import model_zoo.diffusion.noise as noise_module
+from core.Configurator import ConfigError, build, load_config
+from data.batch import Batch
+from model_zoo.base import AnomalyModel
+from model_zoo.ddpm import DDPM
+from model_zoo.diffusion.noise import DiffusionNoise
+from model_zoo.diffusion.procedures import (
+    Schedule,
+    inference_timesteps,
+    noise_to,
+    partial_diffusion,
+    q_sample,
+    reverse_step,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "projects" / "normative_eval" / "configs"
+TINY: dict[str, Any] = {"channels": (8, 16, 16), "num_head_channels": 8, "norm_num_groups": 8}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny tensors: intra-op threads only add contention on a shared 2-core machine (10x slower when loaded).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_ddpm(**overrides: Any) -> DDPM:
+    torch.manual_seed(0)
+    params = {**TINY, "noise_level": 6, "inference_steps": 3, "val_noise_level": 4, "val_inference_steps": 2,
+              **overrides}
+    return DDPM(**params).eval()
+
+
+def count_unet_calls(model: DDPM) -> list[int]:
+    """Record the timestep of every UNet call (all images of a batch share one step at inference)."""
+    steps: list[int] = []
+    model.unet.register_forward_pre_hook(lambda _m, args, kwargs: steps.append(int(kwargs["timesteps"][0])),
+                                         with_kwargs=True)
+    return steps
+
+
+@pytest.fixture(scope="module")
+def scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, schedule="linear_beta", beta_start=1e-4, beta_end=2e-2)
+
+
+@pytest.fixture(scope="module")
+def schedule(scheduler: DDPMScheduler) -> Schedule:
+    return Schedule.from_betas(scheduler.betas)
+
+
+def test_schedule_is_the_reference_linear_schedule(schedule: Schedule) -> None:
+    assert schedule.num_steps == 1000
+    assert schedule.betas[0] == pytest.approx(1e-4) and schedule.betas[-1] == pytest.approx(2e-2)
+    assert schedule.abar(-1) == 1.0
+    assert schedule.abar(249) == pytest.approx(float(torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 1000,
+                                                                                       dtype=torch.float64), 0)[249]))
+
+
+def test_noising_matches_closed_form_and_monai(scheduler: DDPMScheduler, schedule: Schedule) -> None:
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 1, 8, 8, generator=g)
+    eps = torch.randn(3, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 250, 999])
+    abar = torch.tensor([schedule.abar(int(s)) for s in t], dtype=torch.float32).reshape(-1, 1, 1, 1)
+    expected = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    ours = q_sample(x0, t, eps, torch.tensor(schedule.alphas_cumprod, dtype=torch.float32))
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(ours, scheduler.add_noise(x0, eps, t))
+    torch.testing.assert_close(noise_to(x0[1:2], 250, eps[1:2], schedule), expected[1:2])
+    assert torch.equal(noise_to(x0, -1, eps, schedule), x0)
+
+
+def test_ddpm_reverse_step_matches_monai_step(scheduler: DDPMScheduler, schedule: Schedule) -> None:
+    g = torch.Generator().manual_seed(1)
+    x_t = torch.randn(2, 1, 8, 8, generator=g)
+    eps = 0.3 * torch.randn(2, 1, 8, 8, generator=g)
+    for t in (0, 1, 250, 999):
+        ours = reverse_step(lambda _x, _t: eps, x_t, t, t - 1, schedule=schedule, noise=DiffusionNoise(),
+                            generator=torch.Generator().manual_seed(t))
+        ref, _ = scheduler.step(eps, t, x_t, generator=torch.Generator().manual_seed(t))
+        # MONAI accumulates abar in float32 (relative error ~1e-4 at t=999); ours is float64
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=5e-4)
+
+
+def test_reverse_steps_are_exact_with_the_true_noise(schedule: Schedule) -> None:
+    # With the true eps, x0_hat = x0; a deterministic DDIM step lands exactly on the same-noise point at t_prev
+    # (any stride), and the DDPM mean of the last step (t=0 -> clean) is x0 itself.
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.rand(2, 1, 8, 8, generator=g)
+    eps = torch.randn(2, 1, 8, 8, generator=g)
+    true_eps = lambda _x, _t: eps  # noqa: E731
+    for t, t_prev in ((250, 249), (250, 125), (40, -1)):
+        ddim = reverse_step(true_eps, noise_to(x0, t, eps, schedule), t, t_prev, schedule=schedule,
+                            noise=DiffusionNoise(), method="ddim")
+        torch.testing.assert_close(ddim, noise_to(x0, t_prev, eps, schedule), atol=1e-5, rtol=1e-5)
+    last = reverse_step(true_eps, noise_to(x0, 0, eps, schedule), 0, -1, schedule=schedule, noise=DiffusionNoise())
+    torch.testing.assert_close(last, x0, atol=1e-5, rtol=1e-5)
+    # the DDPM posterior mean of a step t -> t-1 is the closed form of q(x_{t-1} | x_t, x0)
+    t = 100
+    x_t = noise_to(x0, t, eps, schedule)
+    a_t, a_p, beta = schedule.abar(t), schedule.abar(t - 1), schedule.betas[t]
+    mean = (a_p**0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_p) / (1 - a_t)) * x_t
+    var = (1 - a_p) / (1 - a_t) * beta
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(9))
+    step = reverse_step(true_eps, x_t, t, t - 1, schedule=schedule, noise=DiffusionNoise(),
+                        generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(step, mean + var**0.5 * z, atol=1e-5, rtol=1e-5)
+
+
+def test_ddim_step_matches_monai_ddim(schedule: Schedule) -> None:
+    ddim = DDIMScheduler(num_train_timesteps=1000, schedule="linear_beta", beta_start=1e-4, beta_end=2e-2)
+    ddim.set_timesteps(10)  # MONAI's stride: 1000 // 10 = 100
+    g = torch.Generator().manual_seed(3)
+    x_t, eps = torch.randn(2, 1, 8, 8, generator=g), 0.5 * torch.randn(2, 1, 8, 8, generator=g)
+    for t in (900, 100, 50):
+        ref, _ = ddim.step(eps, t, x_t)
+        ours = reverse_step(lambda _x, _t: eps, x_t, t, max(t - 100, -1), schedule=schedule, noise=DiffusionNoise(),
+                            method="ddim")
+        torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_inference_timesteps() -> None:
+    assert inference_timesteps(5, "ddpm") == [5, 4, 3, 2, 1, 0]
+    assert inference_timesteps(250, "strided", 6) == [250, 200, 150, 100, 50, 0]
+    steps = inference_timesteps(250, "ddim", 25)
+    assert len(steps) == 25 and steps[0] == 250 and steps[-1] == 0
+    assert all(a > b for a, b in zip(steps[:-1], steps[1:], strict=True))
+    assert inference_timesteps(7, "ddim", 8) == list(range(7, -1, -1))
+    with pytest.raises(ValueError, match="inference_steps"):
+        inference_timesteps(5, "strided", 7)
+    with pytest.raises(ValueError, match="'euler' is not one of"):
+        inference_timesteps(5, "euler")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("inference", "steps", "expected"), [
+    ("ddpm", 3, [6, 5, 4, 3, 2, 1, 0]), ("strided", 3, [6, 3, 0]), ("ddim", 4, [6, 4, 2, 0])])
+def test_partial_diffusion_network_calls(inference: str, steps: int, expected: list[int]) -> None:
+    model = tiny_ddpm(inference=inference, inference_steps=steps)
+    calls = count_unet_calls(model)
+    x = torch.rand(2, 1, 16, 16)
+    out = model.get_anomaly(x, generator=torch.Generator().manual_seed(0))
+    assert calls == expected  # L+1 calls for the full chain, inference_steps for strided/ddim
+    assert out.reconstruction is not None and 0 <= out.reconstruction.min() and out.reconstruction.max() <= 1
+    torch.testing.assert_close(out.anomaly_map, (x - out.reconstruction).abs())
+    torch.testing.assert_close(out.anomaly_score, out.anomaly_map.mean(dim=(1, 2, 3)))
+
+
+def test_simplex_noise_is_used_in_noising_and_every_reverse_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_ddpm(noise_type="simplex")
+    steps: list[list[int]] = []
+    original = noise_module.simplex_noise
+
+    def spy(shape: Any, *, timesteps: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        steps.append(timesteps.tolist())
+        return original(shape, timesteps=timesteps, **kwargs)
+
+    monkeypatch.setattr(noise_module, "simplex_noise", spy)
+    model.get_anomaly(torch.rand(2, 1, 16, 16), generator=torch.Generator().manual_seed(0))
+    # the one-shot noising to L=6, then the noise of the reverse steps at t = 6..1 (t = 0 adds none)
+    assert steps == [[6, 6], [6, 6], [5, 5], [4, 4], [3, 3], [2, 2], [1, 1]]
+    steps.clear()
+    model.train()
+    torch.manual_seed(0)
+    model.training_losses(Batch(image=torch.rand(2, 1, 16, 16)))
+    assert len(steps) == 1 and all(0 <= s < 1000 for s in steps[0])
+
+
+def test_gaussian_partial_diffusion_follows_the_generator(schedule: Schedule) -> None:
+    # 'ddpm' with eps = 0 and no clipping: the chain is a fixed linear recursion of the drawn noise,
+    # so the same generator gives the same result and another seed a different one.
+    zero = lambda x, _t: torch.zeros_like(x)  # noqa: E731
+    x = torch.rand(2, 1, 8, 8)
+
+    def run(seed: int) -> torch.Tensor:
+        return partial_diffusion(zero, x, noise_level=10, schedule=schedule, noise=DiffusionNoise(),
+                                 generator=torch.Generator().manual_seed(seed), clip=None)
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.allclose(run(0), run(1))
+
+
+def test_get_anomaly_is_deterministic_under_a_generator() -> None:
+    model = tiny_ddpm(noise_type="simplex")
+    x = torch.rand(2, 1, 16, 16)
+    a = model.get_anomaly(x, generator=torch.Generator().manual_seed(5))
+    torch.rand(3)
+    b = model.get_anomaly(x, generator=torch.Generator().manual_seed(5))
+    c = model.get_anomaly(x, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a.anomaly_map, b.anomaly_map)
+    assert not torch.equal(a.anomaly_map, c.anomaly_map)
+
+
+def test_training_losses_and_forward() -> None:
+    model = tiny_ddpm().train()
+    batch = Batch(image=torch.rand(2, 1, 16, 16))
+    torch.manual_seed(1)
+    losses = model(batch)
+    assert set(losses) == {"noise_mse"} and losses["noise_mse"].ndim == 0
+    losses["noise_mse"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+    torch.manual_seed(1)
+    torch.testing.assert_close(model.training_losses(batch)["noise_mse"], losses["noise_mse"].detach())
+
+
+def test_validation_losses_use_a_fixed_generator_and_the_cheap_setting() -> None:
+    model = tiny_ddpm(val_inference="strided", val_inference_steps=2)
+    calls = count_unet_calls(model)
+    batch = Batch(image=torch.rand(2, 1, 16, 16))
+    first = model.validation_losses(batch)
+    assert calls == [4, 0]
+    torch.rand(4)
+    second = model.validation_losses(batch)
+    assert set(first) == {"recon_mae", "recon_mse"}
+    assert torch.equal(first["recon_mae"], second["recon_mae"])
+
+
+def test_state_dict_holds_only_the_unet_and_loads_strictly() -> None:
+    model = tiny_ddpm(channels_last=True)
+    assert all(k.startswith("unet.") for k in model.state_dict())
+    other = tiny_ddpm(noise_type="simplex")
+    other.load_state_dict(model.state_dict(), strict=True)
+    x, t = torch.rand(2, 1, 16, 16), torch.tensor([3, 700])
+    torch.testing.assert_close(other.eps(x, t), model.eps(x, t), atol=1e-5, rtol=1e-5)  # channels_last agrees
+    assert model.eps(x, t).dtype == torch.float32  # 'auto' autocast is off on the CPU
+
+
+@pytest.mark.parametrize(("params", "match"), [
+    ({"noise_type": "perlin"}, "noise_type='perlin' is not one of 'gaussian', 'simplex'"),
+    ({"inference": "euler"}, "inference='euler' is not one of"),
+    ({"autocast_dtype": "int8"}, "autocast_dtype='int8'"),
+    ({"noise_level": 1000}, "noise_level=1000"),
+    ({"inference": "ddim", "inference_steps": 8}, r"inference_steps=8 for .ddim. must be in \[1, noise_level \+ 1 = 7"),
+    ({"val_inference_steps": 9}, "val_inference_steps=9"),
+    ({"attention_levels": (False, True)}, "same length"),
+])
+def test_bad_options_are_rejected(params: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        tiny_ddpm(**params)
+
+
+def test_yaml_typo_is_a_config_error() -> None:
+    block = {"module_name": "model_zoo.ddpm", "class_name": "DDPM", "params": {**TINY, "noise_levle": 5}}
+    with pytest.raises(ConfigError, match="noise_levle.*did you mean 'noise_level'"):
+        build(block, "model", base=AnomalyModel)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "anoddpm_simplex", "autoddpm", "ddpm_cpu", "anoddpm_simplex_cpu",
+                                  "autoddpm_cpu"])
+def test_configs_build(name: str) -> None:
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert set(config) >= {"name", "model", "trainer", "data"} and config["name"] == name
+    assert config["data"]["params"]["batch_size"] == 16
+    assert config["trainer"]["params"]["optimizer"]["params"]["lr"] == 1.0e-4
+    model = build(config["model"], "model", base=AnomalyModel)
+    assert isinstance(model, DDPM)
+    size = config["data"]["params"]["target_size"]
+    assert size == ([64, 64] if name.endswith("_cpu") else [128, 128])
+    assert model.noise.noise_type == ("simplex" if "simplex" in name else "gaussian")
+
+
+def test_inference_is_labelled_and_copies_drop_the_compiled_unet() -> None:
+    assert tiny_ddpm().inference_label.endswith("full DDPM chain, 7 network calls")
+    label = tiny_ddpm(inference="ddim", inference_steps=3).inference_label
+    assert "DDIM eta=0 (approximation), 3 network calls" in label and label.startswith("gaussian noise")
+    model = tiny_ddpm(torch_compile=True)
+    object.__setattr__(model, "_compiled_unet", object())  # as after a first compiled forward
+    clone = copy.deepcopy(model)
+    assert clone._compiled_unet is None and model._compiled_unet is not None
+    assert torch.equal(clone.unet.conv_in.conv.weight, model.unet.conv_in.conv.weight)
