@@ -184,7 +184,9 @@ def resolve_class(block: Any, path: str, base: type | None = None) -> type:
         raise ConfigError(f"{path}: expected a {{module_name, class_name, params}} block, got {block!r}")
     for key in block:
         if key not in BLOCK_KEYS:
-            raise ConfigError(f"{path}.{key}: unknown key{_suggest(key, BLOCK_KEYS)}; valid keys: {', '.join(BLOCK_KEYS)}")
+            raise ConfigError(
+                f"{path}.{key}: unknown key{_suggest(key, BLOCK_KEYS)}; valid keys: {', '.join(BLOCK_KEYS)}"
+            )
     for key in ("module_name", "class_name"):
         if not isinstance(block.get(key), str) or not block[key]:
             raise ConfigError(f"{path}.{key}: required, must be a non-empty string")
@@ -302,7 +304,11 @@ def type_problem(value: Any, annotation: Any) -> str | None:
         return None if ok else f"expected an integer, got {type(value).__name__} ({value!r})"
     if annotation in (bool, str):
         return None if isinstance(value, annotation) else f"expected {annotation.__name__}, got {value!r}"
-    container = origin or annotation
+    return _container_problem(value, origin or annotation, args)
+
+
+def _container_problem(value: Any, container: Any, args: tuple) -> str | None:
+    """``type_problem`` for list/tuple/Sequence and dict/Mapping annotations (anything else fits)."""
     if container in (list, tuple, cabc.Sequence):
         if not isinstance(value, list | tuple):
             return f"expected a list, got {type(value).__name__} ({value!r})"

@@ -260,7 +260,7 @@ def print_summary(run_dir: Path, log: Any) -> None:
         lines.append(f"  report:   {run_dir / 'report.md'}")
     if (run_dir / "figures").is_dir():
         lines.append(f"  figures:  {run_dir / 'figures'}")
-    wandb_dir = log.wandb_dir() if hasattr(log, "wandb_dir") else None
+    wandb_dir = log.wandb_dir()
     if wandb_dir:
         lines.append(f"  wandb:    {wandb_dir}  (dashboard: wandb sync {wandb_dir})")
     print("\n".join(lines))

@@ -90,6 +90,7 @@ class ExperimentLogger:
         self.mode = resolve_wandb_mode(mode)
         self._latest: dict[str, float] = {}
         self._wandb_run = None
+        self._wandb_dir: str | None = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -109,7 +110,8 @@ class ExperimentLogger:
             self._wandb_run.define_metric("trainer/step")
             for prefix in ("train", "val"):
                 self._wandb_run.define_metric(f"{prefix}/*", step_metric="trainer/step")
-            self.update_manifest(wandb={"mode": self.mode, "id": self._wandb_run.id, "dir": self.wandb_dir()})
+            self._wandb_dir = str(Path(self._wandb_run.dir).parent)
+            self.update_manifest(wandb={"mode": self.mode, "id": self._wandb_run.id, "dir": self._wandb_dir})
 
     # ------------------------------------------------------------------------------------------ scalars
     def log_train(self, terms: Mapping[str, Any], *, step: int) -> None:
@@ -220,9 +222,7 @@ class ExperimentLogger:
 
     def wandb_dir(self) -> str | None:
         """The wandb run's folder (what ``wandb sync`` takes), or None when wandb is disabled."""
-        if self._wandb_run is None:
-            return None
-        return str(Path(self._wandb_run.dir).parent)
+        return self._wandb_dir
 
     @property
     def latest(self) -> dict[str, float]:

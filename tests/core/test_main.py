@@ -1,0 +1,92 @@
+"""The command line: dry runs of every shipped YAML, bad configs, and the quickstart end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from core.Main import main
+from tests.wandb_reader import find_run_file, read_run
+
+REPO = Path(__file__).resolve().parents[2]
+PROJECT_CONFIGS = sorted(p for p in (REPO / "projects").rglob("*.yaml") if "_base" not in p.parts)
+BASE_FRAGMENTS = sorted(p for p in (REPO / "projects").rglob("_base/*.yaml"))
+QUICKSTART = REPO / "projects" / "normative_eval" / "configs" / "quickstart.yaml"
+
+
+def test_projects_have_configs():
+    assert QUICKSTART in PROJECT_CONFIGS
+    assert len(PROJECT_CONFIGS) >= 5
+
+
+@pytest.mark.parametrize("path", BASE_FRAGMENTS, ids=lambda p: p.name)
+def test_base_fragments_parse(path):
+    assert isinstance(yaml.safe_load(path.read_text()), dict)
+
+
+@pytest.mark.parametrize("path", PROJECT_CONFIGS, ids=lambda p: str(p.relative_to(REPO / "projects")))
+def test_every_project_yaml_dry_runs(path, capsys):
+    assert main(["--config_path", str(path), "--dry-run", "--log_level", "WARNING"]) == 0
+    assert "dry run OK" in capsys.readouterr().out
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"_base_: {QUICKSTART}\n{text}")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model:\n  paramz: {}\n", "model.paramz: unknown key"),
+        ("model:\n  class_name: AutoEncodr\n", "model.class_name: model_zoo.ae has no class 'AutoEncodr'"),
+        ("model:\n  module_name: model_zoo.nothing_here\n", "model.module_name: no module named"),
+        ("trainer:\n  params:\n    max_epochs: many\n", "trainer.params.max_epochs: expected an integer"),
+        ("experiment:\n  tsk: train\n", "experiment.tsk: unknown key"),
+        ("experiment:\n  device: tpu\n", "experiment.device: 'tpu' is not one of"),
+        ("downstream_tasks:\n  thresholds:\n    params:\n      task: thresholdin\n", "downstream_tasks.thresholds"),
+    ],
+)
+def test_bad_configs_name_the_path_and_exit_2(tmp_path, caplog, text, message):
+    assert main(["--config_path", str(_write(tmp_path, text)), "--dry-run"]) == 2
+    assert message in caplog.text
+
+
+def test_merge_conflict_exits_non_zero_from_the_command_line(tmp_path):
+    path = _write(tmp_path, "<<<<<<< HEAD\nname: a\n=======\nname: b\n>>>>>>> other\n")
+    done = subprocess.run([sys.executable, str(REPO / "core" / "Main.py"), "--config_path", str(path), "--dry-run"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2
+    assert "merge-conflict marker" in done.stderr and "bad.yaml:2" in done.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_reduced_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    code = main([
+        "--config_path", str(QUICKSTART), "--log_level", "WARNING",
+        "--set", f"experiment.output_dir={tmp_path}", "--set", "wandb.mode=offline",
+        "--set", "trainer.params.max_steps=4", "--set", "trainer.params.max_epochs=1",
+    ])
+    assert code == 0
+    (run_dir,) = [p for p in tmp_path.glob("*/*/*") if p.is_dir()]
+    assert "Run folder:" in capsys.readouterr().out
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["trainer"]["params"]["max_steps"] == 4
+    assert "trainer.params.max_steps=4" in resolved["overrides"]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["seed"] == resolved.get("experiment", {}).get("seed", 42)
+    assert manifest["packages"]["torch"].startswith("2.14.1")
+    assert manifest["split_files"] and all(len(h) == 64 for h in manifest["split_files"].values())
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert any(k.startswith("train/") for k in metrics)
+    assert any(k.startswith("eval/") for k in metrics)
+    run = read_run(find_run_file(run_dir))
+    logged = {k for row in run["history"] for k in row}
+    assert "train/loss" in logged
+    assert run["summary"].keys() >= {k for k in metrics if k.startswith("eval/")}
