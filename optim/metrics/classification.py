@@ -1,0 +1,134 @@
+"""Binary ranking metrics: AUROC, average precision (AUPRC), ROC and PR curves, image-level detection.
+
+Pure functions on 1-D score/label arrays (numpy or torch, any float dtype). Labels are {0,1} (or bool);
+larger scores mean "more anomalous". When only one class is present the metric is undefined: the
+functions return NaN and emit a ``RuntimeWarning`` (never an exception), so that one degenerate dataset
+does not abort an evaluation.
+
+Definitions (identical to scikit-learn's ``roc_auc_score`` / ``average_precision_score``):
+
+* AUROC = Mann-Whitney U / (n_pos * n_neg), ties counted as 1/2 (mid-ranks).
+* AP = sum_k (R_k - R_{k-1}) * P_k over the distinct score thresholds in decreasing order (no
+  interpolation).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def as_numpy(values: Any, dtype: Any = np.float64) -> np.ndarray:
+    """A flat float64 (or ``dtype``) numpy copy of a tensor/array/sequence; the input is never mutated."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=dtype).reshape(-1)
+
+
+def _check(scores: Any, labels: Any, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    s = as_numpy(scores)
+    y = as_numpy(labels)
+    if s.shape != y.shape:
+        raise ValueError(f"{name}: scores ({s.size}) and labels ({y.size}) differ in size")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError(f"{name}: labels must be 0/1, got values {np.unique(y)[:5].tolist()}")
+    if not np.isfinite(s).all():
+        raise ValueError(f"{name}: scores contain NaN or infinite values")
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == y.size:
+        warnings.warn(f"{name}: only one class present ({y.size} samples, {n_pos} positive); returning NaN",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return s, y.astype(bool)
+
+
+def auroc(scores: Any, labels: Any) -> float:
+    """Area under the ROC curve.
+
+    Args:
+        scores: [N] anomaly scores (any real range).
+        labels: [N] in {0,1}, 1 = anomalous.
+
+    Returns:
+        AUROC in [0,1]; NaN (with a warning) when only one class is present.
+    """
+    checked = _check(scores, labels, "auroc")
+    if checked is None:
+        return float("nan")
+    s, y = checked
+    ranks = rankdata(s)  # mid-ranks for ties
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def _binary_clf_curve(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cumulative false/true positives at each distinct threshold (decreasing)."""
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order]
+    distinct = np.where(np.diff(s_sorted))[0]
+    idx = np.r_[distinct, y_sorted.size - 1]
+    tps = np.cumsum(y_sorted)[idx].astype(np.float64)
+    fps = (idx + 1) - tps
+    return fps, tps, s_sorted[idx]
+
+
+def average_precision(scores: Any, labels: Any) -> float:
+    """Average precision (the area under the precision-recall curve, step-wise, scikit-learn's definition).
+
+    Args:
+        scores: [N] anomaly scores.
+        labels: [N] in {0,1}.
+
+    Returns:
+        AP in [0,1]; NaN (with a warning) when only one class is present.
+    """
+    checked = _check(scores, labels, "average_precision")
+    if checked is None:
+        return float("nan")
+    s, y = checked
+    fps, tps, _ = _binary_clf_curve(s, y)
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def roc_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) points from (0,0) to (1,1) for plotting; empty arrays when one class only."""
+    checked = _check(scores, labels, "roc_curve")
+    if checked is None:
+        return np.zeros(0), np.zeros(0)
+    fps, tps, _ = _binary_clf_curve(*checked)
+    return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]
+
+
+def pr_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) points for plotting, recall increasing; empty arrays when one class only."""
+    checked = _check(scores, labels, "pr_curve")
+    if checked is None:
+        return np.zeros(0), np.zeros(0)
+    fps, tps, _ = _binary_clf_curve(*checked)
+    return np.r_[0.0, tps / tps[-1]], np.r_[1.0, tps / (tps + fps)]
+
+
+def image_level_metrics(scores: Any, labels: Any) -> dict[str, float]:
+    """Image-level detection: AUROC and AUPRC of the image score between healthy (0) and pathological (1).
+
+    Args:
+        scores: [N] image anomaly scores.
+        labels: [N] in {0,1}.
+
+    Returns:
+        ``{'auroc', 'auprc', 'n_healthy', 'n_pathological'}`` (metrics NaN when one class only).
+    """
+    y = as_numpy(labels)
+    return {
+        "auroc": auroc(scores, labels),
+        "auprc": average_precision(scores, labels),
+        "n_healthy": float((y == 0).sum()),
+        "n_pathological": float((y == 1).sum()),
+    }

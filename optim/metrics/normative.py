@@ -1,0 +1,150 @@
+"""The normative-learning indices RQI, AHI and CACI (METHODS.md section 4) and the SSIM they use.
+
+The reference paper's exact formulas were not available; these are **the project's definitions**,
+consistent with the reference code's inputs:
+
+* **RQI** (restoration quality on unseen healthy images H): per image SSIM(x_rec, x), LPIPS(x_rec, x) and
+  MAE; RQI = mean over H of SSIM * (1 - LPIPS). Each factor is clipped to [0,1] (SSIM can be slightly
+  negative, LPIPS can exceed 1) so that RQI lies in [0,1]; the unclipped component means are reported too.
+* **AHI** (anomaly-to-healthy) = clip((FID(P,N) - FID(R(P),N)) / (FID(P,N) - FID(U,N)), 0, 1): the fraction of
+  the feature-space gap between pathological inputs P and unseen healthy images U (both against the
+  healthy training set N) that the restorations R(P) close. NaN when the gap is not positive.
+* **CACI** (conservation and correction, per annotated image): C = SSIM(x_rec, x) averaged inside the
+  healthy-tissue mask, K = 1 - SSIM(x_rec, x) averaged inside the anomaly mask, both clipped to [0,1];
+  CACI = mean over images of the harmonic mean 2CK / (C + K) (0 when C + K = 0).
+
+SSIM: one implementation everywhere, scikit-image's ``structural_similarity`` with its defaults (7x7
+uniform window, K1=0.01, K2=0.03) and ``data_range=1`` (images in [0,1]). The global SSIM is scikit-image's
+mean (which crops the (win-1)/2 border); the masked SSIM is the mean of the full SSIM map inside the mask.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+from skimage.metrics import structural_similarity
+
+from optim.metrics.segmentation import per_image
+
+SSIM_DATA_RANGE = 1.0
+
+
+def _images(values: Any, name: str) -> np.ndarray:
+    """[N,1,H,W]/[N,H,W] tensor or array -> float64 numpy [N,H,W] (a copy)."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim == 4 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 3:
+        raise ValueError(f"{name}: expected [N,1,H,W] or [N,H,W], got shape {array.shape}")
+    return array
+
+
+def ssim_per_image(x: Any, y: Any) -> np.ndarray:
+    """Global SSIM of each image pair: x, y [N,1,H,W] in [0,1] -> [N] (data_range=1)."""
+    a, b = _images(x, "x"), _images(y, "y")
+    if a.shape != b.shape:
+        raise ValueError(f"ssim_per_image: shapes differ {a.shape} vs {b.shape}")
+    return np.array([structural_similarity(a[i], b[i], data_range=SSIM_DATA_RANGE) for i in range(a.shape[0])])
+
+
+def ssim_maps(x: Any, y: Any) -> np.ndarray:
+    """Full SSIM maps: x, y [N,1,H,W] in [0,1] -> [N,H,W] (data_range=1)."""
+    a, b = _images(x, "x"), _images(y, "y")
+    if a.shape != b.shape:
+        raise ValueError(f"ssim_maps: shapes differ {a.shape} vs {b.shape}")
+    return np.stack([structural_similarity(a[i], b[i], data_range=SSIM_DATA_RANGE, full=True)[1]
+                     for i in range(a.shape[0])])
+
+
+def masked_mean(maps: Any, masks: Any) -> np.ndarray:
+    """Mean of each [H,W] map inside its {0,1} mask: [N]; NaN (with a warning) for empty masks."""
+    m = per_image(maps, "maps")
+    k = per_image(masks, "masks") > 0.5
+    if m.shape != k.shape:
+        raise ValueError(f"masked_mean: maps {m.shape} and masks {k.shape} differ")
+    counts = k.sum(axis=1)
+    if (counts == 0).any():
+        warnings.warn(f"masked_mean: {int((counts == 0).sum())} empty mask(s) give NaN", RuntimeWarning, stacklevel=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, (m * k).sum(axis=1) / np.maximum(counts, 1), np.nan)
+
+
+def harmonic_mean(a: Any, b: Any) -> np.ndarray:
+    """Element-wise 2ab / (a + b), 0 where a + b = 0; inputs expected in [0,1]."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    s = a + b
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(s > 0, 2.0 * a * b / np.where(s > 0, s, 1.0), 0.0)
+
+
+def rqi(ssim: Any, lpips: Any, mae: Any) -> dict[str, float]:
+    """Restoration Quality Index from per-image components on unseen healthy images.
+
+    Args:
+        ssim: [N] SSIM(x_rec, x).
+        lpips: [N] LPIPS(x_rec, x).
+        mae: [N] mean absolute error |x_rec - x|.
+
+    Returns:
+        ``{'rqi', 'ssim_mean', 'lpips_mean', 'mae_mean', 'n'}``; RQI in [0,1], NaN (warning) for N = 0.
+    """
+    s = np.asarray(ssim, dtype=np.float64).reshape(-1)
+    p = np.asarray(lpips, dtype=np.float64).reshape(-1)
+    e = np.asarray(mae, dtype=np.float64).reshape(-1)
+    if not (s.size == p.size == e.size):
+        raise ValueError(f"rqi: component sizes differ (ssim {s.size}, lpips {p.size}, mae {e.size})")
+    if s.size == 0:
+        warnings.warn("rqi: no images; returning NaN", RuntimeWarning, stacklevel=2)
+        return {"rqi": float("nan"), "ssim_mean": float("nan"), "lpips_mean": float("nan"),
+                "mae_mean": float("nan"), "n": 0.0}
+    per = np.clip(s, 0.0, 1.0) * np.clip(1.0 - p, 0.0, 1.0)
+    return {"rqi": float(per.mean()), "ssim_mean": float(s.mean()), "lpips_mean": float(p.mean()),
+            "mae_mean": float(e.mean()), "n": float(s.size)}
+
+
+def ahi(fid_pathological: float, fid_restored: float, fid_healthy: float) -> float:
+    """Anomaly-to-Healthy Index: clip((FID(P,N) - FID(R(P),N)) / (FID(P,N) - FID(U,N)), 0, 1).
+
+    Returns NaN (with a warning) when the gap FID(P,N) - FID(U,N) is not positive: the pathological
+    inputs are then no farther from the healthy training set than unseen healthy images.
+    """
+    gap = float(fid_pathological) - float(fid_healthy)
+    if not np.isfinite(gap) or gap <= 0:
+        warnings.warn(f"ahi: FID(P,N) - FID(U,N) = {gap:.4g} is not positive; AHI undefined (NaN)",
+                      RuntimeWarning, stacklevel=2)
+        return float("nan")
+    return float(np.clip((float(fid_pathological) - float(fid_restored)) / gap, 0.0, 1.0))
+
+
+def caci(conservation: Any, correction: Any) -> dict[str, float]:
+    """Conservation-And-Correction Index from per-image components.
+
+    Args:
+        conservation: [N] C = SSIM(x_rec, x) inside the healthy-tissue mask.
+        correction: [N] K = 1 - SSIM(x_rec, x) inside the anomaly mask.
+
+    Returns:
+        ``{'caci', 'conservation_mean', 'correction_mean', 'n'}``; images with a NaN component are skipped.
+    """
+    c = np.asarray(conservation, dtype=np.float64).reshape(-1)
+    k = np.asarray(correction, dtype=np.float64).reshape(-1)
+    if c.size != k.size:
+        raise ValueError(f"caci: sizes differ (conservation {c.size}, correction {k.size})")
+    valid = np.isfinite(c) & np.isfinite(k)
+    if not valid.any():
+        warnings.warn("caci: no image with both a healthy and an anomaly region; returning NaN", RuntimeWarning,
+                      stacklevel=2)
+        return {"caci": float("nan"), "conservation_mean": float("nan"), "correction_mean": float("nan"), "n": 0.0}
+    c, k = c[valid], k[valid]
+    per = harmonic_mean(np.clip(c, 0.0, 1.0), np.clip(k, 0.0, 1.0))
+    return {"caci": float(per.mean()), "conservation_mean": float(c.mean()), "correction_mean": float(k.mean()),
+            "n": float(c.size)}
+
+
+def combined_score(rqi_value: float, ahi_value: float, caci_value: float) -> float:
+    """The cross-run comparison score ((harmonic mean of RQI and CACI) + AHI) / 2."""
+    return float((harmonic_mean(rqi_value, caci_value) + ahi_value) / 2.0)
