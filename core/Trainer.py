@@ -310,6 +310,8 @@ class Trainer:
                 bar.update(1)
                 if self._step_limit_reached():
                     break
+            if self._running_count:  # the epoch's last steps since the previous log line (short runs log too)
+                self._log_train(bar, images / (time.perf_counter() - start))
         finally:
             bar.close()
         self._check_finite()
