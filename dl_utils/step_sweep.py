@@ -1,0 +1,526 @@
+"""Inference-step sweep: accuracy vs cost of AnoDDPM (and AutoDDPM) under cheaper samplers.
+
+For one trained DDPM, every setting runs partial diffusion from the model's noise level L on the pathological
+test sets and reports network evaluations, seconds per image and pixel AUROC / AUPRC:
+
+- ``ddpm``: the full reference chain (L+1 network calls), with several generator seeds;
+- ``strided`` k: the DDPM posterior over k evenly spaced steps from L to 0 (k calls);
+- ``ddim`` k: the deterministic DDIM update over the same k steps (k calls).
+
+The settings are applied by the model's own ``inference`` / ``inference_steps`` knobs and maps come from
+``model.get_anomaly`` (AnoDDPM: ``|x - x_rec|``; AutoDDPM: the setting applies to the reconstruction from L_r,
+the RePaint re-sampling is unchanged). Network evaluations are counted with a forward pre-hook on the UNet.
+
+Metrics (``optim.metrics.pixel_auroc_auprc``): pixel AUROC / AUPRC pooled over all pixels of all pathological
+sets, inside the evaluation region (brain mask OR anomaly mask where the sets have brain masks), plus the mean
+over the sets of the per-set pooled values.
+
+"Noise of the benchmark", per setting: every setting is compared with the full chain on the same images, so the
+noise of a difference has two parts: the generator (the standard deviation of the full chain's pooled AUROC /
+AUPRC over seeds) and the image sample (the paired bootstrap standard deviation of ``metric(setting) -
+metric(full chain, seed 0)`` over images resampled with replacement, the same resample for both). The tolerance
+of a setting is ``2 * sqrt(seed_std^2 + paired_bootstrap_std^2)``; a setting is "within noise" when its AUROC and
+AUPRC are both no lower than the full chain's seed mean minus its tolerance, and the recommendation is the
+cheapest such setting (fewest network calls, then seconds).
+
+Outputs (``--out-dir``): ``step_sweep.csv``, ``step_sweep.md`` (the table and the recommendation),
+``step_sweep.png`` (AUROC vs network evaluations) and ``step_sweep.json``.
+
+CLI::
+
+    python -m dl_utils.step_sweep --checkpoint runs/.../best.pt --config projects/normative_eval/configs/ddpm.yaml
+    python -m dl_utils.step_sweep --train-seconds 240 --size 48      # trains a small DDPM on the embedded set
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model_zoo.ddpm import DDPM
+from model_zoo.diffusion.procedures import InferenceMethod, inference_timesteps
+from optim.metrics import auroc, average_precision, pixel_auroc_auprc
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STEPS = (5, 10, 25, 50, 100)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One pathological test set held in memory.
+
+    Attributes:
+        name: the set's name.
+        images: [N,1,H,W] in [0,1].
+        masks: [N,1,H,W] {0,1} anomaly masks.
+        region: [N,1,H,W] {0,1} evaluation region, or None (all pixels).
+    """
+
+    name: str
+    images: Tensor
+    masks: Tensor
+    region: Tensor | None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One inference setting.
+
+    Attributes:
+        method: ``'ddpm'`` (full chain), ``'strided'`` or ``'ddim'``.
+        steps: network calls for ``'strided'``/``'ddim'`` (None for ``'ddpm'``).
+        seed: generator seed.
+    """
+
+    method: InferenceMethod
+    steps: int | None
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        return "ddpm (full chain)" if self.method == "ddpm" else f"{self.method} {self.steps}"
+
+
+def default_settings(noise_level: int, *, steps: Sequence[int] = DEFAULT_STEPS, full_seeds: int = 2) -> list[Setting]:
+    """The full chain with ``full_seeds`` seeds, then strided and DDIM with each of ``steps`` (<= L+1) calls."""
+    settings = [Setting("ddpm", None, seed) for seed in range(full_seeds)]
+    valid = [k for k in steps if 1 <= k <= noise_level + 1]
+    settings += [Setting(method, k) for method in ("strided", "ddim") for k in valid]
+    return settings
+
+
+# ------------------------------------------------------------------------------------------------ data
+def load_eval_sets(data: Any, names: Sequence[str] | None = None, *, max_images: int | None = None) -> list[EvalSet]:
+    """Read the pathological test sets with anomaly masks of a ``DataModule`` into memory.
+
+    Args:
+        data: a :class:`core.DataLoader.DataModule`.
+        names: test-set names (default: every test set with pixel anomaly masks).
+        max_images: keep at most this many images per set (the first ones).
+    """
+    if names is None:
+        names = [n for n in data.test_set_names if data.dataset_info(n).has_anomaly_mask]
+    if not names:
+        raise ValueError("no pathological test set with anomaly masks in the data config")
+    sets = []
+    for name in names:
+        images, masks, brains = [], [], []
+        for batch in data.eval_dataloader(name):
+            if batch.anomaly_mask is None:
+                raise ValueError(f"test set {name!r} has no anomaly masks")
+            images.append(batch.image)
+            masks.append(batch.anomaly_mask)
+            brains.append(batch.brain_mask)
+        image, mask = torch.cat(images), torch.cat(masks)
+        region = None if any(b is None for b in brains) else torch.cat(brains).clamp(0, 1).maximum(mask)
+        if max_images is not None:
+            image, mask = image[:max_images], mask[:max_images]
+            region = None if region is None else region[:max_images]
+        sets.append(EvalSet(name=name, images=image, masks=mask, region=region))
+    return sets
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+@contextmanager
+def inference_setting(model: DDPM, setting: Setting) -> Iterator[None]:
+    """Temporarily switch the model's ``inference`` / ``inference_steps`` to ``setting``."""
+    steps = setting.steps if setting.steps is not None else model.inference_steps
+    inference_timesteps(model.noise_level, setting.method, steps)  # validates the step count
+    saved = (model.inference, model.inference_steps)
+    model.inference, model.inference_steps = setting.method, steps
+    try:
+        yield
+    finally:
+        model.inference, model.inference_steps = saved
+
+
+@contextmanager
+def count_network_calls(model: DDPM) -> Iterator[list[int]]:
+    """Count forward calls of ``model.unet`` (a one-element list, updated in place)."""
+    counter = [0]
+
+    def hook(module: torch.nn.Module, args: Any) -> None:
+        counter[0] += 1
+
+    handle = model.unet.register_forward_pre_hook(hook)
+    try:
+        yield counter
+    finally:
+        handle.remove()
+
+
+def run_setting(model: DDPM, sets: Sequence[EvalSet], setting: Setting, *, device: torch.device,
+                batch_size: int = 64) -> tuple[dict[str, Any], list[Tensor]]:
+    """Anomaly maps of every set under ``setting`` and its cost.
+
+    Returns:
+        (row, maps): ``row`` has the setting, ``network_evals`` (UNet calls per batch), ``s_per_image`` and
+        ``n_images``; ``maps`` is one [N,1,H,W] CPU tensor per set.
+    """
+    generator = torch.Generator(device=device).manual_seed(setting.seed)
+    maps: list[Tensor] = []
+    n_images, calls_per_batch = 0, []
+    start = time.perf_counter()
+    with inference_setting(model, setting), count_network_calls(model) as counter:
+        for eval_set in sets:
+            parts = []
+            for i in range(0, eval_set.images.shape[0], batch_size):
+                x = eval_set.images[i:i + batch_size].to(device)
+                before = counter[0]
+                parts.append(model.get_anomaly(x, generator=generator).anomaly_map.float().cpu())
+                calls_per_batch.append(counter[0] - before)
+                n_images += x.shape[0]
+            maps.append(torch.cat(parts))
+    elapsed = time.perf_counter() - start
+    if len(set(calls_per_batch)) != 1:
+        raise RuntimeError(f"{setting.label}: network calls differ between batches: {sorted(set(calls_per_batch))}")
+    row = {"setting": setting.label, "method": setting.method, "steps": setting.steps, "seed": setting.seed,
+           "network_evals": calls_per_batch[0], "s_per_image": elapsed / n_images, "n_images": n_images}
+    return row, maps
+
+
+def pixel_metrics(sets: Sequence[EvalSet], maps: Sequence[Tensor]) -> dict[str, float]:
+    """Pixel AUROC / AUPRC pooled over every set's pixels, and the mean over sets of each set's pooled values."""
+    def region(s: EvalSet) -> Tensor:
+        return torch.ones_like(s.masks) if s.region is None else s.region
+
+    pooled = pixel_auroc_auprc(torch.cat(list(maps)), torch.cat([s.masks for s in sets]),
+                               torch.cat([region(s) for s in sets]))
+    per_set = [pixel_auroc_auprc(m, s.masks, region(s)) for s, m in zip(sets, maps, strict=True)]
+    return {"auroc": pooled["auroc_pooled"], "auprc": pooled["auprc_pooled"],
+            "auroc_mean_over_sets": float(np.mean([p["auroc_pooled"] for p in per_set])),
+            "auprc_mean_over_sets": float(np.mean([p["auprc_pooled"] for p in per_set])),
+            **{f"auroc/{s.name}": p["auroc_pooled"] for s, p in zip(sets, per_set, strict=True)}}
+
+
+def _per_image(sets: Sequence[EvalSet], maps: Sequence[Tensor]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per-image (scores, labels) of the pixels inside each image's region."""
+    scores, labels = [], []
+    for s, m in zip(sets, maps, strict=True):
+        keep = (torch.ones_like(s.masks) if s.region is None else s.region) > 0.5
+        for i in range(m.shape[0]):
+            scores.append(m[i][keep[i]].numpy().astype(np.float64))
+            labels.append(s.masks[i][keep[i]].numpy() > 0.5)
+    return scores, labels
+
+
+def paired_bootstrap_std(sets: Sequence[EvalSet], maps: Sequence[Tensor], reference_maps: Sequence[Tensor], *,
+                         n_boot: int = 200, seed: int = 0) -> dict[str, float]:
+    """Bootstrap (images resampled with replacement, all sets pooled, the same resample for both) standard deviation
+    of ``metric(maps) - metric(reference_maps)`` for the pooled pixel AUROC and AUPRC."""
+    scores, labels = _per_image(sets, maps)
+    ref_scores, _ = _per_image(sets, reference_maps)
+    rng = np.random.default_rng(seed)
+    d_auroc, d_auprc = [], []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(scores), len(scores))
+        y = np.concatenate([labels[i] for i in pick])
+        if y.all() or not y.any():
+            continue
+        a = np.concatenate([scores[i] for i in pick])
+        b = np.concatenate([ref_scores[i] for i in pick])
+        d_auroc.append(auroc(a, y) - auroc(b, y))
+        d_auprc.append(average_precision(a, y) - average_precision(b, y))
+    return {"auroc": float(np.std(d_auroc)) if d_auroc else 0.0, "auprc": float(np.std(d_auprc)) if d_auprc else 0.0}
+
+
+def sweep(model: DDPM, sets: Sequence[EvalSet], settings: Sequence[Setting], *, device: torch.device,
+          batch_size: int = 64, n_boot: int = 200) -> dict[str, Any]:
+    """Run every setting; return rows, the benchmark noise, the tolerance and the recommendation."""
+    model.eval().to(device)
+    rows, all_maps = [], []
+    for setting in settings:
+        row, maps = run_setting(model, sets, setting, device=device, batch_size=batch_size)
+        row.update(pixel_metrics(sets, maps))
+        rows.append(row)
+        all_maps.append(maps)
+        logger.info("%-18s seed %d: %4d calls, %.3f s/image, AUROC %.4f, AUPRC %.4f", setting.label, setting.seed,
+                    row["network_evals"], row["s_per_image"], row["auroc"], row["auprc"])
+    full = [r for r in rows if r["method"] == "ddpm"]
+    if not full:
+        raise ValueError("the settings must include the full chain ('ddpm') as the reference")
+    reference_maps = all_maps[rows.index(full[0])]
+    noise = {"seed_std_auroc": _std([r["auroc"] for r in full]), "seed_std_auprc": _std([r["auprc"] for r in full]),
+             "n_seeds": len(full), "n_boot": n_boot}
+    reference = {k: statistics.fmean(r[k] for r in full) for k in ("auroc", "auprc")}
+    for row, maps in zip(rows, all_maps, strict=True):
+        paired = (paired_bootstrap_std(sets, maps, reference_maps, n_boot=n_boot) if n_boot > 0 and row is not full[0]
+                  else {"auroc": 0.0, "auprc": 0.0})
+        ok = True
+        for key in ("auroc", "auprc"):
+            row[f"paired_boot_std_{key}"] = paired[key]
+            row[f"tolerance_{key}"] = 2.0 * math.hypot(noise[f"seed_std_{key}"], paired[key])
+            row[f"delta_{key}"] = row[key] - reference[key]
+            ok = ok and row[f"delta_{key}"] >= -row[f"tolerance_{key}"]
+        row["within_noise"] = bool(ok)
+    candidates = sorted((r for r in rows if r["within_noise"]), key=lambda r: (r["network_evals"], r["s_per_image"]))
+    recommendation = candidates[0]["setting"] if candidates else "ddpm (full chain)"
+    return {"rows": rows, "reference": reference, "noise": noise,
+            "recommendation": recommendation,
+            "n_images": sum(s.images.shape[0] for s in sets), "sets": [s.name for s in sets],
+            "noise_level": model.noise_level, "model": type(model).__name__}
+
+
+def _std(values: Sequence[float]) -> float:
+    return float(statistics.stdev(values)) if len(values) > 1 else 0.0
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+COLUMNS = ("setting", "seed", "network_evals", "s_per_image", "auroc", "auprc", "delta_auroc", "delta_auprc",
+           "tolerance_auroc", "tolerance_auprc", "paired_boot_std_auroc", "paired_boot_std_auprc", "within_noise",
+           "auroc_mean_over_sets", "auprc_mean_over_sets")
+
+
+def markdown_table(result: Mapping[str, Any]) -> str:
+    """The sweep as a Markdown table followed by the noise, tolerance and recommendation."""
+    lines = ["| setting | seed | network evals | s / image | pixel AUROC | pixel AUPRC | dAUROC (tol) | dAUPRC (tol) "
+             "| within noise |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['setting']} | {r['seed']} | {r['network_evals']} | {r['s_per_image']:.3f} | "
+                     f"{r['auroc']:.4f} | {r['auprc']:.4f} | {r['delta_auroc']:+.4f} ({r['tolerance_auroc']:.4f}) | "
+                     f"{r['delta_auprc']:+.4f} ({r['tolerance_auprc']:.4f}) | {'yes' if r['within_noise'] else 'no'} |")
+    noise = result["noise"]
+    lines += ["", f"Model {result['model']}, L = {result['noise_level']}, {result['n_images']} pathological images "
+              f"({', '.join(result['sets'])}); AUROC/AUPRC pooled over pixels in the brain-or-lesion region.",
+              f"Full chain over {noise['n_seeds']} seeds: AUROC {result['reference']['auroc']:.4f} "
+              f"(seed std {noise['seed_std_auroc']:.4f}), AUPRC {result['reference']['auprc']:.4f} (seed std "
+              f"{noise['seed_std_auprc']:.4f}). d = setting - full-chain mean; tol = 2 sqrt(seed std^2 + paired "
+              f"bootstrap std^2) ({noise['n_boot']} image resamples, paired with the full chain, seed 0).",
+              "Recommendation (cheapest setting within the tolerance of the full chain): "
+              f"**{result['recommendation']}**."]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write the CSV, Markdown, PNG plot and JSON of a sweep into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / "step_sweep.csv", "md": out_dir / "step_sweep.md", "png": out_dir / "step_sweep.png",
+             "json": out_dir / "step_sweep.json"}
+    with paths["csv"].open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(result["rows"])
+    paths["md"].write_text(markdown_table(result), encoding="utf-8")
+    paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
+    plot(result, paths["png"])
+    return paths
+
+
+def plot(result: Mapping[str, Any], path: Path) -> Path:
+    """AUROC vs network evaluations (log x), one line per sampler, the full chain with its tolerance band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    reference = result["reference"]["auroc"]
+    tol = 2.0 * result["noise"]["seed_std_auroc"]
+    for method, marker in (("strided", "o"), ("ddim", "s")):
+        rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["network_evals"])
+        if rows:
+            ax.plot([r["network_evals"] for r in rows], [r["auroc"] for r in rows], marker=marker, label=method)
+    full = [r for r in result["rows"] if r["method"] == "ddpm"]
+    ax.scatter([r["network_evals"] for r in full], [r["auroc"] for r in full], marker="*", s=120, color="k",
+               label="full DDPM chain", zorder=3)
+    ax.axhspan(reference - tol, reference + tol, color="grey", alpha=0.2, label="full chain +- 2 seed std")
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations per image")
+    ax.set_ylabel("pixel AUROC (pooled)")
+    ax.set_title(f"{result['model']} L={result['noise_level']}: accuracy vs cost")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ models
+def load_from_checkpoint(config_path: str, checkpoint: str, overrides: Sequence[str] = ()) -> tuple[DDPM, Any]:
+    """Build the config's model and data (the project's builder) and load the checkpoint's weights strictly."""
+    from core.Configurator import build, load_config
+    from core.DataLoader import DataModule
+    from dl_utils.checkpoint import load_model_weights
+
+    config = load_config(config_path, list(overrides))
+    model = build(config["model"], "model", base=DDPM)
+    logger.info("%s", load_model_weights(model, checkpoint))
+    data = build(config["data"], "data", base=DataModule)
+    return model, data
+
+
+def embedded_data(*, size: int, n_train: int, n_per_class: int, batch_size: int, seed: int = 0) -> Any:
+    """A DataModule on the embedded benchmark (built into the cache on first use) at ``size`` x ``size``."""
+    from core.DataLoader import DataModule
+    from data.embedded import CLASSES
+
+    split = "$prepared/splits/"
+    test = {name: {"images": [f"{split}{name}.csv"], "labels": [f"{split}{name}_label.csv"],
+                   "masks": [f"{split}{name}_mask.csv"], "annotation": "pixel"} for name in CLASSES}
+    prepare = {"module_name": "data.embedded", "class_name": "EmbeddedBenchmark",
+               "params": {"seed": seed, "n_train": n_train, "n_val": 8, "n_test": 8, "n_per_class": n_per_class,
+                          "size": size}}
+    return DataModule(target_size=(size, size), batch_size=batch_size, eval_batch_size=64, intensity="unit",
+                      prepare=prepare, train={"images": [f"{split}healthy_train.csv"]}, test=test)
+
+
+def small_ddpm(*, channels: Sequence[int] = (16, 32, 32), noise_level: int | None = None, autoddpm: bool = False,
+               seed: int = 0) -> DDPM:
+    """A small DDPM (or AutoDDPM with the reference L_r/L_i/U) with flash attention, for the CPU sweep.
+
+    ``noise_level`` None: the reference L (250 for AnoDDPM, L_r = 200 for AutoDDPM).
+    """
+    from model_zoo.autoddpm import AutoDDPM
+
+    kwargs = {"channels": tuple(channels), "attention_levels": (False, True, True), "num_head_channels": channels[-1],
+              "norm_num_groups": 8, "use_flash_attention": True, "val_inference": "ddpm",
+              "noise_level": noise_level if noise_level is not None else (200 if autoddpm else 250)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoDDPM(**kwargs) if autoddpm else DDPM(**kwargs)
+
+
+def train_small(model: DDPM, data: Any, *, seconds: float, max_steps: int, lr: float, device: torch.device,
+                seed: int = 0, ema_decay: float | None = None) -> dict[str, Any]:
+    """Train ``model`` with ``core.Trainer.Trainer.training_step`` for at most ``seconds`` / ``max_steps``.
+
+    Returns:
+        ``steps``, ``seconds``, ``last_loss`` (mean of the last 20 steps); the EMA weights (if any) are copied
+        into ``model`` at the end. Keep the EMA off for budgets of a few hundred steps: with decay 0.995 the
+        average still holds 0.995^steps of the random initial weights (over half after 125 steps).
+    """
+    from core.Trainer import Trainer
+    from dl_utils.benchmark import NoData, NoLogger
+    from dl_utils.run import RunContext
+
+    optimizer = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": lr}}
+    losses: list[float] = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="step_sweep_") as tmp:
+        run = RunContext(run_dir=Path(tmp), device=device, seed=seed)
+        trainer = Trainer(model=model, data=NoData(), logger=NoLogger(), run=run, optimizer=optimizer,
+                          ema_decay=ema_decay, progress=False)
+        torch.manual_seed(seed)
+        model.train()
+        epoch = 0
+        while len(losses) < max_steps and time.perf_counter() - start < seconds:
+            for batch in data.train_dataloader(seed=seed + epoch):
+                terms = trainer.training_step(batch.to(device))
+                losses.append(float(terms["loss"]))
+                if len(losses) % 50 == 0:
+                    logger.info("step %d, loss %.4f, %.0f s", len(losses), statistics.fmean(losses[-50:]),
+                                time.perf_counter() - start)
+                if len(losses) >= max_steps or time.perf_counter() - start >= seconds:
+                    break
+            epoch += 1
+        if trainer.ema is not None:
+            model.load_state_dict(trainer.ema.state_dict(), strict=True)
+    model.eval()
+    return {"steps": len(losses), "seconds": round(time.perf_counter() - start, 1),
+            "last_loss": statistics.fmean(losses[-20:]) if losses else math.nan, "lr": lr, "ema_decay": ema_decay}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: sweep a trained checkpoint, or train a small DDPM on the embedded benchmark first."""
+    parser = argparse.ArgumentParser(description="AnoDDPM/AutoDDPM inference-step sweep (accuracy vs cost).")
+    parser.add_argument("--checkpoint", default=None, help="trained DDPM/AutoDDPM checkpoint (with --config)")
+    parser.add_argument("--config", default=None, help="the YAML the checkpoint was trained with")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override a.b=v")
+    parser.add_argument("--train-seconds", type=float, default=240.0, help="train mode: time budget")
+    parser.add_argument("--train-steps", type=int, default=5000, help="train mode: step budget")
+    parser.add_argument("--lr", type=float, default=5e-4, help="train mode: Adam lr (short budget)")
+    parser.add_argument("--ema-decay", type=float, default=None, help="train mode: EMA decay (default off)")
+    parser.add_argument("--weights", default=None, help="train mode: load this model.pt instead of training")
+    parser.add_argument("--size", type=int, default=48, help="train mode: image side")
+    parser.add_argument("--channels", default="16,32,32", help="train mode: UNet widths")
+    parser.add_argument("--n-per-class", type=int, default=6, help="train mode: pathological images per class")
+    parser.add_argument("--max-images", type=int, default=None, help="use at most N images per set")
+    parser.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)), help="k values for strided/ddim")
+    parser.add_argument("--full-seeds", type=int, default=2, help="seeds of the full chain (noise estimate)")
+    parser.add_argument("--method", choices=("anoddpm", "autoddpm", "both"), default=None,
+                        help="default: the checkpoint config's model, or anoddpm in train mode ('both': train mode)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/step_sweep"))
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    provenance: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if args.checkpoint is not None or args.config is not None:
+        if args.checkpoint is None or args.config is None:
+            parser.error("--checkpoint and --config go together")
+        model, data = load_from_checkpoint(args.config, args.checkpoint, args.overrides)
+        provenance.update({"checkpoint": args.checkpoint, "config": args.config})
+    else:
+        channels = [int(c) for c in args.channels.split(",")]
+        data = embedded_data(size=args.size, n_train=300, n_per_class=args.n_per_class, batch_size=16)
+        model = small_ddpm(channels=channels).to(device)
+        from dl_utils.checkpoint import load_model_weights, save_checkpoint
+
+        if args.weights is not None:
+            training: dict[str, Any] = {"weights": load_model_weights(model, args.weights)}
+        else:
+            training = train_small(model, data, seconds=args.train_seconds, max_steps=args.train_steps, lr=args.lr,
+                                   device=device, ema_decay=args.ema_decay)
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(args.out_dir / "model.pt", {"model": model.state_dict(), "ema": None, **training,
+                                                        "config": {"channels": channels, "size": args.size}})
+        provenance.update({"trained": training, "size": args.size, "channels": channels})
+        logger.info("model: %s", training)
+    sets = load_eval_sets(data, max_images=args.max_images)
+    steps = [int(k) for k in args.steps.split(",") if k]
+    models: dict[str, DDPM] = {}
+    if args.checkpoint is not None:
+        own = "autoddpm" if _is_autoddpm(model) else "anoddpm"
+        if args.method not in (None, own):
+            parser.error(f"{args.config} builds {type(model).__name__}: use --method {own} (or leave it out)")
+        models[own] = model
+    else:
+        method = args.method or "anoddpm"
+        if method in ("anoddpm", "both"):
+            models["anoddpm"] = model
+        if method in ("autoddpm", "both"):
+            auto = small_ddpm(channels=[int(c) for c in args.channels.split(",")], autoddpm=True)
+            auto.load_state_dict(model.state_dict(), strict=True)
+            models["autoddpm"] = auto.to(device)
+    for method, target in models.items():
+        settings = default_settings(target.noise_level, steps=steps, full_seeds=args.full_seeds)
+        result = sweep(target, sets, settings, device=device)
+        result["provenance"] = provenance
+        paths = write_outputs(result, args.out_dir / method)
+        print(f"## {method}\n")
+        print(markdown_table(result))
+        print(f"written: {', '.join(str(p) for p in paths.values())}\n")
+    return 0
+
+
+def _is_autoddpm(model: DDPM) -> bool:
+    from model_zoo.autoddpm import AutoDDPM
+
+    return isinstance(model, AutoDDPM)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
