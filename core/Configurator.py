@@ -316,9 +316,11 @@ def _container_problem(value: Any, container: Any, args: tuple) -> str | None:
             if len(value) != len(args):
                 return f"expected {len(args)} items, got {len(value)} ({value!r})"
             item_types = args
+        elif args:
+            item_types = (args[0],) * len(value)
         else:
-            item_types = (args[0],) * len(value) if args else ()
-        for i, (item, item_type) in enumerate(zip(value, item_types, strict=False)):
+            return None
+        for i, (item, item_type) in enumerate(zip(value, item_types, strict=True)):
             problem = type_problem(item, item_type)
             if problem:
                 return f"item {i}: {problem}"

@@ -116,6 +116,7 @@ class PathSettings:
         channels_last: channels-last memory format for the UNet and its inputs.
         fused_adam: Adam with ``fused=True``.
         torch_compile: the DDPM's ``torch_compile`` (the UNet through ``torch.compile``).
+        compile_mode: its ``torch.compile`` mode (``'reduce-overhead'``: CUDA graphs).
     """
 
     name: PathName
@@ -125,6 +126,7 @@ class PathSettings:
     channels_last: bool
     fused_adam: bool
     torch_compile: bool
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
 
     def precision(self, device: torch.device) -> str:
         """The network's effective precision on ``device``."""
@@ -134,13 +136,14 @@ class PathSettings:
 
 
 def path_settings(name: PathName, device: torch.device, *, compile_fast: bool = False,
-                  channels_last: Literal["auto", "on", "off"] = "auto") -> PathSettings:
+                  channels_last: Literal["auto", "on", "off"] = "auto",
+                  compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default") -> PathSettings:
     """The plain or the fast path's settings on ``device`` (see the module docstring)."""
     if name == "plain":
         return PathSettings("plain", "float32", "off", False, False, False, False)
     cuda = device.type == "cuda"
     layout = cuda if channels_last == "auto" else channels_last == "on"
-    return PathSettings("fast", "auto", "auto", True, layout, cuda, compile_fast)
+    return PathSettings("fast", "auto", "auto", True, layout, cuda, compile_fast, compile_mode)
 
 
 @dataclass(frozen=True)
@@ -265,7 +268,8 @@ def build_model(spec: SizeSpec, path: PathSettings, *, chains: Chains, autoddpm:
     common = {"channels": spec.channels, "attention_levels": spec.attention_levels, "num_res_blocks": 1,
               "num_head_channels": spec.num_head_channels, "norm_num_groups": spec.norm_num_groups,
               "use_flash_attention": path.flash_attention, "autocast_dtype": path.autocast_dtype,
-              "channels_last": path.channels_last, "torch_compile": path.torch_compile, "inference": "ddpm",
+              "channels_last": path.channels_last, "torch_compile": path.torch_compile,
+              "compile_mode": path.compile_mode, "inference": "ddpm",
               "val_inference": "ddpm"}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -533,6 +537,7 @@ class BenchmarkConfig:
     loader_images: int = 2000
     parity_images: int = 4
     compile_fast: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     channels_last: Literal["auto", "on", "off"] = "auto"
     perceptual_backend: str = "auto"
     fid_backend: str = "auto"
@@ -564,7 +569,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True
     spec = SIZES[config.size]
     info = device_info(device)
-    paths = {name: path_settings(name, device, compile_fast=config.compile_fast,
+    paths = {name: path_settings(name, device, compile_fast=config.compile_fast, compile_mode=config.compile_mode,
                                  channels_last=config.channels_last) for name in ("plain", "fast")}
     started = time.perf_counter()
     result: dict[str, Any] = {
@@ -697,6 +702,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", choices=tuple(SIZES), default=None, help="default: reference (tiny with --smoke)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet in the fast path")
+    parser.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"), default="default",
+                        help="torch.compile mode with --compile ('reduce-overhead': CUDA graphs, for batch 1)")
     parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--anoddpm-steps", type=int, default=None, help="AnoDDPM L (default 250; smoke 4)")
     parser.add_argument("--autoddpm-steps", type=_parse_levels, default=None,
@@ -722,7 +729,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         chains = replace(chains, anoddpm_level=args.anoddpm_steps)
     if args.autoddpm_steps is not None:
         chains = replace(chains, autoddpm_levels=args.autoddpm_steps)
-    overrides: dict[str, Any] = {"chains": chains, "compile_fast": args.compile, "channels_last": args.channels_last,
+    overrides: dict[str, Any] = {"chains": chains, "compile_fast": args.compile, "compile_mode": args.compile_mode,
+                                 "channels_last": args.channels_last,
                                  "fid_backend": args.fid_backend, "perceptual_backend": args.perceptual_backend}
     if args.size is not None:
         overrides["size"] = args.size
