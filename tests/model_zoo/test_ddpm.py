@@ -248,6 +248,7 @@ def test_state_dict_holds_only_the_unet_and_loads_strictly() -> None:
     ({"inference": "ddim", "inference_steps": 8}, r"inference_steps=8 for .ddim. must be in \[1, noise_level \+ 1 = 7"),
     ({"val_inference_steps": 9}, "val_inference_steps=9"),
     ({"attention_levels": (False, True)}, "same length"),
+    ({"compile_mode": "fastest"}, "compile_mode: 'fastest' is not one of"),
 ])
 def test_bad_options_are_rejected(params: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
