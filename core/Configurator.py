@@ -69,10 +69,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``override`` into a copy of ``base``; mappings merge, anything else replaces."""
+    """Recursively merge ``override`` into a copy of ``base``; mappings merge, anything else replaces.
+
+    A mapping holding ``_delete_: true`` replaces the base's mapping instead of merging into it (e.g. a real-data
+    ``data:`` block replacing the embedded one, so no embedded test set survives the composition).
+    """
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value.get("_delete_") is True:
+            out[key] = copy.deepcopy(value)  # the marker stays until load_config strips it: later merges need it
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -97,6 +103,14 @@ def _compose(path: Path, stack: tuple[Path, ...]) -> dict[str, Any]:
             raise ConfigError(f"{path}: _base_ file not found: {base} (looked at {base_path})")
         merged = merge(merged, _compose(base_path, (*stack, path)))
     return merge(merged, data)
+
+
+def _strip_delete_markers(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_delete_markers(v) for k, v in value.items() if k != "_delete_"}
+    if isinstance(value, list):
+        return [_strip_delete_markers(v) for v in value]
+    return value
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -134,7 +148,7 @@ def apply_overrides(config: dict[str, Any], overrides: cabc.Sequence[str]) -> di
 
 def load_config(path: str | Path, overrides: cabc.Sequence[str] = ()) -> dict[str, Any]:
     """Load ``path`` with ``_base_`` composition and ``--set`` overrides; the result is a fresh dict."""
-    config = _compose(Path(path), ())
+    config = _strip_delete_markers(_compose(Path(path), ()))
     config = apply_overrides(config, overrides)
     if overrides:
         config["overrides"] = list(overrides)
