@@ -56,7 +56,7 @@ from torch import Tensor
 
 from data.batch import Batch
 from model_zoo.autoddpm import AutoDDPM
-from model_zoo.ddpm import DDPM
+from model_zoo.ddpm import DDPM, CompileMode
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class PathSettings:
     channels_last: bool
     fused_adam: bool
     torch_compile: bool
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    compile_mode: CompileMode = "default"
 
     def precision(self, device: torch.device) -> str:
         """The network's effective precision on ``device``."""
@@ -137,7 +137,7 @@ class PathSettings:
 
 def path_settings(name: PathName, device: torch.device, *, compile_fast: bool = False,
                   channels_last: Literal["auto", "on", "off"] = "auto",
-                  compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default") -> PathSettings:
+                  compile_mode: CompileMode = "default") -> PathSettings:
     """The plain or the fast path's settings on ``device`` (see the module docstring)."""
     if name == "plain":
         return PathSettings("plain", "float32", "off", False, False, False, False)
@@ -537,7 +537,7 @@ class BenchmarkConfig:
     loader_images: int = 2000
     parity_images: int = 4
     compile_fast: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    compile_mode: CompileMode = "default"
     channels_last: Literal["auto", "on", "off"] = "auto"
     perceptual_backend: str = "auto"
     fid_backend: str = "auto"

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from core.Configurator import build
 from model_zoo.base import AnomalyOutput
-from model_zoo.ddpm import DDPM, AutocastDtype
+from model_zoo.ddpm import DDPM, AutocastDtype, CompileMode
 from model_zoo.diffusion.noise import NoiseType
 from model_zoo.diffusion.procedures import InferenceMethod, repaint
 
@@ -122,6 +122,7 @@ class AutoDDPM(DDPM):
         autocast_dtype: AutocastDtype = "auto",
         channels_last: bool = False,
         torch_compile: bool = False,
+        compile_mode: CompileMode = "default",
         noise_level_inpaint: int = 50,
         resample_steps: int = 5,
         tau: float = 0.13,
@@ -139,7 +140,7 @@ class AutoDDPM(DDPM):
             inference=inference, inference_steps=inference_steps, ddim_eta=ddim_eta,
             val_noise_level=val_noise_level, val_inference=val_inference, val_inference_steps=val_inference_steps,
             val_seed=val_seed, autocast_dtype=autocast_dtype, channels_last=channels_last,
-            torch_compile=torch_compile,
+            torch_compile=torch_compile, compile_mode=compile_mode,
         )
         if not 0 <= noise_level_inpaint < num_train_timesteps:
             raise ValueError(f"noise_level_inpaint={noise_level_inpaint} must be in [0, {num_train_timesteps})")

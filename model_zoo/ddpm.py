@@ -43,6 +43,7 @@ from model_zoo.diffusion.procedures import (
 logger = logging.getLogger(__name__)
 
 AutocastDtype = Literal["auto", "bfloat16", "float16", "float32"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 _AUTOCAST_DTYPES = get_args(AutocastDtype)
 
 
@@ -109,7 +110,7 @@ class DDPM(AnomalyModel):
         autocast_dtype: AutocastDtype = "auto",
         channels_last: bool = False,
         torch_compile: bool = False,
-        compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default",
+        compile_mode: CompileMode = "default",
     ) -> None:
         super().__init__()
         _check_choice("noise_type", noise_type, NOISE_TYPES)
@@ -165,9 +166,9 @@ class DDPM(AnomalyModel):
         self.autocast_dtype = autocast_dtype
         self.channels_last = channels_last
         self.torch_compile = torch_compile
-        if compile_mode not in ("default", "reduce-overhead", "max-autotune"):
-            raise ValueError(f"compile_mode: {compile_mode!r} is not one of 'default', 'reduce-overhead', "
-                             "'max-autotune'")
+        if compile_mode not in get_args(CompileMode):
+            raise ValueError(f"compile_mode: {compile_mode!r} is not one of "
+                             f"{', '.join(repr(m) for m in get_args(CompileMode))}")
         self.compile_mode = compile_mode
         # The compiled UNet shares the UNet's parameters; stored outside the module registry so it is neither
         # a submodule nor part of the state dict.

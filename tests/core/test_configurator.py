@@ -114,7 +114,8 @@ def test_unsafe_yaml_tags_are_refused(tmp_path):
 
 
 def test_delete_marker_replaces_instead_of_merging(tmp_path):
-    (tmp_path / "a.yaml").write_text("data:\n  params:\n    test: {embedded_set: {images: [a.csv]}}\n    batch_size: 4\n")
+    (tmp_path / "a.yaml").write_text(
+        "data:\n  params:\n    test: {embedded_set: {images: [a.csv]}}\n    batch_size: 4\n")
     (tmp_path / "b.yaml").write_text("data:\n  _delete_: true\n  params:\n    test: {real_set: {images: [b.csv]}}\n")
     (tmp_path / "exp.yaml").write_text("_base_: [a.yaml, b.yaml]\n")
     config = load_config(tmp_path / "exp.yaml")
