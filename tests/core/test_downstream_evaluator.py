@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor
 
 from core.Configurator import ConfigError
+from core.DataLoader import DatasetInfo
 from core.DownstreamEvaluator import (
     TASKS,
     DownstreamEvaluator,
@@ -26,16 +26,6 @@ SIZE = 32
 
 
 # ------------------------------------------------------------------------------------------------ fakes
-@dataclass(frozen=True)
-class Info:
-    name: str
-    pathological: bool
-    has_anomaly_mask: bool
-    has_brain_mask: bool
-    annotation: str | None
-    size: int
-
-
 def _sample(rng: np.random.Generator, *, lesion: str | None, path: str, augmented: bool = False) -> Sample:
     yy, xx = np.mgrid[:SIZE, :SIZE]
     brain = ((yy - 16) ** 2 + (xx - 16) ** 2 < 13 ** 2).astype(np.float32)
@@ -73,9 +63,9 @@ class FakeData:
     def test_set_names(self) -> list[str]:
         return ["healthy_test", "lesions", "boxes"]
 
-    def dataset_info(self, name: str) -> Info:
+    def dataset_info(self, name: str) -> DatasetInfo:
         annotation = {"lesions": "pixel", "boxes": "box"}.get(name)
-        return Info(name=name, pathological=annotation is not None, has_anomaly_mask=annotation is not None,
+        return DatasetInfo(name=name, pathological=annotation is not None, has_anomaly_mask=annotation is not None,
                     has_brain_mask=True, annotation=annotation, size=len(self.sets[name]))
 
     def eval_dataloader(self, name: str):
