@@ -479,8 +479,10 @@ class Trainer:
             self._save("best.pt")
         else:
             self.bad_validations += 1
-        logger.info("validation after epoch %d (step %d): %s %.5g%s (best %.5g, %d validation(s) without "
-                    "improvement)", self.epoch, self.step, self.monitor, value, " *" if improved else "",
+        where = (f"epoch {self.epoch}" if self.batch_in_epoch == 0
+                 else f"{self.batch_in_epoch} batches of epoch {self.epoch + 1}")
+        logger.info("validation after %s (step %d): %s %.5g%s (best %.5g, %d validation(s) without "
+                    "improvement)", where, self.step, self.monitor, value, " *" if improved else "",
                     self.best_metric if self.best_metric is not None else math.nan, self.bad_validations)
 
     # ------------------------------------------------------------------------------------------ checkpoints
