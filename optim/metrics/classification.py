@@ -5,9 +5,10 @@ larger scores mean "more anomalous". When only one class is present the metric i
 functions return NaN and emit a ``RuntimeWarning`` (never an exception), so that one degenerate dataset
 does not abort an evaluation.
 
-Definitions (identical to scikit-learn's ``roc_auc_score`` / ``average_precision_score``):
+The maths is scikit-learn's (``roc_auc_score``, ``average_precision_score``, ``roc_curve``,
+``precision_recall_curve``); these wrappers add input checks and the NaN-with-warning rule for one class:
 
-* AUROC = Mann-Whitney U / (n_pos * n_neg), ties counted as 1/2 (mid-ranks).
+* AUROC = Mann-Whitney U / (n_pos * n_neg), ties counted as 1/2.
 * AP = sum_k (R_k - R_{k-1}) * P_k over the distinct score thresholds in decreasing order (no
   interpolation).
 """
@@ -18,7 +19,7 @@ import warnings
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
+from sklearn import metrics as skm
 
 
 def as_numpy(values: Any, dtype: Any = np.float64) -> np.ndarray:
@@ -58,23 +59,7 @@ def auroc(scores: Any, labels: Any) -> float:
     checked = _check(scores, labels, "auroc")
     if checked is None:
         return float("nan")
-    s, y = checked
-    ranks = rankdata(s)  # mid-ranks for ties
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
-def _binary_clf_curve(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cumulative false/true positives at each distinct threshold (decreasing)."""
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted, y_sorted = s[order], y[order]
-    distinct = np.where(np.diff(s_sorted))[0]
-    idx = np.r_[distinct, y_sorted.size - 1]
-    tps = np.cumsum(y_sorted)[idx].astype(np.float64)
-    fps = (idx + 1) - tps
-    return fps, tps, s_sorted[idx]
+    return float(skm.roc_auc_score(checked[1], checked[0]))
 
 
 def average_precision(scores: Any, labels: Any) -> float:
@@ -90,11 +75,7 @@ def average_precision(scores: Any, labels: Any) -> float:
     checked = _check(scores, labels, "average_precision")
     if checked is None:
         return float("nan")
-    s, y = checked
-    fps, tps, _ = _binary_clf_curve(s, y)
-    precision = tps / (tps + fps)
-    recall = tps / tps[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return float(skm.average_precision_score(checked[1], checked[0]))
 
 
 def roc_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -102,8 +83,9 @@ def roc_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     checked = _check(scores, labels, "roc_curve")
     if checked is None:
         return np.zeros(0), np.zeros(0)
-    fps, tps, _ = _binary_clf_curve(*checked)
-    return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]
+    s, y = checked
+    fpr, tpr, _ = skm.roc_curve(y, s, drop_intermediate=False)
+    return fpr, tpr
 
 
 def pr_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -111,8 +93,9 @@ def pr_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     checked = _check(scores, labels, "pr_curve")
     if checked is None:
         return np.zeros(0), np.zeros(0)
-    fps, tps, _ = _binary_clf_curve(*checked)
-    return np.r_[0.0, tps / tps[-1]], np.r_[1.0, tps / (tps + fps)]
+    s, y = checked
+    precision, recall, _ = skm.precision_recall_curve(y, s)
+    return recall[::-1], precision[::-1]
 
 
 def image_level_metrics(scores: Any, labels: Any) -> dict[str, float]:
