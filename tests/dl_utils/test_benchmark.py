@@ -5,21 +5,11 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import pytest
 import torch
 
 from dl_utils import benchmark as bm
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture()
-def one_thread():
-    """One torch thread (robust on a shared CPU); restores the previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _positive_numbers(entry: dict, keys: tuple[str, ...]) -> None:

@@ -14,14 +14,6 @@ from dl_utils.benchmark import randomize_zero_layers
 CPU = torch.device("cpu")
 
 
-@pytest.fixture()
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _sets(n: int = 2, size: int = 16) -> list[sw.EvalSet]:
     generator = torch.Generator().manual_seed(0)
     out = []

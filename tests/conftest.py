@@ -1,0 +1,13 @@
+"""Fixtures shared across the test packages."""
+
+import pytest
+import torch
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread (robust on a shared CPU, where OpenMP oversubscription is slow); restores the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
