@@ -54,6 +54,7 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -308,9 +309,27 @@ def prepare_fastmri(*, src: Path, out: Path, annotations: Path, val_fraction: fl
     return counts
 
 
+class _LesionSlices:
+    """Image/label/mask rows of one pathological set, written as a row-aligned CSV triple."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.images, self.labels, self.masks = out, [], [], []
+
+    def add(self, name: str, image: np.ndarray, label: np.ndarray, brain: np.ndarray, **info: Any) -> None:
+        self.images.append({"filename": save(self.out, "images", name, image), **info,
+                            "lesion_px": int(label.sum())})
+        self.labels.append({"filename": save(self.out, "labels", name, label)})
+        self.masks.append({"filename": save(self.out, "masks", name, brain)})
+
+    def write(self, stem: str) -> dict[str, int]:
+        for suffix, rows in (("", self.images), ("_label", self.labels), ("_mask", self.masks)):
+            write_csv(self.out / "splits" / f"{stem}{suffix}.csv", rows)
+        return {stem: len(self.images)}
+
+
 def prepare_atlas(*, src: Path, out: Path, slice_index: int | None = 95, n_slices: int = 1) -> dict[str, int]:
     """ATLAS v2 BIDS volumes -> axial slices, binarised lesion masks and foreground masks."""
-    images, labels, masks = [], [], []
+    slices = _LesionSlices(out)
     for f in _find(src, f"*{ATLAS_IMAGE_SUFFIX}"):
         mask_path = f.with_name(f.name[: -len(ATLAS_IMAGE_SUFFIX)] + ATLAS_MASK_SUFFIX)
         if not mask_path.is_file():
@@ -321,14 +340,8 @@ def prepare_atlas(*, src: Path, out: Path, slice_index: int | None = 95, n_slice
         subject = f.name.split("_")[0]
         for k in slice_indices(volume.shape[2], slice_index=slice_index, n_slices=n_slices):
             image, label = axial(volume, k), (axial(lesion, k) > 0).astype(np.uint8)
-            name = f"{_stem(f)}_z{k:03d}"
-            images.append({"filename": save(out, "images", name, image), "subject": subject, "slice": k,
-                           "lesion_px": int(label.sum())})
-            labels.append({"filename": save(out, "labels", name, label)})
-            masks.append({"filename": save(out, "masks", name, foreground_mask(image))})
-    for suffix, rows in (("", images), ("_label", labels), ("_mask", masks)):
-        write_csv(out / "splits" / f"atlas{suffix}.csv", rows)
-    return {"atlas": len(images)}
+            slices.add(f"{_stem(f)}_z{k:03d}", image, label, foreground_mask(image), subject=subject, slice=k)
+    return slices.write("atlas")
 
 
 def prepare_brats(*, src: Path, out: Path, modality: str = "t1", slice_index: int | str | None = None,
@@ -336,7 +349,7 @@ def prepare_brats(*, src: Path, out: Path, modality: str = "t1", slice_index: in
     """BraTS cases -> axial slices of one modality, binarised tumour masks (all labels) and brain masks."""
     if modality not in ("t1", "t2", "flair", "t1ce"):
         raise PrepareError(f"--modality {modality!r} is not one of t1, t2, flair, t1ce")
-    images, labels, masks = [], [], []
+    slices = _LesionSlices(out)
     for seg_path in _find(src, "*_seg.nii*"):
         case = seg_path.name.split("_seg.nii")[0]
         candidates = sorted(seg_path.parent.glob(f"{case}_{modality}.nii*"))
@@ -351,14 +364,8 @@ def prepare_brats(*, src: Path, out: Path, modality: str = "t1", slice_index: in
             centre = None if slice_index is None else int(slice_index)
         for k in slice_indices(volume.shape[2], slice_index=centre, n_slices=n_slices):
             image, label = axial(volume, k), (axial(seg, k) > 0).astype(np.uint8)
-            name = f"{case}_{modality}_z{k:03d}"
-            images.append({"filename": save(out, "images", name, image), "case": case, "slice": k,
-                           "lesion_px": int(label.sum())})
-            labels.append({"filename": save(out, "labels", name, label)})
-            masks.append({"filename": save(out, "masks", name, (image > 0).astype(np.uint8))})
-    for suffix, rows in (("", images), ("_label", labels), ("_mask", masks)):
-        write_csv(out / "splits" / f"brats{suffix}.csv", rows)
-    return {"brats": len(images)}
+            slices.add(f"{case}_{modality}_z{k:03d}", image, label, (image > 0).astype(np.uint8), case=case, slice=k)
+    return slices.write("brats")
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
