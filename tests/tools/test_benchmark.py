@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import torch
 
-from dl_utils import benchmark as bm
+from dl_utils.reinit import randomize_zero_layers
+from tools import benchmark as bm
 
 CPU = torch.device("cpu")
 
@@ -60,7 +61,7 @@ def test_untrained_unet_is_randomised_so_parity_is_not_vacuous():
                     norm_num_groups=8)
     with torch.no_grad():
         assert fresh.eps(x, t).abs().max() == 0  # why the re-initialisation is needed
-    assert bm.randomize_zero_layers(fresh) > 0
+    assert randomize_zero_layers(fresh) > 0
 
 
 def test_fast_path_matches_plain_path_in_float32(one_thread):

@@ -3,7 +3,7 @@
 ``loader_throughput`` writes ``n`` synthetic grey images (smooth random blobs, non-square so padding and
 resizing run) to a temporary folder with a split CSV, builds a :class:`core.DataLoader.DataModule` on it and
 times two passes of the training loader: the first pass decodes and preprocesses every file (filling the
-cache), the second reads the cache. CLI: ``python -m data.benchmark [--n 10000] [--size 128]`` prints JSON.
+cache), the second reads the cache. CLI: ``python -m tools.loader_benchmark [--n 10000] [--size 128]`` prints JSON.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Everything is built through the project's classes (``model_zoo.ddpm.DDPM``, ``model_zoo.autoddpm.AutoDDPM``,
 ``core.Trainer.Trainer.training_step``, ``optim.losses.perceptual.PerceptualDistance``,
-``optim.inception.InceptionFeatures``, ``data.benchmark.loader_throughput``), never copies of them.
+``optim.inception.InceptionFeatures``, ``tools.loader_benchmark.loader_throughput``), never copies of them.
 
 Two paths are compared on the same machine, with the same weights and the same noise generator:
 
@@ -31,13 +31,12 @@ the reference chain length (labelled as an estimate).
 
 CLI::
 
-    python -m dl_utils.benchmark [--device cuda|cpu] [--smoke] [--size reference|small|tiny] [--out FILE.json]
+    python -m tools.benchmark [--device cuda|cpu] [--smoke] [--size reference|small|tiny] [--out FILE.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import platform
@@ -55,6 +54,7 @@ import torch
 from torch import Tensor
 
 from data.batch import Batch
+from dl_utils.reinit import randomize_zero_layers
 from model_zoo.autoddpm import AutoDDPM
 from model_zoo.ddpm import DDPM, CompileMode
 
@@ -237,25 +237,6 @@ def _images(n: int, size: int, device: torch.device, seed: int) -> Tensor:
     coarse = torch.rand(n, 1, max(size // 8, 2), max(size // 8, 2), generator=generator)
     smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
     return (0.8 * smooth + 0.2 * torch.rand(n, 1, size, size, generator=generator)).clamp(0, 1).to(device)
-
-
-def randomize_zero_layers(model: torch.nn.Module, *, seed: int = 0) -> int:
-    """Re-initialise (PyTorch default init) every conv/linear layer whose weight is all zero; returns how many.
-
-    MONAI's ``DiffusionModelUNet`` zero-initialises its output convolution (and the last layer of each residual
-    and attention block), so a freshly built DDPM predicts eps = 0 whatever the input and precision: a parity
-    check on it would compare two identical noise-free chains. Re-initialising those layers gives an untrained
-    but non-trivial network.
-    """
-    count = 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and weight is not None and not weight.any():
-                module.reset_parameters()
-                count += 1
-    return count
 
 
 def build_model(spec: SizeSpec, path: PathSettings, *, chains: Chains, autoddpm: bool = False,
@@ -495,10 +476,8 @@ def fid_feature_throughput(*, size: int, batch_size: int, device: torch.device, 
 
 
 def loader_entry(*, n: int, size: int, batch_size: int) -> dict[str, Any]:
-    """``data.benchmark.loader_throughput`` (first decoding epoch and cached epoch), when that module exists."""
-    if importlib.util.find_spec("data.benchmark") is None:
-        return {"available": False, "note": "data.benchmark.loader_throughput is not in this checkout"}
-    from data.benchmark import loader_throughput
+    """``tools.loader_benchmark.loader_throughput`` (first decoding epoch and cached epoch)."""
+    from tools.loader_benchmark import loader_throughput
 
     result = loader_throughput(n=n, size=size, batch_size=batch_size)
     return {"available": True, "images_per_s": result["cached_epoch_images_per_s"], **result}

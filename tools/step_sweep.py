@@ -28,8 +28,8 @@ Outputs (``--out-dir``): ``step_sweep.csv``, ``step_sweep.md`` (the table and th
 
 CLI::
 
-    python -m dl_utils.step_sweep --checkpoint runs/.../best.pt --config projects/normative_eval/configs/ddpm.yaml
-    python -m dl_utils.step_sweep --train-seconds 240 --size 48      # trains a small DDPM on the embedded set
+    python -m tools.step_sweep --checkpoint runs/.../best.pt --config projects/normative_eval/configs/ddpm.yaml
+    python -m tools.step_sweep --train-seconds 240 --size 48      # trains a small DDPM on the embedded set
 """
 
 from __future__ import annotations
@@ -407,8 +407,8 @@ def train_small(model: DDPM, data: Any, *, seconds: float, max_steps: int, lr: f
         average still holds 0.995^steps of the random initial weights (over half after 125 steps).
     """
     from core.Trainer import Trainer
-    from dl_utils.benchmark import NoData, NoLogger
     from dl_utils.run import RunContext
+    from tools.benchmark import NoData, NoLogger
 
     optimizer = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": lr}}
     losses: list[float] = []

@@ -1,4 +1,4 @@
-"""data.benchmark.loader_throughput on a handful of files."""
+"""tools.loader_benchmark.loader_throughput on a handful of files."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from data.benchmark import loader_throughput, main
+from tools.loader_benchmark import loader_throughput, main
 
 
 @pytest.mark.parametrize(("fmt", "cache"), [("png", "memory"), ("npy", "disk")])

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m dl_utils.report runs/normative_eval/ae/<ts> runs/normative_eval/vae/<ts> [--out DIR] [--normalize]
+    python -m tools.report runs/normative_eval/ae/<ts> runs/normative_eval/vae/<ts> [--out DIR] [--normalize]
 
 Reads each run folder's ``metrics.json`` (flat ``eval/<block>/<dataset>/<metric>`` keys, as written by
 ``ExperimentLogger``) and ``config.yaml`` (for the model name), and writes into ``--out``:
@@ -200,7 +200,7 @@ def write_report(runs: Sequence[RunSummary], out: Path, *, normalize: bool = Fal
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dl_utils.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.report", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="run folders (each with metrics.json and config.yaml)")
     parser.add_argument("--out", default="report", help="output folder (default: ./report)")
     parser.add_argument("--normalize", action="store_true", help="min-max normalise each index across the runs")

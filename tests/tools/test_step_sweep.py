@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from data.batch import Batch
-from dl_utils import step_sweep as sw
-from dl_utils.benchmark import randomize_zero_layers
+from dl_utils.reinit import randomize_zero_layers
+from tools import step_sweep as sw
 
 CPU = torch.device("cpu")
 

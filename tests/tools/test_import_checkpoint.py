@@ -13,9 +13,9 @@ import yaml
 
 from core.Configurator import build, load_config
 from dl_utils.checkpoint import load_model_weights
-from dl_utils.import_checkpoint import CheckpointImportError, convert_state_dict, import_checkpoint, main
 from model_zoo.base import AnomalyModel
 from model_zoo.ddpm import DDPM
+from tools.import_checkpoint import CheckpointImportError, convert_state_dict, import_checkpoint, main
 
 MODEL_PARAMS = {"channels": [8, 16, 16], "attention_levels": [False, True, True], "num_head_channels": 8,
                 "norm_num_groups": 8, "noise_level": 3, "val_noise_level": 3, "val_inference_steps": 2}

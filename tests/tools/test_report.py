@@ -7,7 +7,7 @@ import math
 import pytest
 import yaml
 
-from dl_utils.report import compare, main, minmax, read_run
+from tools.report import compare, main, minmax, read_run
 
 
 def _run(folder, name, rqi, ahi, caci, f1):

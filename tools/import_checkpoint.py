@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m dl_utils.import_checkpoint --src OLD.pt --out NEW.pt --config projects/normative_eval/configs/ddpm.yaml
+    python -m tools.import_checkpoint --src OLD.pt --out NEW.pt --config projects/normative_eval/configs/ddpm.yaml
 
 The predecessor saved ``{'model_weights': state_dict, 'optimizer_weights': ..., 'epoch': ...}``; its model held
 the UNet under ``unet.`` and, for some methods, LPIPS networks (dropped here). MONAI-generative's
@@ -164,7 +164,7 @@ def import_checkpoint(src: str | Path, out: str | Path, config_path: str | Path,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m dl_utils.import_checkpoint", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.import_checkpoint", description=__doc__.split("\n")[0])
     parser.add_argument("--src", required=True, help="the predecessor's checkpoint (.pt)")
     parser.add_argument("--out", required=True, help="where to write the converted checkpoint")
     parser.add_argument("--config", required=True, help="experiment YAML whose 'model' block receives the weights")
