@@ -12,7 +12,8 @@ from core.Main import main
 from tests.wandb_reader import find_run_file, read_run
 
 REPO = Path(__file__).resolve().parents[2]
-PROJECT_CONFIGS = sorted(p for p in (REPO / "projects").rglob("*.yaml") if "_base" not in p.parts)
+PROJECT_CONFIGS = sorted(p for p in (REPO / "projects").rglob("*.yaml") if "_base" not in p.parts
+                         and "studies" not in p.parts)
 BASE_FRAGMENTS = sorted(p for p in (REPO / "projects").rglob("_base/*.yaml"))
 QUICKSTART = REPO / "projects" / "normative_eval" / "configs" / "quickstart.yaml"
 

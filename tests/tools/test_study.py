@@ -1,0 +1,117 @@
+"""tools.study: parsing, skip/resume decisions, the comparison table and the README block."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from core.Configurator import ConfigError
+from tools import study as st
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "projects" / "normative_eval" / "configs"
+STUDIES = sorted((REPO / "projects").rglob("studies/*.yaml"))
+
+
+def _study_yaml(tmp_path: Path, methods: str, extra: str = "") -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\nexperiment: exp\noutput_dir: {tmp_path / 'runs'}\n{extra}methods:\n{methods}")
+    return path
+
+
+def _fake_run(root: Path, method: str, stamp: str, *, status: str | None, metrics: dict | None = None,
+              latest: bool = False) -> Path:
+    run = root / "exp" / method / stamp
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"status": status} if status else {}))
+    if metrics is not None:
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    if latest:
+        (run / "checkpoints" / "latest.pt").write_bytes(b"x")
+    return run
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_shipped_studies_parse(path):
+    study = st.load_study(path)
+    assert study.methods and all(m.config.is_file() for m in study.methods)
+
+
+def test_method_names_follow_the_configs(tmp_path):
+    study = st.load_study(_study_yaml(tmp_path, f"  - {{config: {CONFIGS / 'ae_cpu.yaml'}}}\n"
+                                                f"  - {{config: {CONFIGS / 'vae_cpu.yaml'}, name: v2}}\n"))
+    assert [m.name for m in study.methods] == ["ae_cpu", "v2"]
+    assert study.folder == tmp_path / "runs" / "exp" / "_studies" / "s"
+
+
+@pytest.mark.parametrize(("methods", "message"), [
+    ("  - {config: nowhere.yaml}\n", "methods[0].config: file not found"),
+    (f"  - {{config: {CONFIGS / 'ae_cpu.yaml'}, weights_from: later}}\n", "weights_from: 'later' is not a method"),
+    (f"  - {{config: {CONFIGS / 'ae_cpu.yaml'}}}\n  - {{config: {CONFIGS / 'ae_cpu.yaml'}}}\n", "appear twice"),
+    (f"  - {{config: {CONFIGS / 'ae_cpu.yaml'}, overrides: [lr]}}\n", "overrides: expected a list of 'key.path"),
+    (f"  - {{confg: {CONFIGS / 'ae_cpu.yaml'}}}\n", "confg"),
+])
+def test_bad_studies_name_the_entry(tmp_path, methods, message):
+    with pytest.raises(ConfigError, match="s.yaml") as err:
+        st.load_study(_study_yaml(tmp_path, methods))
+    assert message in str(err.value)
+
+
+def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tmp_path, monkeypatch):
+    study = st.load_study(_study_yaml(tmp_path, f"  - {{config: {CONFIGS / 'ae_cpu.yaml'}}}\n"
+                                                f"  - {{config: {CONFIGS / 'vae_cpu.yaml'}}}\n"
+                                                f"  - {{config: {CONFIGS / 'vae_cpu.yaml'}, name: again, "
+                                                f"weights_from: ae_cpu}}\n",
+                                      extra="overrides: [experiment.seed=3]\n"))
+    done = _fake_run(study.output_dir, "ae_cpu", "20260101-000000", status="finished", metrics={})
+    crashed = _fake_run(study.output_dir, "vae_cpu", "20260101-000001", status="interrupted", latest=True)
+    calls = []
+
+    def fake_run(command, **_):
+        calls.append(command)
+        name = next(c.split("=", 1)[1] for c in command if c.startswith("name="))
+        target = crashed if name == "vae_cpu" else _fake_run(study.output_dir, name, "20260101-000002", status=None)
+        (target / "manifest.json").write_text(json.dumps({"status": "finished"}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(st.subprocess, "run", fake_run)
+    state: dict = {}
+    assert st.run_method(study, study.methods[0], state) == done and not calls  # skipped, nothing run
+    assert st.run_method(study, study.methods[1], state) == crashed
+    assert f"experiment.resume={crashed}" in calls[0] and "experiment.seed=3" in calls[0]
+    assert state["vae_cpu"]["resumed"] is True
+    st.run_method(study, study.methods[2], state)
+    assert "experiment.task=evaluate" in calls[1]
+    assert f"experiment.weights={done / 'checkpoints' / 'best.pt'}" in calls[1]
+
+
+def test_a_failed_method_is_reported_not_hidden(tmp_path, monkeypatch):
+    study = st.load_study(_study_yaml(tmp_path, f"  - {{config: {CONFIGS / 'ae_cpu.yaml'}}}\n"))
+    monkeypatch.setattr(st.subprocess, "run", lambda command, **_: subprocess.CompletedProcess(command, 1))
+    assert st.run_method(study, study.methods[0], {}) is None
+
+
+def _metrics(det: float, pix: float, rqi: float, caci: float) -> dict:
+    return {"eval/detection/hypointense_lesion/auroc": det, "eval/segmentation/hypointense_lesion/auroc_pooled": pix,
+            "eval/rqi/healthy_test/rqi": rqi, "eval/caci/all_annotated/caci": caci,
+            "eval/caci/hypointense_lesion/caci": 0.0, "eval/detection/hypointense_lesion/auprc": 0.1}
+
+
+def test_comparison_table_reads_the_right_keys_and_normalises(tmp_path):
+    a = _fake_run(tmp_path, "a", "1", status="finished", metrics=_metrics(0.9, 0.8, 0.7, 0.6))
+    b = _fake_run(tmp_path, "b", "1", status="finished", metrics=_metrics(0.5, 0.4, 0.3, 0.2))
+    rows = st.comparison_rows([st.read_row("a", a, 12.0), st.read_row("b", b, None)])
+    assert rows[0]["hypointense_lesion image AUROC"] == 0.9 and rows[1]["hypointense_lesion pixel AUROC"] == 0.4
+    assert rows[0]["CACI"] == 0.6  # the pooled all_annotated key, not the per-class one
+    assert rows[0]["RQI (norm)"] == 1.0 and rows[1]["RQI (norm)"] == 0.0
+    assert rows[0]["wall s"] == 12.0
+
+
+def test_readme_block_is_replaced_between_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- study:s:begin -->\nold table\n<!-- study:s:end -->\noutro\n")
+    st.update_readme(readme, "s", "| new |\n")
+    assert readme.read_text() == "intro\n<!-- study:s:begin -->\n| new |\n<!-- study:s:end -->\noutro\n"
+    with pytest.raises(ConfigError, match="markers"):
+        st.update_readme(readme, "other", "x")
