@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,6 +30,11 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from core.Configurator import ConfigError, build, check_keys, check_params, load_config  # noqa: E402
+
+if TYPE_CHECKING:
+    from core.DataLoader import DataModule
+    from dl_utils.experiment_logger import ExperimentLogger
+    from model_zoo.base import AnomalyModel
 
 logger = logging.getLogger("core.Main")
 
@@ -142,7 +147,7 @@ def shared_run_dir(experiment: ExperimentSettings, name: str, world_size: int, r
 
 
 def write_run_files(run_dir: Path, config: dict[str, Any], config_path: str, experiment: ExperimentSettings,
-                    device: torch.device, data: Any, world_size: int) -> None:
+                    device: torch.device, data: DataModule, world_size: int) -> None:
     """The resolved config and the manifest (git commit, versions, seed, device, split-file hashes)."""
     from dl_utils.run import device_description, file_sha256, git_state, package_versions
 
@@ -173,7 +178,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def build_objects(config: dict[str, Any]) -> tuple[Any, Any]:
+def build_objects(config: dict[str, Any]) -> tuple[DataModule, AnomalyModel]:
     """Build the data module and the model (the parts every task needs)."""
     from core.DataLoader import DataModule
     from model_zoo.base import AnomalyModel
@@ -198,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(experiment.seed, experiment.deterministic)
     if args.dry_run:
         data, model = build_objects(config)
-        evaluators = build_downstream(config.get("downstream_tasks"))
+        evaluators = build_downstream(config.get("downstream_tasks"), data=data)
         if "trainer" in config:
             import tempfile
 
@@ -217,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
         is_main = dist.rank == 0
         data, model = build_objects(config)
         model = model.to(dist.device)
-        evaluators = build_downstream(config.get("downstream_tasks"))  # fail on a bad block before training
+        evaluators = build_downstream(config.get("downstream_tasks"), data=data)  # fail before training
         if is_main:
             write_run_files(run_dir, config, args.config_path, experiment, dist.device, data, dist.world_size)
         resume_from = run_dir / "checkpoints" / "latest.pt" if experiment.resume else None
@@ -240,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
                 loaded = load_model_weights(model, weights)
                 log.update_manifest(evaluated_weights={"path": str(weights), "which": loaded})
                 model.eval()
-                run_downstream(config.get("downstream_tasks"), model=model, data=data, logger=log, run=context)
+                run_downstream(evaluators, model=model, data=data, logger=log, run=context)
             exit_code = 0
         finally:
             log.close(exit_code=exit_code)
@@ -251,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_summary(run_dir: Path, log: Any) -> None:
+def print_summary(run_dir: Path, log: ExperimentLogger) -> None:
     """Where the results are and how to look at them."""
     latest = log.latest
     evals = {k: v for k, v in latest.items() if k.startswith("eval/")}

@@ -32,7 +32,7 @@ def example_strip(inf: Any, indices: Sequence[int], *, threshold: float | None =
 
     Args:
         inf: an object with ``image``, ``reconstruction``, ``anomaly_map``, ``anomaly_mask`` ([N,1,H,W] tensors,
-            the last three may be None), e.g. :class:`core.DownstreamEvaluator.Inference`.
+            the last three may be None), e.g. :class:`core.evaluation.context.Inference`.
         indices: which images (rows).
         threshold: draws the binary map ``anomaly_map > threshold`` when given.
         title: figure title.

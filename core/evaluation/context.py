@@ -1,0 +1,210 @@
+"""What tasks see: the model's outputs per dataset (computed once, cached), and shared feature networks."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from core.DataLoader import DatasetInfo
+from core.evaluation.protocols import DataSource
+from model_zoo.base import AnomalyModel
+
+if TYPE_CHECKING:
+    from dl_utils.run import RunContext
+    from optim.inception import InceptionFeatures
+    from optim.losses.perceptual import PerceptualDistance
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Inference:
+    """One dataset's images and the model's outputs, on the CPU; tensors [N,1,H,W] unless stated.
+
+    Attributes:
+        name: dataset name; info: its ``data.dataset_info``.
+        image: inputs in [0,1]; anomaly_map: >= 0; anomaly_score: [N]; reconstruction: in [0,1] or None;
+        anomaly_mask, brain_mask: {0,1} or None; label: [N] long; path: N source paths.
+    """
+
+    name: str
+    image: Tensor
+    anomaly_map: Tensor | None
+    anomaly_score: Tensor | None
+    reconstruction: Tensor | None
+    anomaly_mask: Tensor | None
+    brain_mask: Tensor | None
+    label: Tensor
+    path: list[str]
+    info: DatasetInfo | None = None
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+    @property
+    def healthy_tissue(self) -> Tensor:
+        """Brain (or healthy-tissue) mask minus the anomaly mask; without a brain mask: everything but the anomaly."""
+        base = self.brain_mask if self.brain_mask is not None else torch.ones_like(self.image)
+        return base if self.anomaly_mask is None else base * (1.0 - self.anomaly_mask)
+
+
+def _cat(parts: list[Tensor | None]) -> Tensor | None:
+    if not parts or any(p is None for p in parts):
+        return None
+    return torch.cat(parts)  # type: ignore[arg-type]
+
+
+class EvalContext:
+    """What tasks use: cached inference per dataset, perceptual and Inception networks.
+
+    Args:
+        model: the trained model in eval mode on ``device``.
+        data: the data source (evaluation never sees training augmentation: only ``eval_dataloader``).
+        device: where the model runs.
+        seed: every dataset's inference gets its own generator seeded with it, so results do not depend on
+            the order of the tasks.
+        artifact_dir: where artifacts (``thresholds.json``) are written and read (the run's checkpoint folder),
+            or None to keep them in memory only.
+        progress: show tqdm bars (only on a TTY).
+    """
+
+    def __init__(self, *, model: AnomalyModel, data: DataSource, device: torch.device | str, seed: int = 0,
+                 artifact_dir: Path | None = None, progress: bool = True) -> None:
+        self.model, self.data = model, data
+        self.device = torch.device(device)
+        self.seed = int(seed)
+        self.artifact_dir = artifact_dir
+        self.progress = progress and sys.stderr.isatty()
+        self._inference: dict[str, Inference] = {}
+        self._images: dict[str, Inference] = {}
+        self._perceptual: dict[str, PerceptualDistance] = {}
+        self._inception: dict[tuple[str, str | None], InceptionFeatures] = {}
+        self._features: dict[tuple[str, str | None, str, str, int | None], Tensor] = {}
+
+    @classmethod
+    def from_run(cls, *, model: AnomalyModel, data: DataSource, run: RunContext, progress: bool = True
+                 ) -> EvalContext:
+        """The context of a run: its device and seed, artifacts in ``run.checkpoint_dir``."""
+        return cls(model=model, data=data, device=run.device, seed=run.seed, artifact_dir=Path(run.checkpoint_dir),
+                   progress=progress)
+
+    # -------------------------------------------------------------------------------------------- datasets
+    @property
+    def test_sets(self) -> list[str]:
+        return list(self.data.test_set_names)
+
+    def resolve(self, datasets: Sequence[str] | None) -> list[str]:
+        """``None`` -> all test sets; otherwise the names, checked to exist."""
+        known = self.test_sets
+        if datasets is None:
+            return known
+        for name in datasets:
+            if name not in known and name not in ("train", "val"):
+                raise ValueError(f"dataset {name!r} is not a test set; test sets: {', '.join(known)}")
+        return list(datasets)
+
+    def info(self, name: str) -> DatasetInfo:
+        return self.data.dataset_info(name)
+
+    def _load(self, name: str, *, run_model: bool) -> Inference:
+        loader = self.data.eval_dataloader(name)
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        parts: dict[str, list] = {k: [] for k in ("image", "anomaly_mask", "brain_mask", "label", "path",
+                                                  "anomaly_map", "anomaly_score", "reconstruction")}
+        what = "inference" if run_model else "loading"
+        for batch in tqdm(loader, desc=f"{what} {name}", disable=not self.progress, leave=False):
+            for key in ("image", "anomaly_mask", "brain_mask", "label"):
+                value = getattr(batch, key)
+                parts[key].append(None if value is None else value.detach().cpu())
+            parts["path"].extend(batch.path)
+            if run_model:
+                with torch.no_grad():
+                    out = self.model.get_anomaly(batch.image.to(self.device), generator=generator)
+                parts["anomaly_map"].append(out.anomaly_map.detach().float().cpu())
+                parts["anomaly_score"].append(out.anomaly_score.detach().float().cpu())
+                rec = out.reconstruction
+                parts["reconstruction"].append(None if rec is None else rec.detach().float().cpu())
+        if not parts["image"]:
+            raise ValueError(f"dataset {name!r} is empty")
+        info = self.info(name)
+        return Inference(name=name, image=torch.cat(parts["image"]).float(), anomaly_map=_cat(parts["anomaly_map"]),
+                         anomaly_score=_cat(parts["anomaly_score"]), reconstruction=_cat(parts["reconstruction"]),
+                         anomaly_mask=_cat(parts["anomaly_mask"]), brain_mask=_cat(parts["brain_mask"]),
+                         label=torch.cat(parts["label"]), path=parts["path"], info=info)
+
+    def inference(self, name: str) -> Inference:
+        """Model outputs on a dataset (``'train'``, ``'val'`` or a test set), computed once and cached.
+
+        Each dataset gets its own generator seeded with ``seed`` on ``device``.
+        """
+        if name not in self._inference:
+            logger.info("evaluation: running the model on %r", name)
+            self.model.eval()
+            self._inference[name] = self._load(name, run_model=True)
+        return self._inference[name]
+
+    def images(self, name: str) -> Inference:
+        """A dataset's images and masks without running the model (e.g. the healthy training set for FID)."""
+        if name in self._inference:
+            return self._inference[name]
+        if name not in self._images:
+            self._images[name] = self._load(name, run_model=False)
+        return self._images[name]
+
+    # -------------------------------------------------------------------------------------------- networks
+    def perceptual(self, backend: str) -> PerceptualDistance:
+        if backend not in self._perceptual:
+            net = make_perceptual(backend).to(self.device).eval()
+            self._perceptual[backend] = net
+        return self._perceptual[backend]
+
+    def perceptual_distance(self, backend: str, x: Tensor, y: Tensor, *, spatial: bool = False,
+                            batch_size: int = 32) -> Tensor:
+        """LPIPS between x and y ([N,1,H,W] in [0,1], on the CPU): [N] (or [N,1,H,W] maps), on the CPU."""
+        net = self.perceptual(backend)
+        outs = []
+        with torch.no_grad():
+            for i in range(0, x.shape[0], batch_size):
+                a, b = x[i:i + batch_size].to(self.device), y[i:i + batch_size].to(self.device)
+                outs.append((net.spatial(a, b) if spatial else net(a, b)).float().cpu())
+        return torch.cat(outs)
+
+    def features(self, backend: str, weights_path: str | None, name: str, kind: Literal["input", "reconstruction"],
+                 limit: int | None = None) -> tuple[Tensor, dict[str, str]]:
+        """Inception features of a dataset's inputs or reconstructions ([n, d] float64), cached."""
+        key_net = (backend, weights_path)
+        if key_net not in self._inception:
+            self._inception[key_net] = make_inception(backend, weights_path, self.device)
+        net = self._inception[key_net]
+        key = (backend, weights_path, name, kind, limit)
+        if key not in self._features:
+            source = self.images(name) if kind == "input" else self.inference(name)
+            images = source.image if kind == "input" else source.reconstruction
+            if images is None:
+                raise ValueError(f"the model returns no reconstruction; FID of restorations on {name!r} is undefined")
+            images = images[:limit] if limit else images
+            logger.info("Inception features (%s) of %r %ss: %d images", net.backend_name, name, kind, len(images))
+            self._features[key] = net.features(images)
+        return self._features[key], dict(net.provenance)
+
+
+def make_perceptual(backend: str) -> PerceptualDistance:
+    """The LPIPS(AlexNet) distance of the project (optim.losses.perceptual), for RQI and CACI."""
+    from optim.losses.perceptual import PerceptualDistance
+
+    return PerceptualDistance(net="alex", backend=backend)
+
+
+def make_inception(backend: str, weights_path: str | None, device: torch.device) -> InceptionFeatures:
+    """The Inception feature network for FID/KID (optim.inception)."""
+    from optim.inception import InceptionFeatures
+
+    return InceptionFeatures(backend=backend, weights_path=weights_path, device=device)

@@ -1,0 +1,145 @@
+"""Normative evaluation: restoration quality (RQI), distribution shift (AHI), conservation and correction (CACI)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from core.evaluation.context import EvalContext
+from core.evaluation.registry import DatasetName, DatasetNames, TaskResult, register_task
+from core.evaluation.tasks._examples import pick_examples
+from dl_utils import visualization as vis
+from optim.metrics import distribution, normative
+
+PerceptualBackend = Literal["auto", "lpips", "stlpips", "random"]
+InceptionBackend = Literal["auto", "torchvision", "pytorch_fid", "fid_helper", "random"]
+
+
+@register_task("rqi")
+def rqi_task(ctx: EvalContext, *, dataset: DatasetName = "healthy_test", backend: PerceptualBackend = "auto",
+             n_examples: int = 4) -> TaskResult:
+    """Restoration Quality Index on unseen healthy images: mean SSIM * (1 - LPIPS), with SSIM, LPIPS, MAE.
+
+    Args:
+        dataset: the unseen healthy test set.
+        backend: PerceptualDistance backend ('auto', 'lpips', 'stlpips', 'random' for tests).
+        n_examples: example strips.
+    """
+    inf = ctx.inference(dataset)
+    if inf.reconstruction is None:
+        return TaskResult(notes=[f"RQI skipped: the model returns no reconstruction ({dataset})."])
+    ssim = normative.ssim_per_image(inf.reconstruction, inf.image)
+    lpips = ctx.perceptual_distance(backend, inf.reconstruction, inf.image).numpy()
+    mae = (inf.reconstruction - inf.image).abs().flatten(1).mean(1).numpy()
+    result = TaskResult(metrics={dataset: normative.rqi(ssim, lpips, mae)},
+                        manifest={"lpips_backend": ctx.perceptual(backend).backend_name})
+    result.figures[f"{dataset}/examples"] = vis.example_strip(inf, pick_examples(len(inf), np.ones(len(inf), bool),
+                                                                             n_examples), title=dataset)
+    result.figures["rqi_components"] = vis.box_figure({"SSIM": ssim, "LPIPS": lpips, "MAE": mae},
+                                                      ylabel="per image", title=f"RQI components ({dataset})")
+    return result
+
+
+@register_task("ahi")
+def ahi_task(ctx: EvalContext, *, datasets: DatasetNames = None, reference: DatasetName = "train",
+             healthy: DatasetName = "healthy_test", backend: InceptionBackend = "auto",
+             weights_path: str | None = None, min_class_size: int = 10, reference_limit: int | None = None,
+             ) -> TaskResult:
+    """Anomaly-to-Healthy Index from Frechet distances on Inception features against the healthy training set.
+
+    FID(U,N), FID(P,N), FID(R(P),N) and KID beside each, with n for every set; per class when
+    n >= ``min_class_size`` and on all pathological sets pooled. Sets are never tiled.
+
+    Args:
+        datasets: pathological sets (default: every pathological test set).
+        reference: the healthy training set N ('train', loaded without augmentation).
+        healthy: the unseen healthy test set U.
+        backend, weights_path: Inception weights (see optim.inception).
+        min_class_size: smallest class for a per-class AHI (FID needs >= 2 images; small n is biased).
+        reference_limit: use only the first k reference images (None: all), to bound CPU time.
+    """
+    n_feat, prov = ctx.features(backend, weights_path, reference, "input", reference_limit)
+    n_stats = distribution.GaussianStats.from_features(n_feat)
+    u_feat, _ = ctx.features(backend, weights_path, healthy, "input")
+    fid_u = distribution.frechet_distance(n_stats, u_feat)
+    kid_u = distribution.kernel_inception_distance(n_feat, u_feat)
+    result = TaskResult(manifest=dict(prov))
+    result.metrics[healthy] = {"fid_u": fid_u, "kid_u": kid_u, "n_u": float(len(u_feat)),
+                               "n_reference": float(n_stats.n)}
+    pooled_p, pooled_r = [], []
+    for name in ctx.resolve(datasets):
+        if name == healthy or not ctx.info(name).pathological:
+            continue
+        p_feat, _ = ctx.features(backend, weights_path, name, "input")
+        r_feat, _ = ctx.features(backend, weights_path, name, "reconstruction")
+        pooled_p.append(p_feat)
+        pooled_r.append(r_feat)
+        if len(p_feat) >= max(min_class_size, 2):
+            result.metrics[name] = _ahi_metrics(n_stats, n_feat, p_feat, r_feat, fid_u)
+        else:
+            result.notes.append(f"AHI: class {name!r} has n={len(p_feat)} < min_class_size={min_class_size}; "
+                                "only in the pooled value.")
+    if pooled_p and sum(len(p) for p in pooled_p) >= 2:
+        result.metrics["all_pathological"] = _ahi_metrics(n_stats, n_feat, torch.cat(pooled_p), torch.cat(pooled_r),
+                                                          fid_u)
+    result.notes.append(f"AHI features: {prov.get('fid_backend')} ({prov.get('fid_note')}); reference '{reference}' "
+                        f"n={n_stats.n}.")
+    return result
+
+
+def _ahi_metrics(n_stats: distribution.GaussianStats, n_feat: Tensor, p_feat: Tensor, r_feat: Tensor,
+                 fid_u: float) -> dict[str, float]:
+    fid_p = distribution.frechet_distance(n_stats, p_feat)
+    fid_r = distribution.frechet_distance(n_stats, r_feat)
+    return {"ahi": normative.ahi(fid_p, fid_r, fid_u), "fid_p": fid_p, "fid_rp": fid_r, "fid_u": fid_u,
+            "kid_p": distribution.kernel_inception_distance(n_feat, p_feat),
+            "kid_rp": distribution.kernel_inception_distance(n_feat, r_feat), "n_p": float(len(p_feat))}
+
+
+@register_task("caci")
+def caci_task(ctx: EvalContext, *, datasets: DatasetNames = None,
+              backend: PerceptualBackend = "auto") -> TaskResult:
+    """Conservation-And-Correction Index per annotated image, with MSE and LPIPS inside both regions.
+
+    The healthy region is the brain (or healthy-tissue) mask minus the anomaly mask; without a brain
+    mask it is every pixel outside the anomaly mask. Images with an empty anomaly mask are skipped.
+
+    Args:
+        datasets: sets with anomaly masks (default: all such test sets).
+        backend: PerceptualDistance backend for the spatial LPIPS.
+    """
+    result = TaskResult()
+    pooled_c, pooled_k = [], []
+    for name in ctx.resolve(datasets):
+        if not ctx.info(name).has_anomaly_mask:
+            continue
+        inf = ctx.inference(name)
+        if inf.reconstruction is None:
+            result.notes.append(f"CACI skipped on {name!r}: the model returns no reconstruction.")
+            continue
+        keep = inf.anomaly_mask.flatten(1).sum(1) > 0
+        x, rec = inf.image[keep], inf.reconstruction[keep]
+        lesion, healthy = inf.anomaly_mask[keep], inf.healthy_tissue[keep]
+        if len(x) == 0:
+            continue
+        ssim = normative.ssim_maps(rec, x)
+        conservation = normative.masked_mean(ssim, healthy)
+        correction = 1.0 - normative.masked_mean(ssim, lesion)
+        sq = (rec - x).pow(2)
+        lp = ctx.perceptual_distance(backend, rec, x, spatial=True)
+        result.metrics[name] = {
+            **normative.caci(conservation, correction),
+            "mse_healthy": float(np.nanmean(normative.masked_mean(sq, healthy))),
+            "mse_anomaly": float(np.nanmean(normative.masked_mean(sq, lesion))),
+            "lpips_healthy": float(np.nanmean(normative.masked_mean(lp, healthy))),
+            "lpips_anomaly": float(np.nanmean(normative.masked_mean(lp, lesion))),
+        }
+        pooled_c.append(conservation)
+        pooled_k.append(correction)
+    if pooled_c:
+        result.metrics["all_annotated"] = normative.caci(np.concatenate(pooled_c), np.concatenate(pooled_k))
+        result.manifest["lpips_backend"] = ctx.perceptual(backend).backend_name
+    return result

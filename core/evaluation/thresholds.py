@@ -1,0 +1,132 @@
+"""Healthy operating points as data: the :class:`Thresholds` the ``thresholding`` task produces.
+
+File format (``checkpoints/thresholds.json``; :meth:`Thresholds.save` / :meth:`Thresholds.load` are its only
+writer and reader)::
+
+    {"provenance": {"dataset": "val", "n_images": 120, "region": "foreground",
+                    "rule": "pixel anomalous iff map > threshold; ...", "created": "2026-11-28T19:40:00+0000"},
+     "thresholds": {"0.01": {"threshold": 0.41, "target_fpr": 0.01, "achieved_fpr": 0.0099,
+                             "region": "foreground", "n_images": 120, "n_pixels": 812345}, ...}}
+
+The keys of ``thresholds`` are ``f"{fpr:g}"`` (JSON keys are strings); in memory the operating points are
+indexed by their float ``target_fpr``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from optim.metrics.segmentation import ThresholdResult
+
+RULE = "pixel anomalous iff map > threshold; FPR = mean over images of the pixel FPR"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Thresholds:
+    """Thresholds at target mean pixel FPRs on a healthy set, with their provenance.
+
+    Attributes:
+        dataset: the healthy set they come from (normally 'val').
+        region: 'foreground' (brain-mask pixels counted) or 'all'.
+        n_images: healthy images used.
+        points: one :class:`ThresholdResult` per target FPR (distinct ``target_fpr`` values, in request order).
+        rule: how a pixel is called anomalous and how the FPR is averaged.
+        created: when they were computed (ISO 8601, local time with offset).
+        source: where they were last saved to or loaded from ('computed' before that).
+    """
+
+    FILE_NAME: ClassVar[str] = "thresholds.json"
+
+    dataset: str
+    region: Literal["foreground", "all"]
+    n_images: int
+    points: tuple[ThresholdResult, ...]
+    rule: str = RULE
+    created: str = ""
+    source: str = "computed"
+
+    def __post_init__(self) -> None:
+        if not self.points:
+            raise ValueError("Thresholds: at least one operating point is needed")
+        keys = [f"{p.target_fpr:g}" for p in self.points]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"Thresholds: target FPRs must be distinct, got {', '.join(keys)}")
+
+    @classmethod
+    def from_results(cls, dataset: str, results: tuple[ThresholdResult, ...]) -> Thresholds:
+        """Bundle :func:`optim.metrics.segmentation.threshold_at_fpr` results computed on ``dataset`` now."""
+        first = results[0]
+        return cls(dataset=dataset, region=first.region, n_images=first.n_images, points=results,
+                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    @property
+    def values(self) -> dict[float, float]:
+        """``{target FPR: threshold}``."""
+        return {p.target_fpr: p.threshold for p in self.points}
+
+    @property
+    def provenance(self) -> dict[str, str | int]:
+        return {"dataset": self.dataset, "n_images": self.n_images, "region": self.region, "rule": self.rule,
+                "created": self.created}
+
+    def at(self, fpr: float) -> ThresholdResult:
+        """The operating point computed for target FPR ``fpr``.
+
+        Raises:
+            ValueError: no point at that FPR, listing the available ones.
+        """
+        for point in self.points:
+            if math.isclose(point.target_fpr, fpr, rel_tol=1e-9, abs_tol=0.0):
+                return point
+        raise ValueError(f"{self.source}: no threshold at fpr {fpr:g}; available: "
+                         f"{', '.join(f'{p.target_fpr:g}' for p in self.points)} "
+                         "(add it to the thresholding task's 'fprs')")
+
+    def operating_point(self, fpr: float) -> tuple[float, dict[str, Any]]:
+        """The threshold at ``fpr`` and its provenance (source file, healthy set, achieved FPR, ...)."""
+        point = self.at(fpr)
+        return float(point.threshold), {"source": self.source, **self.provenance, **point.to_dict()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"provenance": self.provenance, "thresholds": {f"{p.target_fpr:g}": p.to_dict() for p in self.points}}
+
+    def save(self, path: str | Path) -> Thresholds:
+        """Write the JSON file (creating its folder); returns the same thresholds with ``source`` = ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2))
+        return replace(self, source=str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Thresholds:
+        """Read a file written by :meth:`save` (files without ``created`` load with an empty one)."""
+        path = Path(path)
+        saved = json.loads(path.read_text())
+        provenance: Mapping[str, Any] = saved["provenance"]
+        points = tuple(ThresholdResult(**entry) for entry in saved["thresholds"].values())
+        return cls(dataset=provenance["dataset"], region=provenance["region"], n_images=int(provenance["n_images"]),
+                   points=points, rule=provenance.get("rule", RULE), created=provenance.get("created", ""),
+                   source=str(path))
+
+
+def operating_point(thresholds: Thresholds | None, *, fpr: float, explicit: float | None
+                    ) -> tuple[float, dict[str, Any]]:
+    """A task's threshold: ``explicit`` (from YAML) if given, else the healthy one at ``fpr``.
+
+    Raises:
+        FileNotFoundError: neither an explicit value nor thresholds (no thresholding task ran, and no
+            ``thresholds.json`` of an earlier evaluation lies next to the checkpoint).
+    """
+    if explicit is not None:
+        return float(explicit), {"source": "yaml", "threshold": float(explicit)}
+    if thresholds is None:
+        raise FileNotFoundError(
+            f"no healthy thresholds (none computed in this run, no {Thresholds.FILE_NAME} next to the checkpoint); "
+            "enable a 'thresholding' task (it runs first) or give 'threshold' in the task's params")
+    return thresholds.operating_point(fpr)
