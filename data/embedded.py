@@ -344,7 +344,8 @@ class _Renderer:
         elif cls == "mass_effect":
             image, design, base, brain_p = self._mass(subject, tissue, rng, bin_index)
         elif cls == "multifocal_lesions":
-            (image, design), base, brain_p = self._multifocal(t1, tissue, rng, bin_index), t1, brain
+            image, design = self._multifocal(t1, tissue, rng, bin_index)
+            base, brain_p = t1, brain
         elif cls in ("hyperintense_lesion", "hypointense_lesion"):
             radius = self.radius(rng, bin_index)
             centre = _pick_centre(tissue, rng, radius)
