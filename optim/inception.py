@@ -23,8 +23,9 @@ records it in the run manifest). Single-channel images are repeated to 3 channel
 
 Layout: on the CPU the 299x299 network input is made channels-last (NHWC) before the network, which runs the
 convolutions in NHWC (oneDNN); the features equal the contiguous (NCHW) ones to float round-off (~1e-5 of
-values up to ~6). Measured on the 2-core machine, one thread, fid_helper: 2.5 -> 3.6 images/s (best of 8
-interleaved batches of 8 under load; converting the weights too was slower, 3.0). Other devices keep NCHW.
+values up to ~6). Measured with the fid_helper net on one thread of the shared 2-core machine (load average
+~10, ten interleaved batches of 8): median 2.3 -> 2.9 images/s, best 2.7 -> 3.2; converting the weights to
+channels-last too was slower (median 2.5). Other devices keep NCHW.
 """
 
 from __future__ import annotations
