@@ -15,14 +15,14 @@ stored in fixed units, ``clip(x / ref, 0, 1)`` with ``ref`` = the subject's heal
 by 0.85 (white matter ~0.8), so a lesion never changes the scaling of the healthy tissue around it; configs read
 them with ``intensity: unit``. Brain masks are the template brain mask sampled with the same geometry.
 
-Pathological classes (T1w appearance; each test image is a fresh subject; the anomaly mask marks exactly the
-pixels where the image deviates from that subject's healthy slice by design):
+Pathological classes (T1w appearance; each test image is a fresh subject, rendered from the same random draws
+as its healthy *source* slice, i.e. the same subject, bias field and noise draw, plus the pathology):
 
 - ``hyperintense_lesion``: a bright, irregular lesion (1.1-1.22 x white matter; e.g. subacute haemorrhage);
 - ``hypointense_lesion``: a dark, irregular lesion (CSF-like to grey-matter-like; e.g. infarct, cavity);
 - ``mass_effect``: a heterogeneous mass (darker core, slightly brighter rim) that displaces the surrounding tissue;
-- ``enlarged_ventricles``: lateral ventricles dilated by a radial deformation; the mask is the newly CSF area;
-- ``multifocal_lesions``: 3-14 small T1-hypointense foci (radius 1.3-6 px at 128) in white matter
+- ``enlarged_ventricles``: lateral ventricles dilated by a radial deformation; the anomaly is the newly CSF area;
+- ``multifocal_lesions``: 3-14 small T1-hypointense foci (radius 1-5.5 px at 128) in white matter
   (MS-like "black holes").
 
 Lesion sizes are balanced over three bins defined on 128x128 pixels like the ATLAS bins of METHODS.md
@@ -30,12 +30,31 @@ Lesion sizes are balanced over three bins defined on 128x128 pixels like the ATL
 lesion size in pixels and its bin are columns of its class CSV (``lesion_px``, ``size_bin``). The sizes of
 ``enlarged_ventricles`` follow from the dilation strength and are recorded the same way.
 
+Masks. A pixel is *changed* when the noise-free pathological slice and its noise-free healthy source differ by
+more than ``CHANGE`` = 0.05 in stored units (white matter ~0.8). Because both stored images carry the same
+Rician noise draw and the noise and the clipping move two values by at most their difference, every pixel
+whose *stored* images differ by more than 0.05 is changed in this sense. Per slice:
+
+- the **anomaly mask** (inside the brain mask) is the lesion by design (soft lesion >= 0.5 at the rendering
+  resolution, area-downsampled at >= 0.5) united with every pixel the lesion itself changed by more than 0.05
+  (its soft rim included). For the lesion classes that is every changed brain pixel. ``mass_effect``'s
+  anomaly is the mass (compared with the deformed slice it sits in); the displacement around it is not.
+  ``enlarged_ventricles``' anomaly is the newly CSF area; the displaced tissue around it is not;
+- the **healthy-tissue mask** is the brain mask minus the anomaly mask minus every changed pixel. For the
+  deformation classes it excludes the displaced tissue (which a deformation moves everywhere near it); for
+  the lesion classes it is the brain minus the anomaly. It is what the pathological sets' ``_mask.csv``
+  lists, the same convention as the fastMRI+ preparer (``data/prepare.py``), so ``Batch.healthy_tissue`` and
+  CACI's healthy region exclude every changed pixel and pixel-level metrics restricted to "brain" count
+  anomaly and healthy tissue only (displaced tissue is neither).
+
 Files (under ``root``, default ``cache/embedded/<version>-<params hash>`` in the repository root), all NPY:
-``images/<set>/<i>.npy`` float32 [size,size] in [0,1], ``brain/<set>/<i>.npy`` and ``anomaly/<class>/<i>.npy``
-uint8 {0,1}; split CSVs in ``splits/``: ``healthy_{train,val,test}.csv`` (+ ``_mask.csv``) and per class
-``<class>.csv`` / ``<class>_label.csv`` / ``<class>_mask.csv`` (row-aligned). Paths in CSVs are relative to the
-repository root when ``root`` is inside it, else absolute. Everything is a pure function of the parameters:
-every image has its own random generator seeded with (seed, set, index), so the same seed gives the same bytes.
+``images/<set>/<i>.npy`` float32 [size,size] in [0,1]; ``brain/<set>/<i>.npy``, ``anomaly/<class>/<i>.npy`` and
+``healthy/<class>/<i>.npy`` (healthy tissue) uint8 {0,1}; split CSVs in ``splits/``:
+``healthy_{train,val,test}.csv`` + ``_mask.csv`` (brain masks) and per class ``<class>.csv`` /
+``<class>_label.csv`` (anomaly) / ``<class>_mask.csv`` (healthy tissue) / ``<class>_brain.csv`` (brain),
+row-aligned. Paths in CSVs are relative to the repository root when ``root`` is inside it, else absolute.
+Everything is a pure function of the parameters: every image has its own random generator seeded with
+(seed, set, index), so the same seed gives the same bytes and :func:`render` re-renders any single image.
 
 Copyright notice of the template (ICBM 2009a nonlinear symmetric, distributed with nilearn), kept with every
 derived image (also written to ``NOTICE`` in the benchmark folder):
@@ -77,16 +96,16 @@ from data.preparer import DatasetPreparer
 
 logger = logging.getLogger(__name__)
 
-VERSION = "embedded-v3"
+VERSION = "embedded-v4"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("hyperintense_lesion", "hypointense_lesion", "mass_effect", "enlarged_ventricles", "multifocal_lesions")
 HEALTHY_SETS = ("healthy_train", "healthy_val", "healthy_test")
 SIZE_BINS = ("small", "medium", "large")
 BIN_EDGES_128 = (71, 570)  # px at 128x128: small < 71 <= medium < 570 <= large
 # Target lesion radii per bin, in output pixels at 128x128 (area ~ pi r^2 lands inside each bin).
-RADII_128 = ((2.6, 4.2), (5.5, 12.0), (14.5, 22.0))
+RADII_128 = ((2.0, 3.4), (5.0, 11.5), (14.0, 21.5))
 # Multifocal foci per bin: ((min count, max count), (min radius, max radius) in output px at 128x128).
-MULTIFOCAL_128 = (((3, 5), (1.3, 2.0)), ((4, 8), (2.5, 4.0)), ((10, 14), (4.5, 6.0)))
+MULTIFOCAL_128 = (((3, 4), (1.0, 1.5)), ((4, 8), (2.0, 3.5)), ((10, 14), (4.0, 5.5)))
 NOTICE = (
     "Images derived from the ICBM 2009a nonlinear symmetric T1 template and brain mask (distributed with nilearn).\n\n"
     "Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute,\n"
@@ -97,6 +116,9 @@ NOTICE = (
     "responsible for any data loss, equipment damage, property loss, or injury to subjects or patients\n"
     "resulting from the use or misuse of this software package.\n"
 )
+# A pixel is "changed" when the noise-free pathological and healthy source slices differ by more than this (in
+# stored units, white matter ~0.8); see the module docstring, "Masks".
+CHANGE = 0.05
 _SET_IDS = {name: i for i, name in enumerate((*HEALTHY_SETS, *CLASSES))}
 
 
@@ -245,6 +267,26 @@ def _texture(shape: tuple[int, int], rng: np.random.Generator, sigma: float = 2.
     return field / (field.std() + 1e-8)
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """One rendered slice; every array is [size,size].
+
+    Attributes:
+        image: float32 in [0,1], stored units.
+        brain: uint8 {0,1}, the slice's brain mask.
+        anomaly: uint8 {0,1}, the anomaly mask (None for healthy slices).
+        healthy_tissue: uint8 {0,1}, brain minus anomaly minus changed region (None for healthy slices).
+        source: float32 in [0,1], the healthy slice the pathological one was made from: same subject, same
+            noise draw (None for healthy slices).
+    """
+
+    image: np.ndarray
+    brain: np.ndarray
+    anomaly: np.ndarray | None = None
+    healthy_tissue: np.ndarray | None = None
+    source: np.ndarray | None = None
+
+
 class _Renderer:
     """Renders healthy and pathological slices at ``2 * size`` and finishes them at ``size``."""
 
@@ -260,11 +302,15 @@ class _Renderer:
         low, high = RADII_128[bin_index]
         return float(rng.uniform(low, high)) * self.size / 128.0 * 2.0
 
-    def finish(self, image: np.ndarray, subject: _Subject, ref: float | None = None) -> tuple[np.ndarray, float]:
-        """Bias field, 2x area downsampling, gamma, Rician noise, fixed scaling; returns ([size,size], ref)."""
+    def clean(self, image: np.ndarray, subject: _Subject) -> np.ndarray:
+        """Bias field, 2x area downsampling and gamma, before noise and scaling: [size,size] >= 0."""
         biased = image * np.exp(np.tensordot(subject.bias, self.poly, axes=1))
         small = biased.reshape(self.size, 2, self.size, 2).mean(axis=(1, 3))
-        small = np.clip(small, 0.0, None) ** subject.gamma
+        return np.clip(small, 0.0, None) ** subject.gamma
+
+    def finish(self, image: np.ndarray, subject: _Subject, ref: float | None = None) -> tuple[np.ndarray, float]:
+        """:meth:`clean`, Rician noise, fixed scaling; returns ([size,size] float32 in [0,1], ref)."""
+        small = self.clean(image, subject)
         noise_rng = np.random.default_rng(subject.noise_seed)
         if ref is None:
             ref = float(np.percentile(small[small > 0.05], 99)) / 0.85
@@ -275,41 +321,52 @@ class _Renderer:
     def down_mask(self, mask: np.ndarray) -> np.ndarray:
         return (mask.reshape(self.size, 2, self.size, 2).mean(axis=(1, 3)) >= 0.5).astype(np.uint8)
 
-    def healthy(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def healthy(self, rng: np.random.Generator) -> Rendered:
         subject = _draw_subject(rng, self.z_band)
         t1, brain, _ = _sample(subject, self.plane)
         image, _ = self.finish(t1, subject)
-        return image, self.down_mask(brain)
+        return Rendered(image=image, brain=self.down_mask(brain))
 
-    def pathological(self, cls: str, rng: np.random.Generator,
-                     bin_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Image [size,size] float32 in [0,1], anomaly mask and brain mask uint8 {0,1}."""
+    def pathological(self, cls: str, rng: np.random.Generator, bin_index: int) -> Rendered:
+        """A pathological slice of class ``cls`` with its healthy source slice and its masks (see :class:`Rendered`).
+
+        Every class yields the supersampled image, the lesion by design (soft, in [0,1]) and the image the lesion
+        was composited onto (the template slice, or for ``mass_effect`` the deformed one); the masks are then
+        derived from the noise-free outputs (see the module docstring, "Masks").
+        """
         subject = _draw_subject(rng, self.z_band)
         t1, brain, ventricles = _sample(subject, self.plane, ventricles=cls == "enlarged_ventricles")
-        _, ref = self.finish(t1, subject)
+        source, ref = self.finish(t1, subject)
         tissue = (brain > 0) & (t1 > 0.55)
         if cls == "enlarged_ventricles":
-            image, anomaly, brain = self._ventricles(subject, t1, ventricles, rng)
+            image, design, brain_p = self._ventricles(subject, t1, ventricles, rng)
+            base = image  # the lesion is the deformation itself: nothing is composited
         elif cls == "mass_effect":
-            image, anomaly, brain = self._mass(subject, tissue, rng, bin_index)
+            image, design, base, brain_p = self._mass(subject, tissue, rng, bin_index)
         elif cls == "multifocal_lesions":
-            image, anomaly = self._multifocal(t1, tissue, rng, bin_index)
+            image, design = self._multifocal(t1, tissue, rng, bin_index)
+            base, brain_p = t1, brain
         elif cls in ("hyperintense_lesion", "hypointense_lesion"):
             radius = self.radius(rng, bin_index)
             centre = _pick_centre(tissue, rng, radius)
-            blob = _blob(self.res, centre, radius, rng, irregularity=0.35) * brain
+            design = _blob(self.res, centre, radius, rng, irregularity=0.35) * brain
             wm = float(np.percentile(t1[tissue], 90))
             if cls == "hyperintense_lesion":
                 level = wm * rng.uniform(1.1, 1.22) * (1.0 + 0.04 * _texture(t1.shape, rng))
             else:
                 level = wm * rng.uniform(0.2, 0.45) * (1.0 + 0.08 * _texture(t1.shape, rng))
-            image = t1 * (1.0 - blob) + level * blob
-            anomaly = blob
+            image, base, brain_p = t1 * (1.0 - design) + level * design, t1, brain
         else:
             raise ValueError(f"unknown class {cls!r}; valid classes: {', '.join(CLASSES)}")
         final, _ = self.finish(image, subject, ref)
-        anomaly_small = self.down_mask(anomaly >= 0.5) * self.down_mask(brain)
-        return final, anomaly_small, self.down_mask(brain)
+        clean = self.clean(image, subject) / ref
+        brain_small = self.down_mask(brain_p).astype(bool)
+        composited = np.abs(clean - self.clean(base, subject) / ref) > CHANGE
+        anomaly = (self.down_mask(design >= 0.5).astype(bool) | composited) & brain_small
+        changed = np.abs(clean - self.clean(t1, subject) / ref) > CHANGE
+        healthy_tissue = brain_small & ~anomaly & ~changed
+        return Rendered(image=final, brain=brain_small.astype(np.uint8), anomaly=anomaly.astype(np.uint8),
+                        healthy_tissue=healthy_tissue.astype(np.uint8), source=source)
 
     def _ventricles(self, subject: _Subject, t1: np.ndarray, ventricles: np.ndarray | None,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -325,7 +382,8 @@ class _Renderer:
         return image, anomaly, brain
 
     def _mass(self, subject: _Subject, tissue: np.ndarray, rng: np.random.Generator,
-              bin_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              bin_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Image with the mass, the mass (soft), the deformed slice it sits in, and that slice's brain mask."""
         radius = self.radius(rng, bin_index)
         centre = _pick_centre(tissue, rng, radius * 1.5)
         centre_mm = self.plane[:, int(centre[0]), int(centre[1])]
@@ -336,7 +394,7 @@ class _Renderer:
         wm = float(np.percentile(image[(brain > 0) & (image > 0.55)], 90))
         texture = _texture(image.shape, rng, sigma=1.5)
         level = wm * (0.62 + 0.05 * texture) * (1.0 - 0.35 * core) + wm * 0.12 * (blob - core).clip(0, 1)
-        return image * (1.0 - blob) + level * blob, blob, brain
+        return image * (1.0 - blob) + level * blob, blob, image, brain
 
     def _multifocal(self, t1: np.ndarray, tissue: np.ndarray, rng: np.random.Generator,
                     bin_index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -361,16 +419,21 @@ def _renderer(size: int, z_band: tuple[float, float]) -> _Renderer:
     return _Renderer(size, z_band)
 
 
-def _render_task(task: tuple[int, int, tuple[float, float], str, int]
-                 ) -> tuple[str, int, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Render image ``i`` of set ``name``; its generator is seeded with (seed, set id, i) only."""
-    seed, size, z_band, name, i = task
+def render(seed: int, size: int, z_band: tuple[float, float], name: str, i: int) -> Rendered:
+    """Image ``i`` of set ``name`` (a healthy set or a class) exactly as the benchmark stores it.
+
+    Its generator is seeded with (seed, set id, i) only, so any image can be re-rendered on its own (e.g. to
+    compare a pathological slice with its healthy source).
+    """
     rng = np.random.default_rng([seed, _SET_IDS[name], i])
     if name in HEALTHY_SETS:
-        image, brain = _renderer(size, z_band).healthy(rng)
-        return name, i, image, brain, None
-    image, anomaly, brain = _renderer(size, z_band).pathological(name, rng, i % 3)
-    return name, i, image, brain, anomaly
+        return _renderer(size, z_band).healthy(rng)
+    return _renderer(size, z_band).pathological(name, rng, i % 3)
+
+
+def _render_task(task: tuple[int, int, tuple[float, float], str, int]) -> tuple[str, int, Rendered]:
+    seed, size, z_band, name, i = task
+    return name, i, render(seed, size, z_band, name, i)
 
 
 # ------------------------------------------------------------------------------------------------ the block
@@ -463,38 +526,38 @@ class EmbeddedBenchmark(DatasetPreparer):
         (tmp / "NOTICE").write_text(NOTICE, encoding="utf-8")
         (tmp / "manifest.json").write_text(json.dumps({"params": self.params}, indent=1, sort_keys=True))
 
-    def _save_all(self, tmp: Path, results: Iterable[tuple[str, int, np.ndarray, np.ndarray, np.ndarray | None]]
-                  ) -> None:
+    def _save_all(self, tmp: Path, results: Iterable[tuple[str, int, Rendered]]) -> None:
         (tmp / "splits").mkdir(parents=True)
         rows: dict[str, dict[str, list[dict]]] = {}
-        for name, i, image, brain, anomaly in results:
-            img_path, brain_path, label_path = self._save(tmp, name, i, image, brain, anomaly)
-            table = rows.setdefault(name, {"": [], "_mask": [], "_label": []})
-            table["_mask"].append({"filename": brain_path})
-            if anomaly is None:
-                table[""].append({"filename": img_path})
+        for name, i, out in results:
+            paths = self._save(tmp, name, i, out)
+            table = rows.setdefault(name, {"": [], "_mask": [], "_label": [], "_brain": []})
+            if out.anomaly is None:
+                table[""].append({"filename": paths["images"]})
+                table["_mask"].append({"filename": paths["brain"]})
                 continue
-            px = int(anomaly.sum())
-            table[""].append({"filename": img_path, "class": name, "lesion_px": px,
+            px = int(out.anomaly.sum())
+            table[""].append({"filename": paths["images"], "class": name, "lesion_px": px,
                               "size_bin": size_bin(px, self.size)})
-            table["_label"].append({"filename": label_path})
+            table["_label"].append({"filename": paths["anomaly"]})
+            table["_mask"].append({"filename": paths["healthy"]})
+            table["_brain"].append({"filename": paths["brain"]})
         for name, table in rows.items():
             for suffix, entries in table.items():
                 if entries:
                     self._csv(tmp / "splits" / f"{name}{suffix}.csv", entries)
 
-    def _save(self, tmp: Path, name: str, i: int, image: np.ndarray, brain: np.ndarray,
-              anomaly: np.ndarray | None) -> tuple[str, str, str]:
-        paths = []
-        for kind, array in (("images", image), ("brain", brain), ("anomaly", anomaly)):
+    def _save(self, tmp: Path, name: str, i: int, out: Rendered) -> dict[str, str]:
+        paths = {}
+        for kind, array in (("images", out.image), ("brain", out.brain), ("anomaly", out.anomaly),
+                            ("healthy", out.healthy_tissue)):
             if array is None:
-                paths.append("")
                 continue
             path = tmp / kind / name / f"{i:05d}.npy"
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(path, array)
-            paths.append(self._rel(path, tmp))
-        return paths[0], paths[1], paths[2]
+            paths[kind] = self._rel(path, tmp)
+        return paths
 
     @staticmethod
     def _csv(path: Path, rows: list[dict]) -> None:
@@ -506,7 +569,11 @@ class EmbeddedBenchmark(DatasetPreparer):
 
 # ------------------------------------------------------------------------------------------------ CLI
 def write_grid(root: Path, out: Path, *, per_row: int = 6) -> Path:
-    """Draw ``per_row`` examples of the healthy test set and of each class (anomaly outline in red)."""
+    """Draw ``per_row`` examples of the healthy test set and of each class.
+
+    Outlines: brain in blue, anomaly in red, changed tissue outside the anomaly (brain minus healthy tissue minus
+    anomaly) in yellow.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -524,8 +591,10 @@ def write_grid(root: Path, out: Path, *, per_row: int = 6) -> Path:
     fig, axes = plt.subplots(len(names), per_row, figsize=(1.6 * per_row, 1.7 * len(names)), squeeze=False)
     for r, name in enumerate(names):
         images = rows_of(name)
-        labels = rows_of(f"{name}_label") if name != "healthy_test" else None
-        brains = rows_of(f"{name}_mask")
+        healthy = name == "healthy_test"
+        labels = None if healthy else rows_of(f"{name}_label")
+        tissues = None if healthy else rows_of(f"{name}_mask")
+        brains = rows_of(f"{name}_mask" if healthy else f"{name}_brain")
         step = max(len(images) // per_row, 1)
         for c in range(per_row):
             ax = axes[r, c]
@@ -534,15 +603,20 @@ def write_grid(root: Path, out: Path, *, per_row: int = 6) -> Path:
             if i >= len(images):
                 continue
             ax.imshow(load(images[i]["filename"]), cmap="gray", vmin=0, vmax=1)
-            ax.contour(load(brains[i]["filename"]), levels=[0.5], colors="deepskyblue", linewidths=0.4)
-            if labels is not None:
-                ax.contour(load(labels[i]["filename"]), levels=[0.5], colors="red", linewidths=0.6)
+            brain = load(brains[i]["filename"])
+            ax.contour(brain, levels=[0.5], colors="deepskyblue", linewidths=0.4)
+            if labels is not None and tissues is not None:
+                anomaly = load(labels[i]["filename"])
+                displaced = brain * (1 - load(tissues[i]["filename"])) * (1 - anomaly)
+                if displaced.any():
+                    ax.contour(displaced, levels=[0.5], colors="yellow", linewidths=0.4)
+                ax.contour(anomaly, levels=[0.5], colors="red", linewidths=0.6)
                 ax.set_title(f"{images[i]['lesion_px']} px", fontsize=6)
         axes[r, 0].text(-0.05, 0.5, name.replace("_", "\n"), transform=axes[r, 0].transAxes, ha="right",
                         va="center", fontsize=7)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.suptitle("Embedded benchmark (ICBM 2009a template, (C) 1993-2009 Louis Collins, MNI, McGill); "
-                 "red: anomaly mask, blue: brain mask", fontsize=7)
+                 "red: anomaly, yellow: changed tissue outside it (not healthy tissue), blue: brain", fontsize=7)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=130, bbox_inches="tight")
     plt.close(fig)

@@ -5,6 +5,7 @@ from optim.metrics.distribution import GaussianStats, frechet_distance, kernel_i
 from optim.metrics.localization import localization_per_image, localization_summary
 from optim.metrics.normative import (
     ahi,
+    ahi_equal_n,
     caci,
     combined_score,
     harmonic_mean,
@@ -26,8 +27,9 @@ from optim.metrics.segmentation import (
 )
 
 __all__ = [
-    "REFERENCE_SIZE_BINS", "GaussianStats", "ThresholdResult", "ahi", "auroc", "average_precision", "best_dice",
-    "caci", "combined_score", "dice_at_threshold", "dice_per_image", "fpr_at_threshold", "frechet_distance",
+    "REFERENCE_SIZE_BINS", "GaussianStats", "ThresholdResult", "ahi", "ahi_equal_n", "auroc", "average_precision",
+    "best_dice", "caci", "combined_score", "dice_at_threshold", "dice_per_image", "fpr_at_threshold",
+    "frechet_distance",
     "harmonic_mean", "image_level_metrics", "kernel_inception_distance", "lesion_size_bin", "localization_per_image",
     "localization_summary", "masked_mean", "pixel_auroc_auprc", "pr_curve", "roc_curve", "rqi", "ssim_maps",
     "ssim_per_image", "threshold_at_fpr",

@@ -8,7 +8,9 @@ consistent with the reference code's inputs:
   negative, LPIPS can exceed 1) so that RQI lies in [0,1]; the unclipped component means are reported too.
 * **AHI** (anomaly-to-healthy) = clip((FID(P,N) - FID(R(P),N)) / (FID(P,N) - FID(U,N)), 0, 1): the fraction of
   the feature-space gap between pathological inputs P and unseen healthy images U (both against the
-  healthy training set N) that the restorations R(P) close. NaN when the gap is not positive.
+  healthy training set N) that the restorations R(P) close. NaN when the gap is not positive. FID is biased
+  upwards by an amount that shrinks with n, so the three FIDs are compared at equal n
+  (:func:`ahi_equal_n`: repeated subsampling without replacement to the smallest set's n).
 * **CACI** (conservation and correction, per annotated image): C = SSIM(x_rec, x) averaged inside the
   healthy-tissue mask, K = 1 - SSIM(x_rec, x) averaged inside the anomaly mask, both clipped to [0,1];
   CACI = mean over images of the harmonic mean 2CK / (C + K) (0 when C + K = 0).
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 from skimage.metrics import structural_similarity
 
+from optim.metrics.distribution import GaussianStats, frechet_distance, kernel_inception_distance
 from optim.metrics.segmentation import per_image
 
 SSIM_DATA_RANGE = 1.0
@@ -118,6 +121,68 @@ def ahi(fid_pathological: float, fid_restored: float, fid_healthy: float) -> flo
                       RuntimeWarning, stacklevel=2)
         return float("nan")
     return float(np.clip((float(fid_pathological) - float(fid_restored)) / gap, 0.0, 1.0))
+
+
+def _matrix(values: Any, name: str) -> np.ndarray:
+    """[n, d] tensor or array -> float64 numpy [n, d]."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 2:
+        raise ValueError(f"ahi_equal_n: {name} features must be [n, d], got shape {array.shape}")
+    return array
+
+
+def ahi_equal_n(reference: Any, healthy: Any, pathological: Any, restored: Any, *, draws: int = 5, seed: int = 0,
+                reference_stats: GaussianStats | None = None) -> dict[str, float]:
+    """AHI with FID(U,N), FID(P,N) and FID(R(P),N) all computed at the same sample size n.
+
+    Rule (subsampling, not a bootstrap): n = min(|U|, |P|); in each of ``draws`` draws of a seeded
+    ``numpy`` generator, U and P are subsampled to n rows without replacement (a set of exactly n rows is
+    used whole) and R(P) takes the same rows as P (``restored[j]`` is the restoration of
+    ``pathological[j]``). Each FID is the mean over the draws; AHI is :func:`ahi` of the mean FIDs. The
+    reference N is shared by all three FIDs and used whole. KID is unbiased at any n, so it is computed once
+    on the full sets.
+
+    Args:
+        reference: [n_N, d] features of the healthy training set N.
+        healthy: [n_U, d] features of the unseen healthy set U.
+        pathological: [n_P, d] features of the pathological inputs P.
+        restored: [n_P, d] features of their restorations R(P), row-aligned with ``pathological``.
+        draws: number of subsamples averaged (>= 1).
+        seed: seed of the subsampling generator (same inputs and seed -> same values).
+        reference_stats: ``GaussianStats`` of ``reference`` to reuse its square root across calls (else computed).
+
+    Returns:
+        ``ahi``, ``fid_u``, ``fid_p``, ``fid_rp`` (means over draws) with ``n_fid`` (the common n) and
+        ``draws``; ``kid_u``, ``kid_p``, ``kid_rp`` on the full sets with ``n_u``, ``n_p``, ``n_reference``.
+    """
+    n_feat, u_feat = _matrix(reference, "reference"), _matrix(healthy, "healthy")
+    p_feat, r_feat = _matrix(pathological, "pathological"), _matrix(restored, "restored")
+    if p_feat.shape != r_feat.shape:
+        raise ValueError(f"ahi_equal_n: restored {r_feat.shape} must be row-aligned with pathological {p_feat.shape}")
+    if draws < 1:
+        raise ValueError(f"ahi_equal_n: draws must be >= 1, got {draws}")
+    n = min(len(u_feat), len(p_feat))
+    if n < 2:
+        raise ValueError(f"ahi_equal_n: need >= 2 healthy and pathological feature vectors, got {len(u_feat)} "
+                         f"and {len(p_feat)}")
+    stats = reference_stats if reference_stats is not None else GaussianStats.from_features(n_feat)
+    if stats.n != len(n_feat):
+        raise ValueError(f"ahi_equal_n: reference_stats has n={stats.n} but reference has {len(n_feat)} rows")
+    rng = np.random.default_rng(seed)
+    fids = np.zeros((draws, 3))
+    for k in range(draws):
+        u_rows = rng.choice(len(u_feat), n, replace=False)
+        p_rows = rng.choice(len(p_feat), n, replace=False)
+        fids[k] = [frechet_distance(stats, u_feat[u_rows]), frechet_distance(stats, p_feat[p_rows]),
+                   frechet_distance(stats, r_feat[p_rows])]
+    fid_u, fid_p, fid_rp = (float(v) for v in fids.mean(axis=0))
+    return {"ahi": ahi(fid_p, fid_rp, fid_u), "fid_u": fid_u, "fid_p": fid_p, "fid_rp": fid_rp,
+            "n_fid": float(n), "draws": float(draws),
+            "kid_u": kernel_inception_distance(n_feat, u_feat), "kid_p": kernel_inception_distance(n_feat, p_feat),
+            "kid_rp": kernel_inception_distance(n_feat, r_feat), "n_u": float(len(u_feat)),
+            "n_p": float(len(p_feat)), "n_reference": float(len(n_feat))}
 
 
 def caci(conservation: Any, correction: Any) -> dict[str, float]:

@@ -10,9 +10,11 @@ import pytest
 
 from core.Configurator import build, load_config
 from core.DataLoader import REPO_ROOT, DataModule
-from data.embedded import CLASSES, EmbeddedBenchmark, main, size_bin
+from data.embedded import CHANGE, CLASSES, EmbeddedBenchmark, main, render, size_bin
 
 TINY = {"seed": 3, "n_train": 2, "n_val": 1, "n_test": 1, "n_per_class": 3, "size": 32}
+Z_BAND = (76.0, 98.0)  # the default
+DEFORMATIONS = ("mass_effect", "enlarged_ventricles")
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +47,55 @@ def test_layout_images_and_masks(built: Path) -> None:
         assert len(_rows(splits / f"{name}.csv")) == TINY[f"n_{name.split('_')[1]}"]
         assert len(_rows(splits / f"{name}_mask.csv")) == len(_rows(splits / f"{name}.csv"))
     for cls in CLASSES:
-        rows, labels, masks = (_rows(splits / f"{cls}{s}.csv") for s in ("", "_label", "_mask"))
-        assert len(rows) == len(labels) == len(masks) == TINY["n_per_class"]
-        for row, label, mask in zip(rows, labels, masks, strict=True):
-            image, anomaly, brain = (np.load(r["filename"]) for r in (row, label, mask))
+        tables = [_rows(splits / f"{cls}{s}.csv") for s in ("", "_label", "_mask", "_brain")]
+        assert [len(t) for t in tables] == [TINY["n_per_class"]] * 4
+        for row, label, mask, brain_row in zip(*tables, strict=True):
+            image, anomaly, tissue, brain = (np.load(r["filename"]) for r in (row, label, mask, brain_row))
             assert image.shape == (32, 32) and image.dtype == np.float32
             assert 0.0 <= image.min() and image.max() <= 1.0
-            assert anomaly.dtype == brain.dtype == np.uint8 and set(np.unique(anomaly)) <= {0, 1}
+            assert anomaly.dtype == tissue.dtype == brain.dtype == np.uint8
+            assert set(np.unique(anomaly)) <= {0, 1} and set(np.unique(tissue)) <= {0, 1}
             assert int(row["lesion_px"]) == int(anomaly.sum()) > 0, cls
             assert row["size_bin"] == size_bin(int(anomaly.sum()), 32)
             assert not (anomaly & (1 - brain)).any()  # lesions lie inside the brain
+            assert not (tissue & (anomaly | (1 - brain))).any()  # healthy tissue: brain, not anomaly
+            assert tissue.sum() > 0.2 * brain.sum()
     assert "Louis Collins" in (built / "NOTICE").read_text()
+
+
+def _check_masks_against_change(cls: str, image: np.ndarray, source: np.ndarray, anomaly: np.ndarray,
+                                tissue: np.ndarray, brain: np.ndarray) -> int:
+    """Assert the mask definition; return the number of changed brain pixels outside the anomaly mask."""
+    changed = np.abs(image.astype(np.float64) - source) > CHANGE
+    assert changed.any(), cls  # the pathology changes the image
+    assert not (changed & (tissue == 1)).any(), cls  # no changed pixel counts as healthy tissue
+    outside = int((changed & (brain == 1) & (anomaly == 0)).sum())
+    if cls not in DEFORMATIONS:
+        assert outside == 0, cls  # the anomaly mask covers the lesion and its rim
+    return outside
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_stored_masks_cover_the_actual_change(built: Path, cls: str) -> None:
+    # Re-render each stored pathological slice with its healthy source (same subject, same noise draw) and
+    # compare the stored images, not the generator's internals.
+    tables = [_rows(built / "splits" / f"{cls}{s}.csv") for s in ("", "_label", "_mask", "_brain")]
+    for i, (row, label, mask, brain) in enumerate(zip(*tables, strict=True)):
+        rendered = render(TINY["seed"], TINY["size"], Z_BAND, cls, i)
+        image = np.load(row["filename"])
+        assert rendered.source is not None and np.array_equal(rendered.image, image)
+        _check_masks_against_change(cls, image, rendered.source, np.load(label["filename"]),
+                                    np.load(mask["filename"]), np.load(brain["filename"]))
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_masks_cover_the_actual_change_at_128(cls: str) -> None:
+    for i in range(3):  # one image per size bin
+        out = render(0, 128, Z_BAND, cls, i)
+        assert out.source is not None and out.anomaly is not None and out.healthy_tissue is not None
+        outside = _check_masks_against_change(cls, out.image, out.source, out.anomaly, out.healthy_tissue, out.brain)
+        # A deformation moves tissue well beyond the anomaly: the healthy-tissue mask is what excludes it.
+        assert (outside > 20) == (cls in DEFORMATIONS), (cls, outside)
 
 
 def test_pathology_is_visible_against_healthy_tissue(built: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -10,8 +12,16 @@ import torch
 
 from model_zoo.diffusion.noise import DiffusionNoise, opensimplex3, random_permutations, simplex_noise
 
-opensimplex = pytest.importorskip("opensimplex", reason="reference package: pip install opensimplex==0.4.5.1")
-from opensimplex.internals import _init  # noqa: E402  (the reference's seeded permutation tables)
+
+@pytest.fixture()
+def opensimplex() -> ModuleType:
+    """The reference package; only the tests that compare against it skip without it."""
+    return pytest.importorskip("opensimplex", reason="reference package: pip install opensimplex==0.4.5.1")
+
+
+def _init(opensimplex: ModuleType, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's seeded permutation tables (``opensimplex.internals._init``)."""
+    return importlib.import_module(f"{opensimplex.__name__}.internals")._init(seed)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -23,8 +33,8 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def reference_field(seed: int, size: int, t: float, octaves: int = 6, persistence: float = 0.8,
-                    frequency: float = 64.0) -> np.ndarray:
+def reference_field(opensimplex: ModuleType, seed: int, size: int, t: float, octaves: int = 6,
+                    persistence: float = 0.8, frequency: float = 64.0) -> np.ndarray:
     """AnoDDPM's ``rand_3d_fixed_T_octaves`` on opensimplex: [size,size] float64."""
     gen = opensimplex.OpenSimplex(seed)
     coords = np.arange(size, dtype=np.float64)
@@ -37,11 +47,11 @@ def reference_field(seed: int, size: int, t: float, octaves: int = 6, persistenc
     return noise
 
 
-def test_opensimplex3_matches_reference_pointwise() -> None:
+def test_opensimplex3_matches_reference_pointwise(opensimplex: ModuleType) -> None:
     # Same permutation, random points: the vectorised kernel sum equals opensimplex's value. The reference's
     # branch tree skips a few lattice points whose kernel weight is tiny; so values agree exactly (1e-12) at
     # most points and within 2e-4 everywhere (values reach ~0.9).
-    perm, _ = _init(1234)
+    perm, _ = _init(opensimplex, 1234)
     rng = np.random.default_rng(0)
     pts = rng.uniform(-40.0, 40.0, size=(3, 1500))
     gen = opensimplex.OpenSimplex(1234)
@@ -54,12 +64,12 @@ def test_opensimplex3_matches_reference_pointwise() -> None:
     assert (err < 1e-12).mean() > 0.9
 
 
-def test_fractal_field_matches_reference_with_same_permutation() -> None:
+def test_fractal_field_matches_reference_with_same_permutation(opensimplex: ModuleType) -> None:
     size, t, seed = 32, 137.0, 7
-    perm, _ = _init(seed)
+    perm, _ = _init(opensimplex, seed)
     ours = simplex_noise((1, 1, size, size), timesteps=torch.tensor([t]), dtype=torch.float64,
                          permutations=torch.from_numpy(perm).reshape(1, -1))[0, 0].numpy()
-    ref = reference_field(seed, size, t)
+    ref = reference_field(opensimplex, seed, size, t)
     assert ref.std() > 0.1
     np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
 
@@ -76,14 +86,14 @@ def _field_stats(fields: np.ndarray, max_lag: int = 4) -> dict[str, np.ndarray]:
     return out
 
 
-def test_statistics_match_reference() -> None:
+def test_statistics_match_reference(opensimplex: ModuleType) -> None:
     # 48 reference fields (random opensimplex seeds and timesteps) vs 400 of ours (fresh torch permutations):
     # the mean over fields of each per-field statistic agrees within 4 standard errors of the difference.
     size = 32
     rng = np.random.default_rng(3)
     seeds = rng.integers(0, 2**62, 48)
     ts = rng.integers(0, 1000, 48).astype(np.float64)
-    ref = np.stack([reference_field(int(s), size, float(t)) for s, t in zip(seeds, ts, strict=True)])
+    ref = np.stack([reference_field(opensimplex, int(s), size, float(t)) for s, t in zip(seeds, ts, strict=True)])
     ours = simplex_noise((400, 1, size, size), timesteps=torch.randint(0, 1000, (400,)), dtype=torch.float64,
                          generator=torch.Generator().manual_seed(0))[:, 0].numpy()
     s_ref, s_ours = _field_stats(ref), _field_stats(ours)

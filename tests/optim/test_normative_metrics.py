@@ -1,12 +1,16 @@
 """RQI, AHI, CACI and the SSIM they use."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from skimage.metrics import structural_similarity
 
+from optim.metrics.distribution import GaussianStats, frechet_distance, kernel_inception_distance
 from optim.metrics.normative import (
     ahi,
+    ahi_equal_n,
     caci,
     combined_score,
     harmonic_mean,
@@ -55,6 +59,48 @@ def test_ahi_hand_computed_clipped_and_undefined():
     assert ahi(100, 10, 20) == 1.0  # closer than unseen healthy images: clipped
     with pytest.warns(RuntimeWarning, match="not positive"):
         assert np.isnan(ahi(20, 10, 20))
+
+
+def test_ahi_equal_n_removes_the_small_sample_bias():
+    # U, P and R(P) all from N's distribution: at equal n FID(P,N) - FID(U,N) is ~0 on average; comparing
+    # P at n=300 with U at n=60 (the unequal-n version) gives a large negative gap (FID is biased by ~d/n).
+    d = 16
+    equal, unequal = [], []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        n_feat, u_feat = rng.normal(size=(600, d)), rng.normal(size=(60, d))
+        p_feat, r_feat = rng.normal(size=(300, d)), rng.normal(size=(300, d))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # AHI itself is undefined without a gap
+            out = ahi_equal_n(n_feat, u_feat, p_feat, r_feat, draws=5, seed=0)
+        assert (out["n_fid"], out["n_u"], out["n_p"], out["n_reference"], out["draws"]) == (60, 60, 300, 600, 5)
+        equal.append(out["fid_p"] - out["fid_u"])
+        stats = GaussianStats.from_features(n_feat)
+        unequal.append(frechet_distance(stats, p_feat) - frechet_distance(stats, u_feat))
+        assert out["fid_u"] == pytest.approx(frechet_distance(stats, u_feat))  # U is the smallest set: used whole
+    assert abs(np.mean(equal)) < 0.25, equal
+    assert np.mean(unequal) < -0.8, unequal  # what the equal-n rule removes
+
+
+def test_ahi_equal_n_pairs_restorations_with_their_inputs_and_is_seeded():
+    rng = np.random.default_rng(0)
+    d = 6
+    n_feat, u_feat = rng.normal(size=(400, d)), rng.normal(size=(40, d))
+    p_feat = rng.normal(size=(120, d)) + 1.5  # pathological inputs, shifted
+    # R(P) = P row by row: the same rows must be drawn for both, so the FIDs agree exactly and AHI is 0.
+    same = ahi_equal_n(n_feat, u_feat, p_feat, p_feat.copy(), draws=3, seed=1)
+    assert same["fid_rp"] == same["fid_p"] and same["ahi"] == 0.0
+    healed = ahi_equal_n(n_feat, u_feat, p_feat, rng.normal(size=(120, d)), draws=3, seed=1)
+    assert healed["ahi"] > 0.85 and healed["fid_p"] > 5 * healed["fid_u"]
+    again = ahi_equal_n(torch.from_numpy(n_feat), u_feat, p_feat, p_feat.copy(), draws=3, seed=1)
+    assert again == same
+    other = ahi_equal_n(n_feat, u_feat, p_feat, p_feat.copy(), draws=3, seed=2)
+    assert other["fid_p"] != same["fid_p"]
+    assert same["kid_p"] == pytest.approx(kernel_inception_distance(n_feat, p_feat))  # KID on the full sets
+    with pytest.raises(ValueError, match="row-aligned"):
+        ahi_equal_n(n_feat, u_feat, p_feat, p_feat[:10])
+    with pytest.raises(ValueError, match="reference_stats"):
+        ahi_equal_n(n_feat, u_feat, p_feat, p_feat, reference_stats=GaussianStats.from_features(n_feat[:50]))
 
 
 def test_caci_hand_computed_and_edge_cases():
