@@ -54,20 +54,20 @@ def score_rows(scan: Scan, result: SliceMaps, thresholds: list[Threshold], stem:
     """One row per slice, plus one per volume (score = its highest slice score) for 3-D inputs.
 
     Columns: ``input``, ``output``, ``kind`` ('image', 'slice' or 'volume'), ``slice`` (canonical axial index),
-    ``score``, ``score_mean`` (volume rows: mean slice score), and per threshold ``above_<name>`` (pixels with
-    map > value) and ``exceeds_<name>`` (1 when any pixel does).
+    ``score``, ``score_mean`` (volume rows: mean slice score; empty elsewhere), and per threshold
+    ``above_<name>`` (pixels with map > value) and ``exceeds_<name>`` (1 when any pixel does).
     """
     rows = []
     kind = "image" if scan.kind == "image" or scan.n_axial == 1 else "slice"
     for i, k in enumerate(scan.indices):
         row: dict[str, Any] = {"input": str(scan.path), "output": stem, "kind": kind, "slice": k,
-                               "score": float(result.scores[i]), "score_mean": ""}
+                               "score": float(result.scores[i]), "score_mean": None}
         for th in thresholds:
             above = int((result.maps[i] > th.value).sum())
             row[f"above_{th.name}"], row[f"exceeds_{th.name}"] = above, int(above > 0)
         rows.append(row)
     if kind == "slice":
-        row = {"input": str(scan.path), "output": stem, "kind": "volume", "slice": "",
+        row = {"input": str(scan.path), "output": stem, "kind": "volume", "slice": None,
                "score": float(result.scores.max()), "score_mean": float(result.scores.mean())}
         for th in thresholds:
             above = sum(r[f"above_{th.name}"] for r in rows)

@@ -18,6 +18,7 @@ from core.prediction.scans import from_slices, read_scan, to_slices, volume_from
 from dl_utils.checkpoint import save_checkpoint
 from model_zoo.ae import AutoEncoder
 from model_zoo.base import AnomalyModel, AnomalyOutput
+from tests.wandb_reader import find_run_file, read_run
 
 SIZE = 16
 MODEL = {"module_name": "model_zoo.ae", "class_name": "AutoEncoder",
@@ -54,10 +55,10 @@ def run(tmp_path, one_thread):
             "config": training_config}
 
 
-def _predict(run, predict, *extra):
+def _predict(run, predict, *extra, wandb="disabled"):
     config = {**run["config"], "experiment": {"task": "predict", "weights": str(run["weights"]), "device": "cpu",
                                               "output_dir": str(run["root"] / "runs")},
-              "wandb": {"mode": "disabled"}, "predict": {"output_dir": str(run["root"] / "out"), **predict}}
+              "wandb": {"mode": wandb}, "predict": {"output_dir": str(run["root"] / "out"), **predict}}
     path = run["root"] / "predict.yaml"
     path.write_text(yaml.safe_dump(config))
     return main(["--config_path", str(path), *extra])
@@ -109,11 +110,13 @@ def test_maps_land_on_the_input_voxels(tmp_path):
     assert np.abs(native[inside] - expected[inside]).max() < 0.08
 
 
-def test_3d_volume_maps_and_masks_keep_shape_affine_and_training_thresholds(run, caplog):
+def test_3d_volume_maps_and_masks_keep_shape_affine_and_training_thresholds(run, caplog, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     volume = _smooth_volume((14, 20, 6))
     nib.save(nib.Nifti1Image(volume, AFFINE), run["root"] / "scan.nii.gz")
     with caplog.at_level(logging.INFO):
-        assert _predict(run, {"inputs": [str(run["root"] / "scan.nii.gz")], "axial_range": [3, 15]}) == 0
+        assert _predict(run, {"inputs": [str(run["root"] / "scan.nii.gz")], "axial_range": [3, 15]},
+                        wandb="offline") == 0
     out = run["root"] / "out"
     anomaly = nib.load(out / "scan_anomaly_map.nii.gz")
     assert anomaly.shape == volume.shape and np.allclose(anomaly.affine, AFFINE)
@@ -137,6 +140,9 @@ def test_3d_volume_maps_and_masks_keep_shape_affine_and_training_thresholds(run,
     assert len(list(out.glob("scan_overlay_slice*.png"))) == 3
     (table,) = (run["root"] / "runs").rglob("tables/predict__scores.csv")
     assert str(run["root"] / "scan.nii.gz") in table.read_text()
+    files = read_run(find_run_file(table.parents[1]))["files"]  # wandb got the table and the overlays
+    assert any(f.startswith("media/table/predict/scores") for f in files)
+    assert sum(f.startswith("media/images/predict/scan_overlay_slice") for f in files) == 3
 
 
 def test_2d_nifti_and_chosen_fpr(run):
