@@ -189,6 +189,12 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config_path, args.overrides)
     experiment, wandb_settings = validate(config)
     name = config.get("name") or Path(args.config_path).stem
+    if experiment.task == "predict":  # needs neither the trainer nor the evaluation modules
+        from core.prediction import run_prediction
+
+        seed_everything(experiment.seed, experiment.deterministic)
+        return run_prediction(config, experiment=experiment, wandb_settings=wandb_settings, name=name,
+                              config_path=args.config_path, dry_run=args.dry_run)
 
     from core.DownstreamEvaluator import build_downstream, run_downstream
     from core.Trainer import Trainer
@@ -198,11 +204,6 @@ def run(args: argparse.Namespace) -> int:
     from dl_utils.run import RunContext
 
     seed_everything(experiment.seed, experiment.deterministic)
-    if experiment.task == "predict":
-        from core.prediction import run_prediction
-
-        return run_prediction(config, experiment=experiment, wandb_settings=wandb_settings, name=name,
-                              config_path=args.config_path, dry_run=args.dry_run)
     if args.dry_run:
         data, model = build_objects(config)
         evaluators = build_downstream(config.get("downstream_tasks"))

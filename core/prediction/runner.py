@@ -165,6 +165,7 @@ def predict_all(model: torch.nn.Module, pairs: list[tuple[Path, Path | None, str
     skipped: list[dict[str, str]] = []
     used: set[str] = set()
     stopped = False
+    start = time.perf_counter()
     progress = tqdm(pairs, desc="predict", disable=not sys.stderr.isatty(), leave=False)
     for path, mask, source in progress:
         try:
@@ -190,7 +191,8 @@ def predict_all(model: torch.nn.Module, pairs: list[tuple[Path, Path | None, str
     done = len({r["input"] for r in rows})
     log.log_scalars({"predict/n_inputs": len(pairs), "predict/n_predicted": done, "predict/n_skipped": len(skipped)})
     log.update_manifest(predict_skipped=skipped)
-    summary = f"predict: {done} of {len(pairs)} inputs predicted, {len(skipped)} skipped"
+    seconds = time.perf_counter() - start
+    summary = f"predict: {done} of {len(pairs)} inputs predicted in {seconds:.1f} s, {len(skipped)} skipped"
     if skipped:
         summary += ": " + "; ".join(s["input"] for s in skipped)
     (logger.error if stopped else logger.info)(summary + (" (stopped at the first bad input)" if stopped else ""))

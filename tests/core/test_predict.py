@@ -204,7 +204,7 @@ def test_bad_inputs_are_named_and_skipped(run, caplog):
     with (run["root"] / "out" / "skipped.csv").open() as f:
         assert [Path(r["input"]).name for r in csv.DictReader(f)] == [
             "corrupt.nii.gz", "four_d.nii.gz", "wrong_mask.nii.gz", "no_brain.nii.gz"]
-    assert "1 of 5 inputs predicted, 4 skipped" in caplog.text
+    assert "1 of 5 inputs predicted in" in caplog.text and "s, 4 skipped" in caplog.text
 
 
 def test_bad_input_stops_the_run_with_exit_code_1(run, caplog):
