@@ -26,7 +26,7 @@ def write_maps(scan: Scan, result: SliceMaps, thresholds: list[Threshold], out_d
     """Write the anomaly map and one binary mask per threshold; returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    if scan.kind == "volume":
+    if scan.kind == "nifti":
         import nibabel as nib
 
         volume = volume_from_slices(scan, result.maps)
@@ -111,7 +111,7 @@ def write_overlays(scan: Scan, result: SliceMaps, thresholds: list[Threshold], o
 
     written = []
     threshold = thresholds[0].value if thresholds else None
-    for i in top_slices(result, n if scan.kind == "volume" else 1):
+    for i in top_slices(result, n):
         rgb = overlay(scan.slices[i], result.maps[i], threshold)
         name = f"{stem}_overlay" + (f"_slice{scan.indices[i]}" if scan.n_axial > 1 else "")
         path = out_dir / f"{name}.png"

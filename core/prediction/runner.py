@@ -84,7 +84,7 @@ def _run_folder(experiment: Any, name: str, config: dict[str, Any], config_path:
             continue
     else:
         raise FileExistsError(f"no free run folder for {stamp} under {experiment.output_dir}")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=False))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (run_dir / "manifest.json").write_text(json.dumps({
         "config_path": str(config_path), "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "git": git_state(), "packages": package_versions(), "python": sys.version.split()[0],
@@ -134,14 +134,15 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
     dist = init_distributed(experiment.device)
     if dist.world_size > 1:
         raise ConfigError("experiment.task: 'predict' runs in one process; start it without torchrun")
-    run_dir = _run_folder(experiment, name, config, config_path, dist.device)
+    plain = json.loads(json.dumps(config))  # tuples (from ``!!python/tuple``) become lists
+    run_dir = _run_folder(experiment, name, plain, config_path, dist.device)
     out_dir = Path(settings.output_dir) if settings.output_dir else run_dir / "predictions"
     out_dir = out_dir if out_dir.is_absolute() else REPO_ROOT / out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     log = ExperimentLogger(run_dir=run_dir, mode=wandb_settings.mode,
                            project=wandb_settings.project or experiment.name, entity=wandb_settings.entity,
                            name=f"{name}/{run_dir.name}", group=wandb_settings.group or name,
-                           tags=wandb_settings.tags, notes=wandb_settings.notes, config=config)
+                           tags=wandb_settings.tags, notes=wandb_settings.notes, config=plain)
     exit_code = 1
     try:
         loaded = load_model_weights(model, weights)
@@ -195,5 +196,6 @@ def predict_all(model: torch.nn.Module, pairs: list[tuple[Path, Path | None, str
     summary = f"predict: {done} of {len(pairs)} inputs predicted in {seconds:.1f} s, {len(skipped)} skipped"
     if skipped:
         summary += ": " + "; ".join(s["input"] for s in skipped)
-    (logger.error if stopped else logger.info)(summary + (" (stopped at the first bad input)" if stopped else ""))
+    level = logging.ERROR if stopped else logging.WARNING if skipped else logging.INFO
+    logger.log(level, summary + (" (stopped at the first bad input)" if stopped else ""))
     return 1 if stopped else 0

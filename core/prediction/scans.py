@@ -38,7 +38,7 @@ class Scan:
 
     Attributes:
         path: the input file; mask_path: its brain mask or None.
-        kind: ``'volume'`` (any NIfTI: outputs are NIfTI) or ``'image'`` (a 2-D file: outputs NPY + PNG).
+        kind: ``'nifti'`` (2-D or 3-D NIfTI: outputs are NIfTI) or ``'image'`` (a 2-D file: outputs NPY + PNG).
         slices: [n,H,W] float32 raw values in display orientation.
         brain: [n,H,W] bool brain masks, or None.
         indices: the canonical axial index of each slice (0 for 2-D inputs).
@@ -48,7 +48,7 @@ class Scan:
 
     path: Path
     mask_path: Path | None
-    kind: Literal["volume", "image"]
+    kind: Literal["nifti", "image"]
     slices: np.ndarray
     brain: np.ndarray | None
     indices: list[int]
@@ -195,7 +195,7 @@ def read_scan(path: Path, mask_path: Path | None, *, axial_range: list[int] | No
     if len(kept) < len(indices):
         logger.info("%s: %d of %d selected slices have no brain and are not scored (map 0)", path,
                     len(indices) - len(kept), len(indices))
-    return Scan(path=path, mask_path=mask_path, kind="volume", slices=slices[kept], indices=kept, nifti=img,
+    return Scan(path=path, mask_path=mask_path, kind="nifti", slices=slices[kept], indices=kept, nifti=img,
                 brain=None if brain is None else brain[kept], n_axial=slices.shape[0])
 
 

@@ -223,10 +223,26 @@ def test_bad_input_stops_the_run_with_exit_code_1(run, caplog):
         ({"inputs": ["no/such/file.nii"]}, "predict.inputs[0]"),
         ({"inputs": ["SCAN"], "fprs": [0.2]}, "no threshold at fpr 0.2; available: 0.01, 0.05"),
         ({"inputs": ["SCAN"], "on_error": "ignore"}, "predict.on_error: 'ignore' is not one of"),
+        ({"inputs": ["SCAN"], "thresholds_file": "nowhere/thresholds.json"}, "predict.thresholds_file: "),
+        ({"inputs": ["SCAN"], "masks": ["SCAN", "SCAN"]}, "predict.masks: 2 mask files for 1 inputs"),
     ],
 )
 def test_bad_predict_blocks_name_the_yaml_path_and_exit_2(run, caplog, predict, message):
     nib.save(nib.Nifti1Image(_smooth_volume((6, 6, 3)), np.eye(4)), run["root"] / "s.nii.gz")
-    predict = {k: ([str(run["root"] / "s.nii.gz")] if v == ["SCAN"] else v) for k, v in predict.items()}
+    predict = {k: ([str(run["root"] / "s.nii.gz")] * len(v) if set(v) == {"SCAN"} else v)
+               for k, v in predict.items()}
     assert _predict(run, predict) == 2
     assert message in caplog.text
+
+
+def test_dry_run_checks_everything_but_reads_no_scan(run):
+    (run["root"] / "broken.nii.gz").write_bytes(b"broken")
+    assert _predict(run, {"inputs": [str(run["root"] / "broken.nii.gz")]}, "--dry-run") == 0
+    assert not (run["root"] / "runs").exists() and not (run["root"] / "out").exists()
+
+
+def test_raw_scan_with_a_unit_intensity_model_is_a_bad_input_with_a_hint(run, caplog):
+    nib.save(nib.Nifti1Image(_smooth_volume((6, 6, 3)), np.eye(4)), run["root"] / "raw.nii.gz")
+    assert _predict(run, {"inputs": [str(run["root"] / "raw.nii.gz")], "intensity": "unit"}) == 0
+    assert "raw.nii.gz: intensity 'unit' needs values in [0,1]" in caplog.text
+    assert "set predict.intensity" in caplog.text and "0 of 1 inputs predicted" in caplog.text
