@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from core.prediction.outputs import score_rows, write_maps, write_overlays
 from core.prediction.scans import BadInput, expand, output_stem, read_scan
 from core.prediction.settings import PredictSettings, parse_predict
 from core.prediction.thresholds import Threshold, select_thresholds
+from data.dataset import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +138,7 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
         raise ConfigError("experiment.task: 'predict' runs in one process; start it without torchrun")
     plain = json.loads(json.dumps(config))  # tuples (from ``!!python/tuple``) become lists
     run_dir = _run_folder(experiment, name, plain, config_path, dist.device)
-    out_dir = Path(settings.output_dir) if settings.output_dir else run_dir / "predictions"
-    out_dir = out_dir if out_dir.is_absolute() else REPO_ROOT / out_dir
+    out_dir = resolve(settings.output_dir, REPO_ROOT) if settings.output_dir else run_dir / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)
     log = ExperimentLogger(run_dir=run_dir, mode=wandb_settings.mode,
                            project=wandb_settings.project or experiment.name, entity=wandb_settings.entity,
@@ -149,9 +150,9 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
         model = model.to(dist.device).eval()
         exit_code = predict_all(model, pairs, settings, thresholds, prep, out_dir=out_dir, device=dist.device,
                                 seed=experiment.seed, log=log)
-        log.update_manifest(predicted_with={"path": str(weights), "which": loaded}, predictions=str(out_dir),
-                            thresholds=[t.__dict__ for t in thresholds],
-                            preprocessing={"target_size": list(prep.target_size), "intensity": prep.intensity})
+        log.update_manifest(predict_weights={"path": str(weights), "which": loaded}, predict_output=str(out_dir),
+                            predict_thresholds=[asdict(t) for t in thresholds],
+                            predict_preprocessing={"target_size": list(prep.target_size), "intensity": prep.intensity})
     finally:
         log.close(exit_code=exit_code)
     logger.info("predict: run folder %s, outputs in %s", run_dir, out_dir)
