@@ -102,7 +102,8 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
 
     Args:
         config: the resolved config; experiment, wandb_settings: its validated sections (``core.Main``).
-        name: the run name; config_path: the YAML given on the command line (for the manifest).
+        name: the config's run name; the run folder is ``<output_dir>/<experiment>/<name>_predict/<timestamp>``.
+        config_path: the YAML given on the command line (for the manifest).
         dry_run: validate, find the inputs and build the model, then return without reading any scan.
 
     Returns:
@@ -137,6 +138,7 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
     if dist.world_size > 1:
         raise ConfigError("experiment.task: 'predict' runs in one process; start it without torchrun")
     plain = json.loads(json.dumps(config))  # tuples (from ``!!python/tuple``) become lists
+    name = f"{name}_predict"  # prediction runs never mix with the training runs of the same config
     run_dir = _run_folder(experiment, name, plain, config_path, dist.device)
     out_dir = resolve(settings.output_dir, REPO_ROOT) if settings.output_dir else run_dir / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)

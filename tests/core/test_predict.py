@@ -138,7 +138,7 @@ def test_3d_volume_maps_and_masks_keep_shape_affine_and_training_thresholds(run,
         above = int((canonical[:, :, int(r["slice"])] > run["thresholds"]["fpr0.05"]).sum())
         assert int(r["above_fpr0.05"]) == above and int(r["exceeds_fpr0.05"]) == int(above > 0)
     assert len(list(out.glob("scan_overlay_slice*.png"))) == 3
-    (table,) = (run["root"] / "runs").rglob("tables/predict__scores.csv")
+    (table,) = (run["root"] / "runs" / "normative_eval" / "tiny_predict").rglob("tables/predict__scores.csv")
     assert str(run["root"] / "scan.nii.gz") in table.read_text()
     files = read_run(find_run_file(table.parents[1]))["files"]  # wandb got the table and the overlays
     assert any(f.startswith("media/table/predict/scores") for f in files)
