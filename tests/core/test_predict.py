@@ -18,7 +18,6 @@ from core.prediction.scans import from_slices, read_scan, to_slices, volume_from
 from dl_utils.checkpoint import save_checkpoint
 from model_zoo.ae import AutoEncoder
 from model_zoo.base import AnomalyModel, AnomalyOutput
-from tests.wandb_reader import find_run_file, read_run
 
 SIZE = 16
 MODEL = {"module_name": "model_zoo.ae", "class_name": "AutoEncoder",
@@ -55,10 +54,10 @@ def run(tmp_path, one_thread):
             "config": training_config}
 
 
-def _predict(run, predict, *extra, wandb="disabled"):
+def _predict(run, predict, *extra):
     config = {**run["config"], "experiment": {"task": "predict", "weights": str(run["weights"]), "device": "cpu",
                                               "output_dir": str(run["root"] / "runs")},
-              "wandb": {"mode": wandb}, "predict": {"output_dir": str(run["root"] / "out"), **predict}}
+              "wandb": {"mode": "disabled"}, "predict": {"output_dir": str(run["root"] / "out"), **predict}}
     path = run["root"] / "predict.yaml"
     path.write_text(yaml.safe_dump(config))
     return main(["--config_path", str(path), *extra])
@@ -110,13 +109,11 @@ def test_maps_land_on_the_input_voxels(tmp_path):
     assert np.abs(native[inside] - expected[inside]).max() < 0.08
 
 
-def test_3d_volume_maps_and_masks_keep_shape_affine_and_training_thresholds(run, caplog, monkeypatch):
-    monkeypatch.delenv("WANDB_MODE", raising=False)
+def test_3d_volume_maps_and_masks_keep_shape_affine_and_training_thresholds(run, caplog):
     volume = _smooth_volume((14, 20, 6))
     nib.save(nib.Nifti1Image(volume, AFFINE), run["root"] / "scan.nii.gz")
     with caplog.at_level(logging.INFO):
-        assert _predict(run, {"inputs": [str(run["root"] / "scan.nii.gz")], "axial_range": [3, 15]},
-                        wandb="offline") == 0
+        assert _predict(run, {"inputs": [str(run["root"] / "scan.nii.gz")], "axial_range": [3, 15]}) == 0
     out = run["root"] / "out"
     anomaly = nib.load(out / "scan_anomaly_map.nii.gz")
     assert anomaly.shape == volume.shape and np.allclose(anomaly.affine, AFFINE)
@@ -140,9 +137,25 @@ def test_3d_volume_maps_and_masks_keep_shape_affine_and_training_thresholds(run,
     assert len(list(out.glob("scan_overlay_slice*.png"))) == 3
     (table,) = (run["root"] / "runs" / "normative_eval" / "tiny_predict").rglob("tables/predict__scores.csv")
     assert str(run["root"] / "scan.nii.gz") in table.read_text()
-    files = read_run(find_run_file(table.parents[1]))["files"]  # wandb got the table and the overlays
-    assert any(f.startswith("media/table/predict/scores") for f in files)
-    assert sum(f.startswith("media/images/predict/scan_overlay_slice") for f in files) == 3
+    run_dir = table.parents[1]  # the ExperimentLogger got the table and the overlays
+    assert sorted(p.name for p in (run_dir / "figures").glob("predict__scan_overlay_slice*.png")) == sorted(
+        f"predict__{p.name}" for p in out.glob("scan_overlay_slice*.png"))
+    rows = list(csv.DictReader(table.open()))
+    assert len(rows) == 14
+
+
+def test_score_rows_have_one_type_per_column_as_wandb_tables_need(run):
+    from core.prediction.inference import SliceMaps
+    from core.prediction.outputs import score_rows
+    from core.prediction.thresholds import Threshold
+
+    nib.save(nib.Nifti1Image(_smooth_volume((6, 5, 4)), np.eye(4)), run["root"] / "v.nii.gz")
+    scan = read_scan(run["root"] / "v.nii.gz", None, axial_range=None, source="test")
+    result = SliceMaps(maps=np.ones((4, 5, 6), np.float32), scores=np.arange(4.0), inputs=np.zeros((4, 8, 8)))
+    rows = score_rows(scan, result, [Threshold(name="fpr0.05", value=0.5, source="x")], "v")
+    assert [r["kind"] for r in rows] == ["slice"] * 4 + ["volume"]
+    for column in rows[0]:
+        assert len({type(r[column]) for r in rows if r[column] is not None}) == 1, column
 
 
 def test_2d_nifti_and_chosen_fpr(run):
