@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("core.Main")
 
-TOP_LEVEL_KEYS = ("name", "experiment", "wandb", "data", "model", "trainer", "downstream_tasks", "vars", "overrides")
+TOP_LEVEL_KEYS = ("name", "experiment", "wandb", "data", "model", "trainer", "downstream_tasks", "predict", "vars",
+                  "overrides")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,17 +48,18 @@ class ExperimentSettings:
 
     Attributes:
         name: experiment (project) name, the first level of the run folder and the wandb project.
-        task: 'train' (train, then evaluate the best weights) or 'evaluate' (load ``weights``, evaluate).
+        task: 'train' (train, then evaluate the best weights), 'evaluate' (load ``weights``, evaluate) or
+            'predict' (apply ``weights`` to new scans, the ``predict:`` block; see :mod:`core.prediction`).
         seed: seeds python, numpy and torch.
         device: 'auto' (CUDA when present), 'gpu' (error without CUDA) or 'cpu'.
-        weights: checkpoint to evaluate (task 'evaluate'); loaded strictly.
+        weights: checkpoint to evaluate or predict with (tasks 'evaluate', 'predict'); loaded strictly.
         resume: a run folder whose ``checkpoints/latest.pt`` training continues from (task 'train').
         output_dir: where run folders go (relative: against the working directory).
         deterministic: ask torch for deterministic algorithms (slower on GPU).
     """
 
     name: str = "normative_eval"
-    task: Literal["train", "evaluate"] = "train"
+    task: Literal["train", "evaluate", "predict"] = "train"
     seed: int = 42
     device: Literal["auto", "gpu", "cpu"] = "auto"
     weights: str | None = None
@@ -101,8 +103,8 @@ def validate(config: dict[str, Any]) -> tuple[ExperimentSettings, WandbSettings]
         check_params(cls, section, key)
         sections[key] = cls(**section)
     experiment: ExperimentSettings = sections["experiment"]
-    if experiment.task == "evaluate" and not experiment.weights:
-        raise ConfigError("experiment.weights: required when experiment.task is 'evaluate'")
+    if experiment.task in ("evaluate", "predict") and not experiment.weights:
+        raise ConfigError(f"experiment.weights: required when experiment.task is {experiment.task!r}")
     if experiment.weights and not Path(experiment.weights).is_file():
         raise ConfigError(f"experiment.weights: file not found: {experiment.weights}")
     if experiment.resume and not (Path(experiment.resume) / "checkpoints" / "latest.pt").is_file():
@@ -192,6 +194,12 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config_path, args.overrides)
     experiment, wandb_settings = validate(config)
     name = config.get("name") or Path(args.config_path).stem
+    if experiment.task == "predict":  # needs neither the trainer nor the evaluation modules
+        from core.prediction import run_prediction
+
+        seed_everything(experiment.seed, experiment.deterministic)
+        return run_prediction(config, experiment=experiment, wandb_settings=wandb_settings, name=name,
+                              config_path=args.config_path, dry_run=args.dry_run)
 
     from core.DownstreamEvaluator import build_downstream, run_downstream
     from core.Trainer import Trainer

@@ -1,0 +1,204 @@
+"""``experiment.task: predict``: apply trained weights to new scans (see :mod:`core.prediction`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from core.Configurator import ConfigError, build
+from core.prediction.inference import Preprocessing, predict_scan
+from core.prediction.outputs import score_rows, write_maps, write_overlays
+from core.prediction.scans import BadInput, expand, output_stem, read_scan
+from core.prediction.settings import PredictSettings, parse_predict
+from core.prediction.thresholds import Threshold, select_thresholds
+from data.dataset import resolve
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_TARGET_SIZE = (128, 128)  # DataModule's defaults, for a checkpoint config that does not set them
+DEFAULT_INTENSITY = "minmax"
+
+
+def preprocessing_of(stored: dict[str, Any] | None, fallback: dict[str, Any], intensity: str | None) -> Preprocessing:
+    """The training run's slice preprocessing, from the checkpoint's config (the given config if it has none)."""
+    source = stored if isinstance(stored, dict) and "data" in stored else fallback
+    if source is fallback:
+        logger.warning("predict: the checkpoint stores no config; preprocessing from the given config's data block")
+    params = (source.get("data") or {}).get("params") or {}
+    size = params.get("target_size", DEFAULT_TARGET_SIZE)
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ConfigError(f"data.params.target_size of the checkpoint's config: expected two positive integers, "
+                          f"got {size!r}")
+    return Preprocessing(target_size=(int(size[0]), int(size[1])),
+                         intensity=intensity or params.get("intensity", DEFAULT_INTENSITY))
+
+
+def _pairs(settings: PredictSettings) -> list[tuple[Path, Path | None, str]]:
+    inputs = expand(settings.inputs, "inputs", REPO_ROOT)
+    if settings.masks is None:
+        return [(path, None, where) for path, where in inputs]
+    masks = expand(settings.masks, "masks", REPO_ROOT)
+    if len(masks) != len(inputs):
+        raise ConfigError(f"predict.masks: {len(masks)} mask files for {len(inputs)} inputs; masks are paired with "
+                          "the inputs in order (same folders sorted by name, or row-aligned CSVs)")
+    return [(path, mask, where) for (path, where), (mask, _) in zip(inputs, masks, strict=True)]
+
+
+def _unique(stem: str, used: set[str]) -> str:
+    name, n = stem, 1
+    while name in used:
+        n += 1
+        name = f"{stem}_{n}"
+    used.add(name)
+    return name
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _run_folder(experiment: Any, name: str, config: dict[str, Any], config_path: str,
+                device: torch.device) -> Path:
+    from dl_utils.run import device_description, git_state, make_run_dir, package_versions
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(100):  # two runs started in the same second get distinct folders
+        try:
+            run_dir = make_run_dir(experiment.output_dir, experiment.name, name,
+                                   stamp if attempt == 0 else f"{stamp}-{attempt}")
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free run folder for {stamp} under {experiment.output_dir}")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (run_dir / "manifest.json").write_text(json.dumps({
+        "config_path": str(config_path), "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git": git_state(), "packages": package_versions(), "python": sys.version.split()[0],
+        "seed": experiment.seed, "device": device_description(device), "task": "predict",
+        "weights": experiment.weights,
+    }, indent=2, sort_keys=True, default=str))
+    return run_dir
+
+
+def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: Any, name: str, config_path: str,
+                   dry_run: bool = False) -> int:
+    """Validate the ``predict:`` block, run the model on every input, write and log the results.
+
+    Args:
+        config: the resolved config; experiment, wandb_settings: its validated sections (``core.Main``).
+        name: the config's run name; the run folder is ``<output_dir>/<experiment>/<name>_predict/<timestamp>``.
+        config_path: the YAML given on the command line (for the manifest).
+        dry_run: validate, find the inputs and build the model, then return without reading any scan.
+
+    Returns:
+        0, or 1 when an input was bad and ``on_error`` is ``'stop'``.
+
+    Raises:
+        ConfigError: naming the YAML path for a bad ``predict:`` block, inputs that match nothing, missing
+            thresholds or a checkpoint whose config does not build.
+    """
+    from dl_utils.checkpoint import load_checkpoint, load_model_weights
+    from dl_utils.distributed import init_distributed
+    from dl_utils.experiment_logger import ExperimentLogger
+    from model_zoo.base import AnomalyModel
+
+    settings = parse_predict(config.get("predict"))
+    weights = Path(experiment.weights)
+    stored = load_checkpoint(weights).get("config")
+    prep = preprocessing_of(stored, config, settings.intensity)
+    model_block = stored["model"] if isinstance(stored, dict) and "model" in stored else config["model"]
+    if model_block != config.get("model"):
+        logger.warning("predict: the model block of %s's stored config differs from the given config's; "
+                       "using the stored one", weights)
+    thresholds = select_thresholds(settings, weights, REPO_ROOT)
+    pairs = _pairs(settings)
+    model = build(model_block, "model", base=AnomalyModel)
+    logger.info("predict: %d inputs, slices at %s with intensity %r", len(pairs), prep.target_size, prep.intensity)
+    if dry_run:
+        logger.info("predict dry run OK: %s", config_path)
+        return 0
+
+    dist = init_distributed(experiment.device)
+    if dist.world_size > 1:
+        raise ConfigError("experiment.task: 'predict' runs in one process; start it without torchrun")
+    plain = json.loads(json.dumps(config))  # tuples (from ``!!python/tuple``) become lists
+    name = f"{name}_predict"  # prediction runs never mix with the training runs of the same config
+    run_dir = _run_folder(experiment, name, plain, config_path, dist.device)
+    out_dir = resolve(settings.output_dir, REPO_ROOT) if settings.output_dir else run_dir / "predictions"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = ExperimentLogger(run_dir=run_dir, mode=wandb_settings.mode,
+                           project=wandb_settings.project or experiment.name, entity=wandb_settings.entity,
+                           name=f"{name}/{run_dir.name}", group=wandb_settings.group or name,
+                           tags=wandb_settings.tags, notes=wandb_settings.notes, config=plain)
+    exit_code = 1
+    try:
+        loaded = load_model_weights(model, weights)
+        model = model.to(dist.device).eval()
+        exit_code = predict_all(model, pairs, settings, thresholds, prep, out_dir=out_dir, device=dist.device,
+                                seed=experiment.seed, log=log)
+        log.update_manifest(predict_weights={"path": str(weights), "which": loaded}, predict_output=str(out_dir),
+                            predict_thresholds=[asdict(t) for t in thresholds],
+                            predict_preprocessing={"target_size": list(prep.target_size), "intensity": prep.intensity})
+    finally:
+        log.close(exit_code=exit_code)
+    logger.info("predict: run folder %s, outputs in %s", run_dir, out_dir)
+    return exit_code
+
+
+def predict_all(model: torch.nn.Module, pairs: list[tuple[Path, Path | None, str]], settings: PredictSettings,
+                thresholds: list[Threshold], prep: Preprocessing, *, out_dir: Path, device: torch.device, seed: int,
+                log: Any) -> int:
+    """Predict on every (input, mask, source); write maps, ``scores.csv`` and the summary. Returns the exit code."""
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    used: set[str] = set()
+    stopped = False
+    start = time.perf_counter()
+    progress = tqdm(pairs, desc="predict", disable=not sys.stderr.isatty(), leave=False)
+    for path, mask, source in progress:
+        try:
+            scan = read_scan(path, mask, axial_range=settings.axial_range, source=source)
+            result = predict_scan(model, scan, prep, device=device, batch_size=settings.batch_size, seed=seed)
+        except BadInput as err:
+            logger.error("predict: bad input, %s: %s", "stopping" if settings.on_error == "stop" else "skipped", err)
+            skipped.append({"input": str(path), "reason": str(err)})
+            if settings.on_error == "stop":
+                stopped = True
+                break
+            continue
+        stem = _unique(output_stem(path), used)
+        write_maps(scan, result, thresholds, out_dir, stem)
+        write_overlays(scan, result, thresholds, out_dir, stem, n=settings.n_overlays, log=log)
+        rows.extend(score_rows(scan, result, thresholds, stem))
+    if rows:
+        _write_csv(out_dir / "scores.csv", rows)
+        log.log_table("predict/scores", rows)
+    if skipped:
+        _write_csv(out_dir / "skipped.csv", skipped)
+        log.log_table("predict/skipped", skipped)
+    done = len({r["input"] for r in rows})
+    log.log_scalars({"predict/n_inputs": len(pairs), "predict/n_predicted": done, "predict/n_skipped": len(skipped)})
+    log.update_manifest(predict_skipped=skipped)
+    seconds = time.perf_counter() - start
+    summary = f"predict: {done} of {len(pairs)} inputs predicted in {seconds:.1f} s, {len(skipped)} skipped"
+    if skipped:
+        summary += ": " + "; ".join(s["input"] for s in skipped)
+    level = logging.ERROR if stopped else logging.WARNING if skipped else logging.INFO
+    logger.log(level, summary + (" (stopped at the first bad input)" if stopped else ""))
+    return 1 if stopped else 0
