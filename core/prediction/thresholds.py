@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.Configurator import ConfigError
+from core.evaluation.thresholds import Thresholds
 from core.prediction.settings import PredictSettings
 
 logger = logging.getLogger(__name__)
 
-THRESHOLDS_FILE = "thresholds.json"
+THRESHOLDS_FILE = Thresholds.FILE_NAME
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,7 @@ class Threshold:
 def read_thresholds_file(path: Path) -> dict[str, float]:
     """The healthy thresholds a training run wrote: ``{fpr key ('0.05'): threshold}``.
 
-    This is the only place that reads the file's layout (``{'provenance', 'thresholds': {key: {'threshold',
-    ...}}}``, written by the evaluation's ``thresholding`` task).
+    The file is read by :meth:`core.evaluation.thresholds.Thresholds.load`, the one reader of that format.
 
     Raises:
         ConfigError: the file is missing or not in that layout (naming the file).
@@ -44,11 +43,11 @@ def read_thresholds_file(path: Path) -> dict[str, float]:
                           "weights, point predict.thresholds_file at the training run's file, or give "
                           "predict.threshold_values")
     try:
-        saved = json.loads(path.read_text())
-        return {str(key): float(entry["threshold"]) for key, entry in saved["thresholds"].items()}
+        saved = Thresholds.load(path)
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ConfigError(f"predict.thresholds_file: {path} is not a thresholds file ({type(err).__name__}: {err})") \
             from err
+    return {f"{fpr:g}": float(value) for fpr, value in saved.values.items()}
 
 
 def select_thresholds(settings: PredictSettings, weights: Path, root: Path) -> list[Threshold]:

@@ -1,7 +1,6 @@
 """``experiment.task: predict``: geometry round trips, the training run's thresholds, bad inputs, 2-D files."""
 
 import csv
-import json
 import logging
 from pathlib import Path
 
@@ -12,12 +11,14 @@ import torch
 import yaml
 from PIL import Image
 
+from core.evaluation.thresholds import Thresholds
 from core.Main import main
 from core.prediction.inference import Preprocessing, predict_scan
 from core.prediction.scans import from_slices, read_scan, to_slices, volume_from_slices
 from dl_utils.checkpoint import save_checkpoint
 from model_zoo.ae import AutoEncoder
 from model_zoo.base import AnomalyModel, AnomalyOutput
+from optim.metrics.segmentation import ThresholdResult
 
 SIZE = 16
 MODEL = {"module_name": "model_zoo.ae", "class_name": "AutoEncoder",
@@ -47,9 +48,9 @@ def run(tmp_path, one_thread):
     with torch.no_grad():
         maps = model.get_anomaly(torch.rand(8, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))).anomaly_map
     quantiles = torch.quantile(maps.flatten(), torch.tensor([0.95, 0.5])).tolist()
-    thresholds = {"provenance": {"dataset": "val"},
-                  "thresholds": {"0.01": {"threshold": quantiles[0]}, "0.05": {"threshold": quantiles[1]}}}
-    (weights.parent / "thresholds.json").write_text(json.dumps(thresholds))
+    points = tuple(ThresholdResult(threshold=q, target_fpr=f, achieved_fpr=f, region="foreground", n_images=4,
+                                   n_pixels=100) for q, f in zip(quantiles, (0.01, 0.05), strict=True))
+    Thresholds(dataset="val", region="foreground", n_images=4, points=points).save(weights.parent / "thresholds.json")
     return {"root": tmp_path, "weights": weights, "thresholds": {"fpr0.01": quantiles[0], "fpr0.05": quantiles[1]},
             "config": training_config}
 
