@@ -2,18 +2,18 @@
 
 Per image, batched, on the input's device (METHODS.md section 3):
 
-1. ``x_rec`` = partial-diffusion reconstruction from L_r (``noise_level``, default 200), clamped to [0,1].
+1. ``x_rec`` = partial-diffusion reconstruction from L_r (``inference.noise_level``, default 200), clamped to [0,1].
 2. ``r = |x_rec - x|`` divided by its per-image ``percentile`` (95th) and capped at 1; ``p`` = spatial LPIPS
    (SqueezeNet) between x and x_rec; ``c = p * r``.
 3. ``m = 1[c > tau]`` (tau fixed, reference 0.13; ``tau < 0``: the per-image 95th percentile of c), dilated
    once with a 3x3 kernel. Thresholds are per image, never pooled over the batch.
 4. Stitch: ``(1 - m) * x + m * x_rec`` (returned for figures); the re-sampling starts from x_rec noised to L_i.
-5. RePaint re-sampling from L_i (``noise_level_inpaint``, default 50) with U (``resample_steps``, default 5)
+5. RePaint re-sampling from L_i (``repaint.noise_level``, default 50) with U (``repaint.resample_steps``, default 5)
    repeats per step, see :func:`model_zoo.diffusion.procedures.repaint`.
 6. ``x_inp`` = the result; map = ``|x - clamp(x_inp, 0, 1)| * c`` (c smoothed with a Gaussian of
    ``c_smoothing_sigma`` when set), score = mean of the map.
 
-The perceptual network is injected (a YAML block built lazily with the project's builder, or
+The perceptual network is injected (built lazily from a typed ``perceptual`` setting, or given to
 :meth:`AutoDDPM.set_perceptual`) and is deliberately not a registered submodule, so AutoDDPM's state dict is
 exactly a DDPM's and DDPM checkpoints load strictly.
 """
@@ -28,19 +28,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.Configurator import build
 from model_zoo.base import AnomalyOutput
-from model_zoo.ddpm import DDPM, AutocastDtype, CompileMode
-from model_zoo.diffusion.noise import NoiseType
-from model_zoo.diffusion.procedures import InferenceMethod, repaint
+from model_zoo.ddpm import DDPM
+from model_zoo.diffusion.procedures import repaint
+from model_zoo.diffusion.settings import InferenceSetting, RepaintSetting
+from optim.losses.perceptual import PerceptualSetting
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PERCEPTUAL: dict[str, Any] = {
-    "module_name": "optim.losses.perceptual",
-    "class_name": "PerceptualDistance",
-    "params": {"net": "squeeze", "backend": "auto"},
-}
+#: AutoDDPM's defaults: reconstruction by the full DDPM chain from L_r = 200; RePaint from L_i = 50 with U = 5;
+#: LPIPS with SqueezeNet (the study's), built on first use.
+RECONSTRUCTION = InferenceSetting(sampler="ddpm", noise_level=200)
+REPAINT = RepaintSetting(noise_level=50, resample_steps=5)
+SQUEEZE_LPIPS = PerceptualSetting(net="squeeze", backend="auto")
+
+
+def network_calls(reconstruction: InferenceSetting, repaint: RepaintSetting) -> int:
+    """UNet calls of one AutoDDPM anomaly map (per batch): the reconstruction's plus the re-sampling's."""
+    return reconstruction.network_calls + repaint.network_calls
 
 
 def per_image_quantile(x: Tensor, q: float) -> Tensor:
@@ -80,93 +85,52 @@ class AutoDDPM(DDPM):
     """AutoDDPM on a trained DDPM (no extra training; same state dict as :class:`DDPM`).
 
     Args:
-        noise_level: L_r, the reconstruction's partial-diffusion step (reference 200).
-        noise_level_inpaint: L_i, the re-sampling start step (reference 50).
-        resample_steps: U, RePaint repeats per step (reference 5).
+        repaint: the re-sampling: L_i (``noise_level``, reference 50) and U (``resample_steps``, reference 5).
         tau: mask threshold on c (reference 0.13, <= 5 % FPR on healthy data); < 0: per-image ``percentile``.
         percentile: the per-image percentile (in %) used to normalise r and as the adaptive threshold (95).
-        perceptual: ``{module_name, class_name, params}`` block of the perceptual network with
-            ``.spatial(x, y) -> [B,1,H,W]`` for x, y in [0,1]; None: SqueezeNet LPIPS
-            (``optim.losses.perceptual.PerceptualDistance(net='squeeze', backend='auto')``). Built on first use.
+        perceptual: the perceptual network with ``.spatial(x, y) -> [B,1,H,W]`` for x, y in [0,1], built on first
+            use (default: SqueezeNet LPIPS, backend ``'auto'``); :meth:`set_perceptual` injects another one.
         c_smoothing_sigma: smooth c with a Gaussian of this sigma (pixels) in the final map; None: off.
-        Other arguments: as :class:`DDPM` (the network and schedule must match the trained DDPM).
+        **ddpm: the DDPM's options (``network``, ``schedule``, ``noise``, ``inference``, ``val_inference``, ...),
+            passed to :class:`DDPM` unchanged (the network and schedule must match the trained DDPM); the
+            reconstruction's ``inference`` defaults to the full chain from L_r = 200.
     """
 
     def __init__(
         self,
         *,
-        in_channels: int = 1,
-        channels: tuple[int, ...] = (128, 256, 256),
-        attention_levels: tuple[bool, ...] = (False, True, True),
-        num_res_blocks: int = 1,
-        num_head_channels: int | tuple[int, ...] = 256,
-        norm_num_groups: int = 32,
-        use_flash_attention: bool = False,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 1e-4,
-        beta_end: float = 2e-2,
-        x0_clip: tuple[float, float] | None = (-1.0, 1.0),
-        noise_type: NoiseType = "gaussian",
-        simplex_octaves: int = 6,
-        simplex_persistence: float = 0.8,
-        simplex_frequency: float = 64.0,
-        noise_per_image: bool = True,
-        noise_level: int = 200,
-        inference: InferenceMethod = "ddpm",
-        inference_steps: int = 50,
-        ddim_eta: float = 0.0,
-        val_noise_level: int | None = None,
-        val_inference: InferenceMethod = "ddim",
-        val_inference_steps: int = 25,
-        val_seed: int = 0,
-        autocast_dtype: AutocastDtype = "auto",
-        channels_last: bool = False,
-        torch_compile: bool = False,
-        compile_mode: CompileMode = "default",
-        noise_level_inpaint: int = 50,
-        resample_steps: int = 5,
+        repaint: RepaintSetting = REPAINT,
         tau: float = 0.13,
         percentile: float = 95.0,
-        perceptual: dict[str, Any] | None = None,
+        perceptual: PerceptualSetting = SQUEEZE_LPIPS,
         c_smoothing_sigma: float | None = None,
+        **ddpm: Any,
     ) -> None:
-        super().__init__(
-            in_channels=in_channels, channels=channels, attention_levels=attention_levels,
-            num_res_blocks=num_res_blocks, num_head_channels=num_head_channels, norm_num_groups=norm_num_groups,
-            use_flash_attention=use_flash_attention, num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start, beta_end=beta_end, x0_clip=x0_clip, noise_type=noise_type,
-            simplex_octaves=simplex_octaves, simplex_persistence=simplex_persistence,
-            simplex_frequency=simplex_frequency, noise_per_image=noise_per_image, noise_level=noise_level,
-            inference=inference, inference_steps=inference_steps, ddim_eta=ddim_eta,
-            val_noise_level=val_noise_level, val_inference=val_inference, val_inference_steps=val_inference_steps,
-            val_seed=val_seed, autocast_dtype=autocast_dtype, channels_last=channels_last,
-            torch_compile=torch_compile, compile_mode=compile_mode,
-        )
-        if not 0 <= noise_level_inpaint < num_train_timesteps:
-            raise ValueError(f"noise_level_inpaint={noise_level_inpaint} must be in [0, {num_train_timesteps})")
-        if resample_steps < 1:
-            raise ValueError(f"resample_steps={resample_steps} must be >= 1")
+        super().__init__(**{"inference": RECONSTRUCTION, **ddpm})
+        repaint.check_noise_level(self.num_train_timesteps)
         if not 0.0 < percentile <= 100.0:
             raise ValueError(f"percentile={percentile} must be in (0, 100]")
         if c_smoothing_sigma is not None and c_smoothing_sigma <= 0:
             raise ValueError(f"c_smoothing_sigma={c_smoothing_sigma} must be > 0 (or null to switch smoothing off)")
-        if perceptual is not None and not isinstance(perceptual, dict):
-            raise ValueError(f"perceptual must be a {{module_name, class_name, params}} mapping, got {perceptual!r}")
-        self.noise_level_inpaint = noise_level_inpaint
-        self.resample_steps = resample_steps
+        if not isinstance(perceptual, PerceptualSetting):
+            raise ValueError(f"perceptual must be a PerceptualSetting ({{net, backend, weights_path}}), "
+                             f"got {perceptual!r}")
+        self.repaint = repaint
         self.tau = tau
         self.percentile = percentile
         self.c_smoothing_sigma = c_smoothing_sigma
-        self.perceptual_block = dict(DEFAULT_PERCEPTUAL if perceptual is None else perceptual)
+        self.perceptual_setting = perceptual
         # Not a submodule: LPIPS weights must stay out of the state dict (strict DDPM checkpoint loading).
         object.__setattr__(self, "_perceptual", None)
 
-    @property
-    def inference_label(self) -> str:
+    def network_calls(self, inference: InferenceSetting | None = None) -> int:
+        """UNet calls of one :meth:`get_anomaly` call: the reconstruction's plus the re-sampling's."""
+        return network_calls(self._setting(inference), self.repaint)
+
+    def inference_label(self, inference: InferenceSetting | None = None) -> str:
         """What :meth:`get_anomaly` computes: the reconstruction's label plus the re-sampling's."""
-        calls = (self.noise_level_inpaint + 1) * self.resample_steps
-        return (f"{super().inference_label}; RePaint from L_i={self.noise_level_inpaint} with U={self.resample_steps}, "
-                f"{calls} network calls; tau={self.tau:g}")
+        return (f"{super().inference_label(inference)}; {self.repaint.label}; "
+                f"{self.network_calls(inference)} network calls in all; tau={self.tau:g}")
 
     def set_perceptual(self, module: Any) -> None:
         """Use ``module`` (anything with ``.spatial(x, y) -> [B,1,H,W]``, usually an ``nn.Module``) as the
@@ -180,9 +144,9 @@ class AutoDDPM(DDPM):
 
     @property
     def perceptual(self) -> Any:
-        """The perceptual network, built from ``perceptual_block`` on first use."""
+        """The perceptual network, built from the ``perceptual`` setting on first use."""
         if self._perceptual is None:
-            module = build(self.perceptual_block, "model.params.perceptual", base=nn.Module)
+            module = self.perceptual_setting.build()
             logger.info("AutoDDPM perceptual network: %s (backend %s)", type(module).__name__,
                         getattr(module, "backend_name", "unknown"))
             self.set_perceptual(module)
@@ -190,13 +154,16 @@ class AutoDDPM(DDPM):
 
     @torch.no_grad()
     def get_anomaly(
-        self, x: Tensor, *, generator: torch.Generator | None = None, mask: Tensor | None = None
+        self, x: Tensor, *, generator: torch.Generator | None = None, inference: InferenceSetting | None = None,
+        mask: Tensor | None = None,
     ) -> AnomalyOutput:
         """AutoDDPM's map and score.
 
         Args:
             x: [B,1,H,W] in [0,1].
             generator: random source on x's device.
+            inference: the reconstruction's setting for this call (None: the configured ``inference``); the
+                re-sampling is ``repaint``'s.
             mask: [B,1,H,W] in {0,1} to re-sample instead of the computed (dilated) mask; for tests and
                 ablations.
 
@@ -205,7 +172,7 @@ class AutoDDPM(DDPM):
             ``stitched``, ``x_inp`` (unclamped) and ``c`` ([B,1,H,W] each).
         """
         q = self.percentile / 100.0
-        x_rec = self.reconstruct(x, generator=generator)
+        x_rec = self.reconstruct(x, generator=generator, inference=inference)
         r = (x_rec - x).abs()
         r = (r / per_image_quantile(r, q).clamp_min(1e-8)).clamp(max=1.0)
         perceptual = self.perceptual
@@ -223,8 +190,8 @@ class AutoDDPM(DDPM):
         elif mask.shape != x.shape:
             raise ValueError(f"mask override must have the input's shape {tuple(x.shape)}, got {tuple(mask.shape)}")
         stitched = (1.0 - mask) * x + mask * x_rec
-        x_inp = repaint(self.eps, x, x_rec, mask, noise_level=self.noise_level_inpaint,
-                        resample_steps=self.resample_steps, schedule=self.schedule, noise=self.noise,
+        x_inp = repaint(self.eps, x, x_rec, mask, noise_level=self.repaint.noise_level,
+                        resample_steps=self.repaint.resample_steps, schedule=self.schedule, noise=self.noise,
                         generator=generator, clip=self.x0_clip)
         weight = c if self.c_smoothing_sigma is None else gaussian_blur(c, self.c_smoothing_sigma)
         x_hat = x_inp.clamp(0.0, 1.0)

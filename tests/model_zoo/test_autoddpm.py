@@ -11,13 +11,14 @@ import torch
 from torch import Tensor, nn
 
 from core.Configurator import build
+from dl_utils.reinit import randomize_zero_layers
 from model_zoo.autoddpm import AutoDDPM, gaussian_blur, per_image_quantile
 from model_zoo.base import AnomalyModel
 from model_zoo.ddpm import DDPM
 from model_zoo.diffusion.procedures import repaint
+from model_zoo.diffusion.settings import InferenceSetting, RepaintSetting, UNetSetting
 
-TINY: dict[str, Any] = {"channels": (8, 16, 16), "num_head_channels": 8, "norm_num_groups": 8,
-                        "val_noise_level": 4, "val_inference_steps": 2}
+TINY_NET = UNetSetting(channels=(8, 16, 16), num_head_channels=8, norm_num_groups=8)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,9 +43,12 @@ class StandInPerceptual(nn.Module):
 
 
 def tiny_autoddpm(**overrides: Any) -> AutoDDPM:
+    """L_r = 4 (full chain), L_i = 3, U = 2; the UNet's zero-initialised output layers re-initialised (eps != 0)."""
     torch.manual_seed(0)
-    params = {**TINY, "noise_level": 4, "noise_level_inpaint": 3, "resample_steps": 2, **overrides}
+    params = {"network": TINY_NET, "inference": InferenceSetting(noise_level=4),
+              "repaint": RepaintSetting(noise_level=3, resample_steps=2), **overrides}
     model = AutoDDPM(**params).eval()
+    assert randomize_zero_layers(model) > 0
     model.set_perceptual(StandInPerceptual())
     return model
 
@@ -69,15 +73,15 @@ def _reference_full_inpainting(model: AutoDDPM, x: Tensor, seed: int) -> Tensor:
     order as the procedure (known part, reverse step, jump back); with a full mask the known part is unused."""
     g = torch.Generator().manual_seed(seed)
     x_rec = model.reconstruct(x, generator=g)
-    sched, level = model.scheduler, model.noise_level_inpaint
+    sched, level = model.scheduler, model.repaint.noise_level
     z = sched.add_noise(x_rec, torch.randn(x.shape, generator=g), torch.tensor([level]))
     for t in range(level, -1, -1):
-        for u in range(model.resample_steps):
+        for u in range(model.repaint.resample_steps):
             if t > 0:
                 torch.randn(x.shape, generator=g)  # the known part's noise
             eps = model.unet(z, timesteps=torch.full((x.shape[0],), t))
             z, _ = sched.step(eps, t, z, generator=g)
-            if u < model.resample_steps - 1:
+            if u < model.repaint.resample_steps - 1:
                 beta = float(sched.betas[t])
                 z = math.sqrt(1 - beta) * z + math.sqrt(beta) * torch.randn(x.shape, generator=g)
     return z
@@ -132,7 +136,8 @@ def test_c_mask_and_network_calls() -> None:
     expected_mask = torch.nn.functional.max_pool2d((c > 0.5).float(), 3, stride=1, padding=1)
     assert torch.equal(out.extras["mask"], expected_mask)
     assert set(out.extras) == {"x_rec", "mask", "stitched", "x_inp", "c"}
-    assert "RePaint from L_i=3 with U=2, 8 network calls" in model.inference_label
+    assert len(calls) == model.network_calls() == 5 + 8
+    assert "RePaint from L_i=3 with U=2, 8 network calls" in model.inference_label()
 
 
 @pytest.mark.parametrize("tau", [0.12, -1.0])
@@ -153,10 +158,9 @@ def test_masks_are_per_image_never_pooled(tau: float) -> None:
 
 def test_perceptual_block_is_lazy_and_outside_the_state_dict() -> None:
     block = {"module_name": "model_zoo.autoddpm", "class_name": "AutoDDPM", "params": {
-        **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}, "noise_level": 2,
-        "noise_level_inpaint": 1, "resample_steps": 1,
-        "perceptual": {"module_name": "optim.losses.perceptual", "class_name": "PerceptualDistance",
-                       "params": {"net": "squeeze", "backend": "random"}}}}
+        "network": {"channels": [8, 16, 16], "num_head_channels": 8, "norm_num_groups": 8},
+        "inference": {"noise_level": 2}, "repaint": {"noise_level": 1, "resample_steps": 1},
+        "perceptual": {"net": "squeeze", "backend": "random"}}}
     model = build(block, "model", base=AnomalyModel).eval()
     keys_before = set(model.state_dict())
     n_params = sum(p.numel() for p in model.parameters())
@@ -167,7 +171,7 @@ def test_perceptual_block_is_lazy_and_outside_the_state_dict() -> None:
     assert sum(p.numel() for p in model.parameters()) == n_params
     assert out.extras["c"].shape == (1, 1, 32, 32)
     # a DDPM checkpoint loads strictly into AutoDDPM and back
-    ddpm = DDPM(**TINY, noise_level=2)
+    ddpm = DDPM(network=TINY_NET)
     model.load_state_dict(ddpm.state_dict(), strict=True)
     ddpm.load_state_dict(model.state_dict(), strict=True)
 
@@ -181,7 +185,9 @@ def test_helpers_and_validation() -> None:
     q = per_image_quantile(torch.arange(200.0).reshape(2, 1, 10, 10), 0.5)
     assert q.shape == (2, 1, 1, 1) and q.flatten().tolist() == pytest.approx([49.5, 149.5])
     with pytest.raises(ValueError, match="resample_steps=0"):
-        tiny_autoddpm(resample_steps=0)
+        RepaintSetting(resample_steps=0)
+    with pytest.raises(ValueError, match=r"repaint\.noise_level=1000"):
+        tiny_autoddpm(repaint=RepaintSetting(noise_level=1000))
     with pytest.raises(ValueError, match="c_smoothing_sigma"):
         tiny_autoddpm(c_smoothing_sigma=0.0)
     with pytest.raises(ValueError, match="no spatial"):

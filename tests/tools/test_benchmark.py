@@ -57,8 +57,8 @@ def test_untrained_unet_is_randomised_so_parity_is_not_vacuous():
     model = bm.build_model(spec, plain, chains=bm.SMOKE_CHAINS)
     with torch.no_grad():
         assert model.eps(x, t).abs().max() > 1e-3  # MONAI's zero-initialised output conv was re-initialised
-    fresh = bm.DDPM(channels=spec.channels, attention_levels=spec.attention_levels, num_head_channels=32,
-                    norm_num_groups=8)
+    fresh = bm.DDPM(network=bm.UNetSetting(channels=spec.channels, attention_levels=spec.attention_levels,
+                                           num_head_channels=32, norm_num_groups=8))
     with torch.no_grad():
         assert fresh.eps(x, t).abs().max() == 0  # why the re-initialisation is needed
     assert randomize_zero_layers(fresh) > 0
