@@ -209,37 +209,39 @@ def repaint(
 ) -> Tensor:
     """RePaint re-sampling (Lugmayr et al., 2022) of the masked region, as AutoDDPM's step 5.
 
-    ``z`` starts as ``start`` noised to L. For t = L..0, repeated U times: the known image noised to t-1
-    (the clean known image at the last step), one DDPM reverse step of z from t to t-1,
+    ``z`` starts as ``start`` noised to L. For t = L..1 (METHODS.md; the study's loop), repeated U times: the
+    known image noised to t-1, one DDPM reverse step of z from t to t-1,
     ``z = mask * z_unknown + (1 - mask) * known_{t-1}``; between repeats z jumps back to step t with
-    ``z = sqrt(1 - beta_t) z + sqrt(beta_t) eps``. Network calls: (L+1) * U.
+    ``z = sqrt(1 - beta_t) z + sqrt(beta_t) eps``. Network calls: L * U. The loop ends at step 0 (MONAI's
+    convention: one step of noise, std sqrt(beta_0) = 0.01 for the reference schedule, remains), where the
+    study's last pass stitches in the clean known image without a network call: the result is
+    ``mask * z_0 + (1 - mask) * known``.
 
     Args:
         eps_model: the noise predictor.
         known: [B,C,H,W] the image whose unmasked part is kept (x).
         start: [B,C,H,W] the image the masked part starts from (AutoDDPM: x_rec).
         mask: [B,1 or C,H,W] in {0,1}; 1 = re-sample.
-        noise_level: L (AutoDDPM's L_i, default 50).
+        noise_level: L >= 1 (AutoDDPM's L_i, default 50).
         resample_steps: U >= 1.
         schedule, noise, generator, clip: as in :func:`reverse_step`.
 
     Returns:
-        [B,C,H,W] the in-painted image (step -1), not clamped; equal to ``known`` where mask is 0.
+        [B,C,H,W] the in-painted image, not clamped; equal to ``known`` where mask is 0.
     """
-    if not 0 <= noise_level < schedule.num_steps:
-        raise ValueError(f"in-painting noise level must be in [0, {schedule.num_steps}), got {noise_level}")
+    if not 1 <= noise_level < schedule.num_steps:
+        raise ValueError(f"in-painting noise level must be in [1, {schedule.num_steps}), got {noise_level}")
     if resample_steps < 1:
         raise ValueError(f"resample_steps must be >= 1, got {resample_steps}")
     z = noise_to(start, noise_level, noise.sample(start, noise_level, generator=generator), schedule)
-    for t in range(noise_level, -1, -1):
+    for t in range(noise_level, 0, -1):
         t_prev = t - 1
         beta = 1.0 - schedule.abar(t) / schedule.abar(t_prev)
         for u in range(resample_steps):
-            known_prev = known if t_prev < 0 else noise_to(
-                known, t_prev, noise.sample(known, t_prev, generator=generator), schedule)
+            known_prev = noise_to(known, t_prev, noise.sample(known, t_prev, generator=generator), schedule)
             unknown = reverse_step(eps_model, z, t, t_prev, schedule=schedule, noise=noise, generator=generator,
                                    method="ddpm", clip=clip)
             z = mask * unknown + (1.0 - mask) * known_prev
             if u < resample_steps - 1:
                 z = math.sqrt(1.0 - beta) * z + math.sqrt(beta) * noise.sample(z, t, generator=generator)
-    return z
+    return mask * z + (1.0 - mask) * known

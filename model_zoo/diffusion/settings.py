@@ -166,7 +166,7 @@ class RepaintSetting:
     """RePaint re-sampling inside a mask (AutoDDPM's step 5), see :func:`model_zoo.diffusion.procedures.repaint`.
 
     Attributes:
-        noise_level: L_i, the step the start image is noised to (reference 50).
+        noise_level: L_i >= 1, the step the start image is noised to (reference 50).
         resample_steps: U, repeats per step (reference 5).
     """
 
@@ -174,15 +174,15 @@ class RepaintSetting:
     resample_steps: int = 5
 
     def __post_init__(self) -> None:
-        if self.noise_level < 0:
-            raise ValueError(f"noise_level={self.noise_level} must be >= 0")
+        if self.noise_level < 1:
+            raise ValueError(f"noise_level={self.noise_level} must be >= 1 (re-sampling runs t = L_i..1)")
         if self.resample_steps < 1:
             raise ValueError(f"resample_steps={self.resample_steps} must be >= 1")
 
     @property
     def network_calls(self) -> int:
-        """Network calls of one re-sampling (per batch): (L_i + 1) * U (t = L_i..0)."""
-        return (self.noise_level + 1) * self.resample_steps
+        """Network calls of one re-sampling (per batch): L_i * U (t = L_i..1)."""
+        return self.noise_level * self.resample_steps
 
     @property
     def label(self) -> str:
