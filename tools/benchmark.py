@@ -25,9 +25,9 @@ generator seed); the check passes when the maps agree within :data:`PARITY_TOLER
 path used (float32 or bfloat16), see :func:`parity_check`.
 
 Chain lengths: the reference AnoDDPM chain is L = 250 (251 network calls) and AutoDDPM's is L_r = 200 + L_i = 50
-with U = 5 (201 + 255 calls). ``--anoddpm-steps`` / ``--autoddpm-steps`` shorten them (e.g. on a CPU); the
-entries then also report ``s_per_image_reference_chain_est``: the measured time scaled linearly in network calls to
-the reference chain length (labelled as an estimate).
+with U = 5 (201 + 250 calls: RePaint runs t = L_i..1). ``--anoddpm-steps`` / ``--autoddpm-steps`` shorten them
+(e.g. on a CPU); the entries then also report ``s_per_image_reference_chain_est``: the measured time scaled
+linearly in network calls to the reference chain length (labelled as an estimate).
 
 CLI::
 
@@ -154,7 +154,7 @@ class Chains:
 
     Attributes:
         anoddpm_level: AnoDDPM's L (full DDPM chain, L+1 calls).
-        autoddpm_levels: AutoDDPM's (L_r, L_i, U): (L_r+1) + (L_i+1) * U calls.
+        autoddpm_levels: AutoDDPM's (L_r, L_i, U): (L_r+1) + L_i * U calls.
     """
 
     anoddpm_level: int = 250
