@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from core.Configurator import build
+from core.Configurator import ConfigError, build
 from dl_utils.reinit import randomize_zero_layers
 from model_zoo.autoddpm import AutoDDPM, gaussian_blur, per_image_quantile
 from model_zoo.base import AnomalyModel
@@ -250,6 +250,12 @@ def test_perceptual_block_is_lazy_and_outside_the_state_dict() -> None:
     assert set(model.state_dict()) == keys_before and all(k.startswith("unet.") for k in keys_before)
     assert sum(p.numel() for p in model.parameters()) == n_params
     assert out.extras["c"].shape == (1, 1, 32, 32)
+    assert model.map_formula == "study" and model.repaint == RepaintSetting(noise_level=1, resample_steps=1)
+    calibrated = build({**block, "params": {**block["params"], "tau": "calibrated", "map_formula": "paper"}}, "model",
+                       base=AnomalyModel)
+    assert calibrated.needs_calibration and calibrated.map_formula == "paper"
+    with pytest.raises(ConfigError, match=r"model\.params\.tau: 'auto' is not one of 'calibrated'"):
+        build({**block, "params": {**block["params"], "tau": "auto"}}, "model", base=AnomalyModel)
     # a DDPM checkpoint loads strictly into AutoDDPM and back
     ddpm = DDPM(network=TINY_NET)
     model.load_state_dict(ddpm.state_dict(), strict=True)
