@@ -5,6 +5,11 @@ Everything that can be built from YAML goes through :func:`build`, the one stric
 optional ``enabled`` flag, rejects every other key, checks that the class is a subclass of what the slot
 expects, binds ``params`` to the constructor's signature and checks their types *before* constructing.
 Every failure is a :class:`ConfigError` that names the YAML path and, where it helps, the valid choices.
+A parameter annotated with a dataclass (a typed sub-block such as a diffusion model's
+``inference: {sampler: strided, noise_level: 250, steps: 25}``) takes a mapping that is checked key by key at its
+nested path (``model.params.inference.sampler``) and converted to the dataclass. A constructor that takes
+``**kwargs`` and derives from a class with named constructor parameters forwards them there
+(``super().__init__(**kwargs)``, e.g. AutoDDPM's DDPM options): those keys are checked against the base's signature.
 
 Loading (:func:`load_config`) uses a safe YAML loader that also accepts ``!!python/tuple``, composes
 ``_base_`` files (paths relative to the including file, merged in order, the including file last) and
