@@ -5,6 +5,11 @@ Everything that can be built from YAML goes through :func:`build`, the one stric
 optional ``enabled`` flag, rejects every other key, checks that the class is a subclass of what the slot
 expects, binds ``params`` to the constructor's signature and checks their types *before* constructing.
 Every failure is a :class:`ConfigError` that names the YAML path and, where it helps, the valid choices.
+A parameter annotated with a dataclass (a typed sub-block such as a diffusion model's
+``inference: {sampler: strided, noise_level: 250, steps: 25}``) takes a mapping that is checked key by key at its
+nested path (``model.params.inference.sampler``) and converted to the dataclass. A constructor that takes
+``**kwargs`` and derives from a class with named constructor parameters forwards them there
+(``super().__init__(**kwargs)``, e.g. AutoDDPM's DDPM options): those keys are checked against the base's signature.
 
 Loading (:func:`load_config`) uses a safe YAML loader that also accepts ``!!python/tuple``, composes
 ``_base_`` files (paths relative to the including file, merged in order, the including file last) and
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import copy
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -239,6 +245,9 @@ def build(block: Any, path: str, base: type | None = None, **injected: Any) -> A
         **injected: runtime objects passed to the constructor besides ``params`` (model, data, ...);
             a YAML param of the same name is an error.
 
+    A mapping given for a parameter annotated with a dataclass (e.g. ``inference: InferenceSetting``) is checked
+    key by key and converted to that dataclass (see :func:`to_dataclass`).
+
     Raises:
         ConfigError: naming ``path`` for any shape, import, class, binding, type or constructor error.
     """
@@ -250,52 +259,165 @@ def build(block: Any, path: str, base: type | None = None, **injected: Any) -> A
         if key in injected:
             raise ConfigError(f"{path}.params.{key}: set by the framework, not from YAML")
     check_params(cls, params, f"{path}.params", injected=injected)
+    hints = _signature(cls).hints
+    params = {k: _convert(v, hints.get(k, Any), f"{path}.params.{k}") for k, v in params.items()}
     try:
         return cls(**params, **injected)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{path}: {block['module_name']}.{block['class_name']}: {err}") from err
 
 
-def check_params(cls: Any, params: dict[str, Any], path: str, *, injected: cabc.Mapping[str, Any] = ()) -> None:
-    """Check that ``params`` bind to ``cls``'s signature and match its annotations."""
+class _Signature(typing.NamedTuple):
+    names: list[str]  # keyword-bindable parameter names
+    required: list[str]  # names without a default
+    hints: dict[str, Any]  # resolved annotations (empty where they cannot be resolved)
+    open_kwargs: bool  # ``**kwargs`` that accept any key
+
+
+def _signature(cls: Any) -> _Signature:
+    """The constructor's (or function's) parameters.
+
+    A class whose ``__init__`` takes ``**kwargs`` is taken to forward them to its base class's constructor
+    (``super().__init__(**kwargs)``, e.g. AutoDDPM's DDPM options): the base's parameters are added, and only a base
+    without named parameters (``object``, ``nn.Module``) leaves the keyword arguments open.
+    """
     target = cls.__init__ if inspect.isclass(cls) else cls
-    signature = inspect.signature(target)
-    parameters = [p for p in signature.parameters.values() if p.name != "self"]
-    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in parameters)
-    names = [p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    user_names = [n for n in names if n not in injected]
-    if not takes_kwargs:
+    parameters = [p for p in inspect.signature(target).parameters.values() if p.name != "self"]
+    named = [p for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    try:
+        hints = {k: v for k, v in typing.get_type_hints(target).items() if k != "return"}
+    except (NameError, TypeError):  # unresolvable forward references: skip type checks, binding is still checked
+        hints = {}
+    out = _Signature([p.name for p in named], [p.name for p in named if p.default is p.empty], hints,
+                     any(p.kind is p.VAR_KEYWORD for p in parameters))
+    if out.open_kwargs and inspect.isclass(cls):
+        parent = next((c for c in cls.__mro__[1:] if "__init__" in vars(c)), object)
+        if parent is not object:
+            inherited = _signature(parent)
+            if inherited.names:
+                extra = [n for n in inherited.names if n not in out.names]
+                return _Signature(out.names + extra, out.required + [n for n in inherited.required if n in extra],
+                                  {**{k: v for k, v in inherited.hints.items() if k in extra}, **hints},
+                                  inherited.open_kwargs)
+    return out
+
+
+def check_params(cls: Any, params: dict[str, Any], path: str, *, injected: cabc.Mapping[str, Any] = ()) -> None:
+    """Check that ``params`` bind to ``cls``'s signature and match its annotations (dataclass blocks key by key)."""
+    sig = _signature(cls)
+    user_names = [n for n in sig.names if n not in injected]
+    if not sig.open_kwargs:
         for key in params:
-            if key not in names:
+            if key not in sig.names:
                 raise ConfigError(
                     f"{path}.{key}: unknown parameter{_suggest(key, user_names)}; "
                     f"valid parameters: {', '.join(user_names) or '(none)'}"
                 )
-    for p in parameters:
-        if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.default is not p.empty:
-            continue
-        if p.name not in params and p.name not in injected:
-            raise ConfigError(f"{path}.{p.name}: required parameter is missing")
-    try:
-        hints = typing.get_type_hints(target)
-    except (NameError, TypeError):  # unresolvable forward references: skip type checks, binding was checked
-        hints = {}
+    for name in sig.required:
+        if name not in params and name not in injected:
+            raise ConfigError(f"{path}.{name}: required parameter is missing")
     for key, value in params.items():
-        if key in hints:
-            problem = type_problem(value, hints[key])
+        if key in sig.hints:
+            problem = _problem(value, sig.hints[key])
             if problem:
-                raise ConfigError(f"{path}.{key}: {problem}")
+                raise ConfigError(f"{path}.{key}{problem[0]}: {problem[1]}")
+
+
+def to_dataclass(cls: type, value: Any, path: str) -> Any:
+    """Check a YAML mapping against dataclass ``cls`` key by key and build it.
+
+    Unknown keys (with a suggestion), missing required fields, wrong types and ``Literal`` choices are reported at
+    their nested YAML path (``model.params.inference.sampler``); nested dataclass fields are converted too. An
+    instance of ``cls`` is returned unchanged.
+
+    Raises:
+        ConfigError: naming ``path`` (and the field) for any problem, including the dataclass's own validation.
+    """
+    problem = _problem(value, cls)
+    if problem:
+        raise ConfigError(f"{path}{problem[0]}: {problem[1]}")
+    return _convert(value, cls, path)
+
+
+def _is_dataclass_type(annotation: Any) -> bool:
+    return inspect.isclass(annotation) and dataclasses.is_dataclass(annotation)
+
+
+def _dataclass_fields(cls: type) -> tuple[list[str], list[str], dict[str, Any]]:
+    """(init field names, required ones, their resolved annotations) of a dataclass."""
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = [f.name for f in fields]
+    required = [f.name for f in fields
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        hints = {}
+    return names, required, {n: hints[n] for n in names if n in hints}
+
+
+def _dataclass_problem(value: Any, cls: type) -> tuple[str, str] | None:
+    """``_problem`` for a dataclass annotation: a mapping checked field by field (or an instance of it)."""
+    if isinstance(value, cls):
+        return None
+    names, required, hints = _dataclass_fields(cls)
+    if not isinstance(value, dict):
+        return "", (f"expected a mapping of {cls.__name__} ({', '.join(names)}), got {type(value).__name__} "
+                    f"({value!r})")
+    for key in value:
+        if key not in names:
+            return f".{key}", f"unknown key{_suggest(key, names)}; valid keys: {', '.join(names)}"
+    for name in required:
+        if name not in value:
+            return f".{name}", f"required key of {cls.__name__} is missing"
+    for key, item in value.items():
+        problem = _problem(item, hints.get(key, Any))
+        if problem:
+            return f".{key}{problem[0]}", problem[1]
+    return None
+
+
+def _problem(value: Any, annotation: Any) -> tuple[str, str] | None:
+    """Why ``value`` does not fit ``annotation``: (sub-path below the checked key, e.g. ``'.sampler'``, sentence)."""
+    if _is_dataclass_type(annotation):
+        return _dataclass_problem(value, annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and isinstance(value, dict):
+        # a mapping for ``Setting | None``: report the dataclass's own problem at its nested path
+        dataclass_args = [a for a in typing.get_args(annotation) if _is_dataclass_type(a)]
+        if len(dataclass_args) == 1:
+            return _dataclass_problem(value, dataclass_args[0])
+    problem = type_problem(value, annotation)
+    return None if problem is None else ("", problem)
+
+
+def _convert(value: Any, annotation: Any, path: str) -> Any:
+    """Turn checked mappings into the dataclasses their annotation names (nested ones too); else ``value``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and isinstance(value, dict):
+        dataclass_args = [a for a in typing.get_args(annotation) if _is_dataclass_type(a)]
+        annotation = dataclass_args[0] if len(dataclass_args) == 1 else annotation
+    if not _is_dataclass_type(annotation) or not isinstance(value, dict):
+        return value
+    _, _, hints = _dataclass_fields(annotation)
+    fields = {k: _convert(v, hints.get(k, Any), f"{path}.{k}") for k, v in value.items()}
+    try:
+        return annotation(**fields)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: {annotation.__name__}: {err}") from err
 
 
 def type_problem(value: Any, annotation: Any) -> str | None:
     """Return why ``value`` does not fit ``annotation`` (a readable sentence), or ``None`` if it fits.
 
     Understands the annotations YAML values can meet: builtins, ``Literal``, unions/``Optional``,
-    ``list``/``tuple``/``Sequence``/``dict``/``Mapping`` with item types, and ``Any``. Other annotations
-    (classes such as ``nn.Module``) accept anything: they are injected or checked by the constructor.
+    ``list``/``tuple``/``Sequence``/``dict``/``Mapping`` with item types, dataclasses (a mapping checked key by
+    key; the sentence starts with the offending key) and ``Any``. Other annotations (classes such as
+    ``nn.Module``) accept anything: they are injected or checked by the constructor.
     """
     if annotation is Any or annotation is inspect.Parameter.empty:
         return None
+    if _is_dataclass_type(annotation):
+        problem = _dataclass_problem(value, annotation)
+        return None if problem is None else (f"{problem[0][1:]}: {problem[1]}" if problem[0] else problem[1])
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is typing.Literal:

@@ -25,9 +25,9 @@ generator seed); the check passes when the maps agree within :data:`PARITY_TOLER
 path used (float32 or bfloat16), see :func:`parity_check`.
 
 Chain lengths: the reference AnoDDPM chain is L = 250 (251 network calls) and AutoDDPM's is L_r = 200 + L_i = 50
-with U = 5 (201 + 255 calls). ``--anoddpm-steps`` / ``--autoddpm-steps`` shorten them (e.g. on a CPU); the
-entries then also report ``s_per_image_reference_chain_est``: the measured time scaled linearly in network calls to
-the reference chain length (labelled as an estimate).
+with U = 5 (201 + 250 calls: RePaint runs t = L_i..1). ``--anoddpm-steps`` / ``--autoddpm-steps`` shorten them
+(e.g. on a CPU); the entries then also report ``s_per_image_reference_chain_est``: the measured time scaled
+linearly in network calls to the reference chain length (labelled as an estimate).
 
 CLI::
 
@@ -56,7 +56,9 @@ from torch import Tensor
 from data.batch import Batch
 from dl_utils.reinit import randomize_zero_layers
 from model_zoo.autoddpm import AutoDDPM
+from model_zoo.autoddpm import network_calls as autoddpm_network_calls
 from model_zoo.ddpm import DDPM, CompileMode
+from model_zoo.diffusion.settings import InferenceSetting, RepaintSetting, UNetSetting
 
 logger = logging.getLogger(__name__)
 
@@ -152,20 +154,31 @@ class Chains:
 
     Attributes:
         anoddpm_level: AnoDDPM's L (full DDPM chain, L+1 calls).
-        autoddpm_levels: AutoDDPM's (L_r, L_i, U): (L_r+1) + (L_i+1) * U calls.
+        autoddpm_levels: AutoDDPM's (L_r, L_i, U): (L_r+1) + L_i * U calls.
     """
 
     anoddpm_level: int = 250
     autoddpm_levels: tuple[int, int, int] = (200, 50, 5)
 
     @property
+    def anoddpm(self) -> InferenceSetting:
+        """AnoDDPM's inference: the full DDPM chain from L."""
+        return InferenceSetting(sampler="ddpm", noise_level=self.anoddpm_level)
+
+    @property
+    def autoddpm(self) -> tuple[InferenceSetting, RepaintSetting]:
+        """AutoDDPM's reconstruction (full chain from L_r) and re-sampling (L_i, U)."""
+        rec, inp, repeats = self.autoddpm_levels
+        return (InferenceSetting(sampler="ddpm", noise_level=rec),
+                RepaintSetting(noise_level=inp, resample_steps=repeats))
+
+    @property
     def anoddpm_calls(self) -> int:
-        return self.anoddpm_level + 1
+        return self.anoddpm.network_calls
 
     @property
     def autoddpm_calls(self) -> int:
-        rec, inp, repeats = self.autoddpm_levels
-        return rec + 1 + (inp + 1) * repeats
+        return autoddpm_network_calls(*self.autoddpm)
 
 
 REFERENCE_CHAINS = Chains()
@@ -246,20 +259,19 @@ def build_model(spec: SizeSpec, path: PathSettings, *, chains: Chains, autoddpm:
     AnoDDPM's chain is the full DDPM chain from ``chains.anoddpm_level``; AutoDDPM's uses ``chains.autoddpm_levels``
     and mask threshold ``tau`` (reference 0.13; < 0: per-image 95th percentile).
     """
-    common = {"channels": spec.channels, "attention_levels": spec.attention_levels, "num_res_blocks": 1,
-              "num_head_channels": spec.num_head_channels, "norm_num_groups": spec.norm_num_groups,
-              "use_flash_attention": path.flash_attention, "autocast_dtype": path.autocast_dtype,
-              "channels_last": path.channels_last, "torch_compile": path.torch_compile,
-              "compile_mode": path.compile_mode, "inference": "ddpm",
-              "val_inference": "ddpm"}
+    network = UNetSetting(channels=spec.channels, attention_levels=spec.attention_levels, num_res_blocks=1,
+                          num_head_channels=spec.num_head_channels, norm_num_groups=spec.norm_num_groups,
+                          use_flash_attention=path.flash_attention)
+    common = {"network": network, "autocast_dtype": path.autocast_dtype, "channels_last": path.channels_last,
+              "torch_compile": path.torch_compile, "compile_mode": path.compile_mode}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if autoddpm:
-            rec, inp, repeats = chains.autoddpm_levels
-            model: DDPM = AutoDDPM(**common, noise_level=rec, noise_level_inpaint=inp, resample_steps=repeats,
+            reconstruction, repaint = chains.autoddpm
+            model: DDPM = AutoDDPM(**common, inference=reconstruction, val_inference=reconstruction, repaint=repaint,
                                    tau=tau)
         else:
-            model = DDPM(**common, noise_level=chains.anoddpm_level)
+            model = DDPM(**common, inference=chains.anoddpm, val_inference=chains.anoddpm)
         randomize_zero_layers(model, seed=seed)
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True)
@@ -579,10 +591,8 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
         auto = method == "autoddpm"
         calls = config.chains.autoddpm_calls if auto else config.chains.anoddpm_calls
         reference_calls = REFERENCE_CHAINS.autoddpm_calls if auto else REFERENCE_CHAINS.anoddpm_calls
-        chain = ({"noise_level": config.chains.autoddpm_levels[0],
-                  "noise_level_inpaint": config.chains.autoddpm_levels[1],
-                  "resample_steps": config.chains.autoddpm_levels[2]} if auto
-                 else {"noise_level": config.chains.anoddpm_level, "inference": "ddpm"})
+        chain = ({"inference": asdict(config.chains.autoddpm[0]), "repaint": asdict(config.chains.autoddpm[1])}
+                 if auto else {"inference": asdict(config.chains.anoddpm)})
         models = {name: build_model(spec, path, chains=config.chains, autoddpm=auto, state_dict=shared).to(device)
                   for name, path in paths.items()}
         for model in models.values():

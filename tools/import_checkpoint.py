@@ -148,9 +148,9 @@ def import_checkpoint(src: str | Path, out: str | Path, config_path: str | Path,
     try:
         load_state_strict(model, weights, f"converted weights of {src} (model from {config_path})")
     except CheckpointError as err:
-        raise CheckpointImportError(f"{err}. Check that the UNet parameters of {config_path} 'model.params' "
-                                    "(channels, attention_levels, num_res_blocks, num_head_channels, "
-                                    "norm_num_groups) match the old model") from err
+        raise CheckpointImportError(f"{err}. Check that the UNet parameters of {config_path} "
+                                    "'model.params.network' (channels, attention_levels, num_res_blocks, "
+                                    "num_head_channels, norm_num_groups) match the old model") from err
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     epoch = legacy.get("epoch")
     source = {"path": str(src), "sha256": digest, "epoch": epoch if isinstance(epoch, int | float) else None,

@@ -7,9 +7,10 @@ test sets and reports network evaluations, seconds per image and pixel AUROC / A
 - ``strided`` k: the DDPM posterior over k evenly spaced steps from L to 0 (k calls);
 - ``ddim`` k: the deterministic DDIM update over the same k steps (k calls).
 
-The settings are applied by the model's own ``inference`` / ``inference_steps`` knobs and maps come from
-``model.get_anomaly`` (AnoDDPM: ``|x - x_rec|``; AutoDDPM: the setting applies to the reconstruction from L_r,
-the RePaint re-sampling is unchanged). Network evaluations are counted with a forward pre-hook on the UNet.
+Each setting is an :class:`~model_zoo.diffusion.settings.InferenceSetting` passed per call to
+``model.get_anomaly(x, inference=...)`` (the model is never changed; AnoDDPM: ``|x - x_rec|``; AutoDDPM: the
+setting applies to the reconstruction from L_r, the RePaint re-sampling is unchanged). Network evaluations are
+counted with a forward pre-hook on the UNet and must equal ``model.network_calls(setting)``.
 
 Metrics (``optim.metrics.pixel_auroc_auprc``): pixel AUROC / AUPRC pooled over all pixels of all pathological
 sets, inside the evaluation region (brain mask OR anomaly mask where the sets have brain masks), plus the mean
@@ -53,7 +54,7 @@ import torch
 from torch import Tensor
 
 from model_zoo.ddpm import DDPM
-from model_zoo.diffusion.procedures import InferenceMethod, inference_timesteps
+from model_zoo.diffusion.settings import InferenceSetting, UNetSetting
 from optim.metrics import auroc, average_precision, pixel_auroc_auprc
 
 logger = logging.getLogger(__name__)
@@ -80,28 +81,30 @@ class EvalSet:
 
 @dataclass(frozen=True)
 class Setting:
-    """One inference setting.
+    """One point of the sweep.
 
     Attributes:
-        method: ``'ddpm'`` (full chain), ``'strided'`` or ``'ddim'``.
-        steps: network calls for ``'strided'``/``'ddim'`` (None for ``'ddpm'``).
+        inference: the sampler, noise level and steps passed to ``get_anomaly``.
         seed: generator seed.
     """
 
-    method: InferenceMethod
-    steps: int | None
+    inference: InferenceSetting
     seed: int = 0
 
     @property
     def label(self) -> str:
-        return "ddpm (full chain)" if self.method == "ddpm" else f"{self.method} {self.steps}"
+        """Short table name: ``'ddpm (full chain)'``, ``'strided 25'``, ``'ddim 10'``."""
+        sampler = self.inference.sampler
+        return "ddpm (full chain)" if sampler == "ddpm" else f"{sampler} {self.inference.steps}"
 
 
 def default_settings(noise_level: int, *, steps: Sequence[int] = DEFAULT_STEPS, full_seeds: int = 2) -> list[Setting]:
     """The full chain with ``full_seeds`` seeds, then strided and DDIM with each of ``steps`` (<= L+1) calls."""
-    settings = [Setting("ddpm", None, seed) for seed in range(full_seeds)]
+    full = InferenceSetting(sampler="ddpm", noise_level=noise_level)
+    settings = [Setting(full, seed) for seed in range(full_seeds)]
     valid = [k for k in steps if 1 <= k <= noise_level + 1]
-    settings += [Setting(method, k) for method in ("strided", "ddim") for k in valid]
+    settings += [Setting(InferenceSetting(sampler=sampler, noise_level=noise_level, steps=k))
+                 for sampler in ("strided", "ddim") for k in valid]
     return settings
 
 
@@ -138,19 +141,6 @@ def load_eval_sets(data: Any, names: Sequence[str] | None = None, *, max_images:
 
 # ------------------------------------------------------------------------------------------------ evaluation
 @contextmanager
-def inference_setting(model: DDPM, setting: Setting) -> Iterator[None]:
-    """Temporarily switch the model's ``inference`` / ``inference_steps`` to ``setting``."""
-    steps = setting.steps if setting.steps is not None else model.inference_steps
-    inference_timesteps(model.noise_level, setting.method, steps)  # validates the step count
-    saved = (model.inference, model.inference_steps)
-    model.inference, model.inference_steps = setting.method, steps
-    try:
-        yield
-    finally:
-        model.inference, model.inference_steps = saved
-
-
-@contextmanager
 def count_network_calls(model: DDPM) -> Iterator[list[int]]:
     """Count forward calls of ``model.unet`` (a one-element list, updated in place)."""
     counter = [0]
@@ -177,20 +167,25 @@ def run_setting(model: DDPM, sets: Sequence[EvalSet], setting: Setting, *, devic
     maps: list[Tensor] = []
     n_images, calls_per_batch = 0, []
     start = time.perf_counter()
-    with inference_setting(model, setting), count_network_calls(model) as counter:
+    with count_network_calls(model) as counter:
         for eval_set in sets:
             parts = []
             for i in range(0, eval_set.images.shape[0], batch_size):
                 x = eval_set.images[i:i + batch_size].to(device)
                 before = counter[0]
-                parts.append(model.get_anomaly(x, generator=generator).anomaly_map.float().cpu())
+                out = model.get_anomaly(x, generator=generator, inference=setting.inference)
+                parts.append(out.anomaly_map.float().cpu())
                 calls_per_batch.append(counter[0] - before)
                 n_images += x.shape[0]
             maps.append(torch.cat(parts))
     elapsed = time.perf_counter() - start
     if len(set(calls_per_batch)) != 1:
         raise RuntimeError(f"{setting.label}: network calls differ between batches: {sorted(set(calls_per_batch))}")
-    row = {"setting": setting.label, "method": setting.method, "steps": setting.steps, "seed": setting.seed,
+    if calls_per_batch[0] != model.network_calls(setting.inference):
+        raise RuntimeError(f"{setting.label}: {calls_per_batch[0]} network calls counted, the setting says "
+                           f"{model.network_calls(setting.inference)}")
+    row = {"setting": setting.label, "method": setting.inference.sampler, "steps": setting.inference.steps,
+           "seed": setting.seed, "inference_label": model.inference_label(setting.inference),
            "network_evals": calls_per_batch[0], "s_per_image": elapsed / n_images, "n_images": n_images}
     return row, maps
 
@@ -274,7 +269,7 @@ def sweep(model: DDPM, sets: Sequence[EvalSet], settings: Sequence[Setting], *, 
     return {"rows": rows, "reference": reference, "noise": noise,
             "recommendation": recommendation,
             "n_images": sum(s.images.shape[0] for s in sets), "sets": [s.name for s in sets],
-            "noise_level": model.noise_level, "model": type(model).__name__}
+            "noise_level": model.inference.noise_level, "model": type(model).__name__}
 
 
 def _std(values: Sequence[float]) -> float:
@@ -389,9 +384,11 @@ def small_ddpm(*, channels: Sequence[int] = (16, 32, 32), noise_level: int | Non
     """
     from model_zoo.autoddpm import AutoDDPM
 
-    kwargs = {"channels": tuple(channels), "attention_levels": (False, True, True), "num_head_channels": channels[-1],
-              "norm_num_groups": 8, "use_flash_attention": True, "val_inference": "ddpm",
-              "noise_level": noise_level if noise_level is not None else (200 if autoddpm else 250)}
+    level = noise_level if noise_level is not None else (200 if autoddpm else 250)
+    full_chain = InferenceSetting(sampler="ddpm", noise_level=level)
+    network = UNetSetting(channels=tuple(channels), attention_levels=(False, True, True),
+                          num_head_channels=channels[-1], norm_num_groups=8, use_flash_attention=True)
+    kwargs = {"network": network, "inference": full_chain, "val_inference": full_chain}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoDDPM(**kwargs) if autoddpm else DDPM(**kwargs)
@@ -506,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             auto.load_state_dict(model.state_dict(), strict=True)
             models["autoddpm"] = auto.to(device)
     for method, target in models.items():
-        settings = default_settings(target.noise_level, steps=steps, full_seeds=args.full_seeds)
+        settings = default_settings(target.inference.noise_level, steps=steps, full_seeds=args.full_seeds)
         result = sweep(target, sets, settings, device=device)
         result["provenance"] = provenance
         paths = write_outputs(result, args.out_dir / method)

@@ -17,17 +17,15 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from model_zoo.diffusion.noise import DiffusionNoise
+from model_zoo.diffusion.settings import InferenceSetting
 
 logger = logging.getLogger(__name__)
-
-InferenceMethod = Literal["ddpm", "strided", "ddim"]
-INFERENCE_METHODS: tuple[str, ...] = get_args(InferenceMethod)
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 """``eps_model(x_t [B,C,H,W], t [B] long) -> predicted noise [B,C,H,W]`` (float32)."""
@@ -80,29 +78,6 @@ def noise_to(x0: Tensor, t: int, noise: Tensor, schedule: Schedule) -> Tensor:
     """Closed-form noising of a whole batch to step ``t`` (``t = -1`` returns x0 unchanged)."""
     abar = schedule.abar(t)
     return math.sqrt(abar) * x0 + math.sqrt(1.0 - abar) * noise
-
-
-def inference_timesteps(noise_level: int, method: InferenceMethod, steps: int | None = None, *,
-                        names: tuple[str, str] = ("noise_level", "inference_steps")) -> list[int]:
-    """The steps at which the network is called when denoising from ``noise_level`` down to the clean image.
-
-    ``'ddpm'`` visits every step L, L-1, ..., 0 (L+1 calls). ``'strided'`` and ``'ddim'`` visit ``steps``
-    evenly spaced steps from L to 0 (rounded), i.e. ``steps`` calls. ``names`` name the two settings in errors.
-    """
-    if method not in INFERENCE_METHODS:
-        raise ValueError(f"inference method {method!r} is not one of {', '.join(INFERENCE_METHODS)}")
-    if noise_level < 0:
-        raise ValueError(f"{names[0]} must be >= 0, got {noise_level}")
-    if method == "ddpm":
-        return list(range(noise_level, -1, -1))
-    if steps is None or not 1 <= steps <= noise_level + 1:
-        raise ValueError(
-            f"{names[1]}={steps} for {method!r} must be in [1, {names[0]} + 1 = {noise_level + 1}]"
-        )
-    if steps == 1:
-        return [noise_level]
-    # Spacing >= 1, so rounding keeps the steps strictly decreasing.
-    return [round(noise_level - i * noise_level / (steps - 1)) for i in range(steps)]
 
 
 def predict_x0(x_t: Tensor, eps: Tensor, abar_t: float, clip: tuple[float, float] | None) -> Tensor:
@@ -193,37 +168,30 @@ def partial_diffusion(
     eps_model: EpsModel,
     x: Tensor,
     *,
-    noise_level: int,
+    setting: InferenceSetting,
     schedule: Schedule,
     noise: DiffusionNoise,
     generator: torch.Generator | None = None,
-    method: InferenceMethod = "ddpm",
-    steps: int | None = None,
     clip: tuple[float, float] | None = (-1.0, 1.0),
-    eta: float = 0.0,
 ) -> Tensor:
     """AnoDDPM-style reconstruction: noise x to step L in one shot, then denoise back to step -1.
 
     Args:
         eps_model: the noise predictor.
         x: [B,C,H,W] images in [0,1].
-        noise_level: L in [0, T).
-        schedule, noise, generator: as in :func:`reverse_step`.
-        method: ``'ddpm'`` (every step, L+1 network calls), ``'strided'`` (DDPM posterior over ``steps``
-            evenly spaced steps) or ``'ddim'`` (DDIM over ``steps`` steps).
-        steps: number of network calls for ``'strided'``/``'ddim'``.
-        clip, eta: as in :func:`reverse_step`.
+        setting: sampler, L (in [0, T)), steps and eta; the network is called at ``setting.timesteps``
+            (``setting.network_calls`` calls).
+        schedule, noise, generator, clip: as in :func:`reverse_step`.
 
     Returns:
         [B,C,H,W] reconstruction (not clamped).
     """
-    if not 0 <= noise_level < schedule.num_steps:
-        raise ValueError(f"noise_level must be in [0, {schedule.num_steps}), got {noise_level}")
-    timesteps = inference_timesteps(noise_level, method, steps)
-    x_t = noise_to(x, noise_level, noise.sample(x, noise_level, generator=generator), schedule)
-    step_method: Literal["ddpm", "ddim"] = "ddim" if method == "ddim" else "ddpm"
-    return denoise(eps_model, x_t, timesteps, schedule=schedule, noise=noise, generator=generator,
-                   method=step_method, clip=clip, eta=eta)
+    setting.check_noise_level(schedule.num_steps)
+    level = setting.noise_level
+    x_t = noise_to(x, level, noise.sample(x, level, generator=generator), schedule)
+    step_method: Literal["ddpm", "ddim"] = "ddim" if setting.sampler == "ddim" else "ddpm"
+    return denoise(eps_model, x_t, setting.timesteps, schedule=schedule, noise=noise, generator=generator,
+                   method=step_method, clip=clip, eta=setting.eta)
 
 
 def repaint(
@@ -241,37 +209,39 @@ def repaint(
 ) -> Tensor:
     """RePaint re-sampling (Lugmayr et al., 2022) of the masked region, as AutoDDPM's step 5.
 
-    ``z`` starts as ``start`` noised to L. For t = L..0, repeated U times: the known image noised to t-1
-    (the clean known image at the last step), one DDPM reverse step of z from t to t-1,
+    ``z`` starts as ``start`` noised to L. For t = L..1 (METHODS.md; the study's loop), repeated U times: the
+    known image noised to t-1, one DDPM reverse step of z from t to t-1,
     ``z = mask * z_unknown + (1 - mask) * known_{t-1}``; between repeats z jumps back to step t with
-    ``z = sqrt(1 - beta_t) z + sqrt(beta_t) eps``. Network calls: (L+1) * U.
+    ``z = sqrt(1 - beta_t) z + sqrt(beta_t) eps``. Network calls: L * U. The loop ends at step 0 (MONAI's
+    convention: one step of noise, std sqrt(beta_0) = 0.01 for the reference schedule, remains), where the
+    study's last pass stitches in the clean known image without a network call: the result is
+    ``mask * z_0 + (1 - mask) * known``.
 
     Args:
         eps_model: the noise predictor.
         known: [B,C,H,W] the image whose unmasked part is kept (x).
         start: [B,C,H,W] the image the masked part starts from (AutoDDPM: x_rec).
         mask: [B,1 or C,H,W] in {0,1}; 1 = re-sample.
-        noise_level: L (AutoDDPM's L_i, default 50).
+        noise_level: L >= 1 (AutoDDPM's L_i, default 50).
         resample_steps: U >= 1.
         schedule, noise, generator, clip: as in :func:`reverse_step`.
 
     Returns:
-        [B,C,H,W] the in-painted image (step -1), not clamped; equal to ``known`` where mask is 0.
+        [B,C,H,W] the in-painted image, not clamped; equal to ``known`` where mask is 0.
     """
-    if not 0 <= noise_level < schedule.num_steps:
-        raise ValueError(f"in-painting noise level must be in [0, {schedule.num_steps}), got {noise_level}")
+    if not 1 <= noise_level < schedule.num_steps:
+        raise ValueError(f"in-painting noise level must be in [1, {schedule.num_steps}), got {noise_level}")
     if resample_steps < 1:
         raise ValueError(f"resample_steps must be >= 1, got {resample_steps}")
     z = noise_to(start, noise_level, noise.sample(start, noise_level, generator=generator), schedule)
-    for t in range(noise_level, -1, -1):
+    for t in range(noise_level, 0, -1):
         t_prev = t - 1
         beta = 1.0 - schedule.abar(t) / schedule.abar(t_prev)
         for u in range(resample_steps):
-            known_prev = known if t_prev < 0 else noise_to(
-                known, t_prev, noise.sample(known, t_prev, generator=generator), schedule)
+            known_prev = noise_to(known, t_prev, noise.sample(known, t_prev, generator=generator), schedule)
             unknown = reverse_step(eps_model, z, t, t_prev, schedule=schedule, noise=noise, generator=generator,
                                    method="ddpm", clip=clip)
             z = mask * unknown + (1.0 - mask) * known_prev
             if u < resample_steps - 1:
                 z = math.sqrt(1.0 - beta) * z + math.sqrt(beta) * noise.sample(z, t, generator=generator)
-    return z
+    return mask * z + (1.0 - mask) * known

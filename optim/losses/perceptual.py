@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -156,6 +157,26 @@ class PerceptualDistance(nn.Module):
             unit = self._normalize(feat)
             maps.append(head((unit[:batch] - unit[batch:]).pow(2)))
         return maps
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerceptualSetting:
+    """How to build a :class:`PerceptualDistance`, as a typed YAML sub-block (e.g. AutoDDPM's ``perceptual``).
+
+    A model holding the setting builds the network on first use (:meth:`build`), so the network's weights stay
+    out of the model's ``state_dict``; another network can be injected instead.
+
+    Attributes:
+        net, backend, weights_path: as :class:`PerceptualDistance`.
+    """
+
+    net: Net = "alex"
+    backend: Backend = "auto"
+    weights_path: str | None = None
+
+    def build(self) -> PerceptualDistance:
+        """A new frozen :class:`PerceptualDistance` (on the CPU)."""
+        return PerceptualDistance(net=self.net, backend=self.backend, weights_path=self.weights_path)
 
 
 def _build_lpips(net: Net, *, backbone: Path | None) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:

@@ -1,11 +1,20 @@
 """The strict builder and the YAML loader."""
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import pytest
 import torch
 
-from core.Configurator import ConfigError, apply_overrides, build, load_config, read_yaml, type_problem
+from core.Configurator import (
+    ConfigError,
+    apply_overrides,
+    build,
+    load_config,
+    read_yaml,
+    to_dataclass,
+    type_problem,
+)
 
 
 class Widget:
@@ -120,3 +129,93 @@ def test_delete_marker_replaces_instead_of_merging(tmp_path):
     (tmp_path / "exp.yaml").write_text("_base_: [a.yaml, b.yaml]\n")
     config = load_config(tmp_path / "exp.yaml")
     assert config["data"] == {"params": {"test": {"real_set": {"images": ["b.csv"]}}}}
+
+
+# ------------------------------------------------------------------------------------ typed sub-blocks (dataclasses)
+@dataclass(frozen=True, kw_only=True)
+class Inner:
+    rate: float = 1.0
+    mode: Literal["x", "y"] = "x"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Knob:
+    level: int
+    sampler: Literal["fast", "slow"] = "fast"
+    steps: int | None = None
+    inner: Inner = Inner()
+
+    def __post_init__(self) -> None:
+        if self.level < 0:
+            raise ValueError(f"level={self.level} must be >= 0")
+
+
+class Gadget:
+    def __init__(self, *, knob: Knob = Knob(level=1), extra: Knob | None = None, size: int = 1) -> None:
+        self.knob, self.extra, self.size = knob, extra, size
+
+
+class SubGadget(Gadget):
+    """Forwards the base's options through ``**gadget`` (as AutoDDPM does with DDPM's)."""
+
+    def __init__(self, *, own: int = 0, **gadget: Any) -> None:
+        super().__init__(**gadget)
+        self.own = own
+
+
+def gadget(cls: str = "Gadget", **params):
+    return {"module_name": "tests.core.test_configurator", "class_name": cls, "params": params}
+
+
+def test_mappings_become_dataclasses_nested_and_optional():
+    spec = gadget(knob={"level": 3, "sampler": "slow", "inner": {"mode": "y"}}, extra={"level": 0, "steps": 4})
+    frozen = repr(spec)
+    built = build(spec, "model")
+    assert built.knob == Knob(level=3, sampler="slow", inner=Inner(mode="y"))
+    assert built.extra == Knob(level=0, steps=4) and isinstance(built.extra.inner, Inner)
+    assert build(gadget(extra=None), "model").extra is None
+    assert repr(spec) == frozen  # the config is not mutated
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"knob": {"levle": 1}}, r"model\.params\.knob\.levle: unknown key \(did you mean 'level'\?\); "
+                                 r"valid keys: level, sampler, steps, inner"),
+        ({"knob": {"sampler": "fast"}}, r"model\.params\.knob\.level: required key of Knob is missing"),
+        ({"knob": {"level": "high"}}, r"model\.params\.knob\.level: expected an integer, got str \('high'\)"),
+        ({"knob": {"level": 1, "sampler": "medium"}}, r"model\.params\.knob\.sampler: 'medium' is not one of "
+                                                      r"'fast', 'slow'"),
+        ({"knob": {"level": 1, "inner": {"mode": "z"}}}, r"model\.params\.knob\.inner\.mode: 'z' is not one of"),
+        ({"knob": {"level": 1, "inner": {"rat": 2}}}, r"model\.params\.knob\.inner\.rat: unknown key \(did you "
+                                                      r"mean 'rate'\?\)"),
+        ({"knob": {"level": 1, "steps": 2.5}}, r"model\.params\.knob\.steps: expected int \| None, got float"),
+        ({"extra": {"levl": 1}}, r"model\.params\.extra\.levl: unknown key \(did you mean 'level'\?\)"),
+        ({"knob": "fast"}, r"model\.params\.knob: expected a mapping of Knob \(level, sampler, steps, inner\), "
+                           r"got str"),
+        ({"knob": {"level": -2}}, r"model\.params\.knob: Knob: level=-2 must be >= 0"),
+    ],
+)
+def test_dataclass_blocks_are_checked_key_by_key(params, message):
+    with pytest.raises(ConfigError, match=message):
+        build(gadget(**params), "model")
+
+
+def test_forwarded_kwargs_are_checked_against_the_base_constructor():
+    built = build(gadget("SubGadget", own=2, size=3, knob={"level": 5}), "model")
+    assert (built.own, built.size, built.knob) == (2, 3, Knob(level=5))
+    with pytest.raises(ConfigError, match=r"model\.params\.sise: unknown parameter \(did you mean 'size'\?\); "
+                                          r"valid parameters: own, knob, extra, size"):
+        build(gadget("SubGadget", sise=3), "model")
+    with pytest.raises(ConfigError, match=r"model\.params\.knob\.sampler: 'x' is not one of"):
+        build(gadget("SubGadget", knob={"level": 1, "sampler": "x"}), "model")
+
+
+def test_to_dataclass_and_type_problem_understand_dataclasses():
+    assert to_dataclass(Knob, {"level": 2, "inner": {"rate": 3}}, "a.b") == Knob(level=2, inner=Inner(rate=3.0))
+    assert to_dataclass(Knob, Knob(level=1), "a.b") == Knob(level=1)
+    with pytest.raises(ConfigError, match=r"a\.b\.inner\.mode: 'q' is not one of"):
+        to_dataclass(Knob, {"level": 2, "inner": {"mode": "q"}}, "a.b")
+    assert type_problem({"level": 1}, Knob) is None
+    assert type_problem({"level": 1, "inner": {"mode": "q"}}, Knob).startswith("inner.mode: 'q' is not one of")
+    assert type_problem(None, Knob | None) is None

@@ -16,6 +16,7 @@ import torch
 
 from core.Configurator import build
 from data.batch import Batch
+from dl_utils.reinit import randomize_zero_layers
 from model_zoo.base import AnomalyModel, AnomalyOutput
 
 SIZE = 32
@@ -39,22 +40,22 @@ def _vae_sampled_block() -> dict[str, Any]:
 
 def _ddpm_block(**extra: Any) -> dict[str, Any]:
     return {"module_name": "model_zoo.ddpm", "class_name": "DDPM",
-            "params": {"channels": [8, 16, 16], "num_head_channels": 8, "norm_num_groups": 8, "noise_level": 2,
-                       "val_noise_level": 2, "val_inference_steps": 2, **extra}}
+            "params": {"network": {"channels": [8, 16, 16], "num_head_channels": 8, "norm_num_groups": 8},
+                       "inference": {"sampler": "ddpm", "noise_level": 2},
+                       "val_inference": {"sampler": "ddim", "noise_level": 2, "steps": 2}, **extra}}
 
 
 def _anoddpm_simplex_block() -> dict[str, Any]:
-    return _ddpm_block(noise_type="simplex", inference="strided", inference_steps=2)
+    return _ddpm_block(noise={"noise_type": "simplex"}, inference={"sampler": "strided", "noise_level": 2, "steps": 2})
 
 
 def _ddpm_ddim_block() -> dict[str, Any]:
-    return _ddpm_block(inference="ddim", inference_steps=2)
+    return _ddpm_block(inference={"sampler": "ddim", "noise_level": 2, "steps": 2})
 
 
 def _autoddpm_block() -> dict[str, Any]:
-    block = _ddpm_block(noise_level_inpaint=1, resample_steps=2, perceptual={
-        "module_name": "optim.losses.perceptual", "class_name": "PerceptualDistance",
-        "params": {"net": "squeeze", "backend": "random"}})
+    block = _ddpm_block(repaint={"noise_level": 1, "resample_steps": 2},
+                        perceptual={"net": "squeeze", "backend": "random"})
     return {**block, "module_name": "model_zoo.autoddpm", "class_name": "AutoDDPM"}
 
 
@@ -73,7 +74,9 @@ MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
 @pytest.fixture(params=[factory for _, factory in MODEL_CASES], ids=[name for name, _ in MODEL_CASES])
 def model(request: pytest.FixtureRequest) -> AnomalyModel:
     torch.manual_seed(0)
-    return build(request.param(), "model", base=AnomalyModel)
+    model = build(request.param(), "model", base=AnomalyModel)
+    randomize_zero_layers(model)  # MONAI's diffusion UNet starts with eps = 0; the checks need a non-trivial network
+    return model
 
 
 @pytest.fixture

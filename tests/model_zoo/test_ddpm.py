@@ -1,4 +1,5 @@
-"""DDPM / AnoDDPM: closed forms, reverse steps against MONAI, network-call counts, determinism, configs."""
+"""DDPM / AnoDDPM: closed forms, reverse steps against MONAI, inference settings and their network-call counts,
+determinism, configs."""
 
 from __future__ import annotations
 
@@ -14,20 +15,21 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 import model_zoo.diffusion.noise as noise_module
 from core.Configurator import ConfigError, build, load_config
 from data.batch import Batch
+from dl_utils.reinit import randomize_zero_layers
 from model_zoo.base import AnomalyModel
 from model_zoo.ddpm import DDPM
 from model_zoo.diffusion.noise import DiffusionNoise
-from model_zoo.diffusion.procedures import (
-    Schedule,
-    inference_timesteps,
-    noise_to,
-    partial_diffusion,
-    q_sample,
-    reverse_step,
-)
+from model_zoo.diffusion.procedures import Schedule, noise_to, partial_diffusion, q_sample, reverse_step
+from model_zoo.diffusion.settings import InferenceSetting, ScheduleSetting, UNetSetting
 
 CONFIGS = Path(__file__).resolve().parents[2] / "projects" / "normative_eval" / "configs"
-TINY: dict[str, Any] = {"channels": (8, 16, 16), "num_head_channels": 8, "norm_num_groups": 8}
+TINY_NET = UNetSetting(channels=(8, 16, 16), num_head_channels=8, norm_num_groups=8)
+TINY: dict[str, Any] = {"channels": [8, 16, 16], "num_head_channels": 8, "norm_num_groups": 8}
+SIMPLEX = DiffusionNoise(noise_type="simplex")
+
+
+def setting(sampler: str = "ddpm", level: int = 6, steps: int | None = None, eta: float = 0.0) -> InferenceSetting:
+    return InferenceSetting(sampler=sampler, noise_level=level, steps=steps, eta=eta)  # type: ignore[arg-type]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,10 +42,12 @@ def _one_thread() -> Iterator[None]:
 
 
 def tiny_ddpm(**overrides: Any) -> DDPM:
+    """A tiny DDPM (L = 6, full chain) whose zero-initialised output layers are re-initialised, so eps != 0."""
     torch.manual_seed(0)
-    params = {**TINY, "noise_level": 6, "inference_steps": 3, "val_noise_level": 4, "val_inference_steps": 2,
-              **overrides}
-    return DDPM(**params).eval()
+    params = {"network": TINY_NET, "inference": setting(), "val_inference": setting("ddim", 4, 2), **overrides}
+    model = DDPM(**params).eval()
+    assert randomize_zero_layers(model) > 0
+    return model
 
 
 def count_unet_calls(model: DDPM) -> list[int]:
@@ -135,34 +139,59 @@ def test_ddim_step_matches_monai_ddim(schedule: Schedule) -> None:
         torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 
 
-def test_inference_timesteps() -> None:
-    assert inference_timesteps(5, "ddpm") == [5, 4, 3, 2, 1, 0]
-    assert inference_timesteps(250, "strided", 6) == [250, 200, 150, 100, 50, 0]
-    steps = inference_timesteps(250, "ddim", 25)
-    assert len(steps) == 25 and steps[0] == 250 and steps[-1] == 0
+def test_inference_setting_timesteps_calls_and_label() -> None:
+    assert setting("ddpm", 5).timesteps == [5, 4, 3, 2, 1, 0] and setting("ddpm", 5).network_calls == 6
+    assert setting("strided", 250, 6).timesteps == [250, 200, 150, 100, 50, 0]
+    ddim = setting("ddim", 250, 25)
+    steps = ddim.timesteps
+    assert len(steps) == 25 == ddim.network_calls and steps[0] == 250 and steps[-1] == 0
     assert all(a > b for a, b in zip(steps[:-1], steps[1:], strict=True))
-    assert inference_timesteps(7, "ddim", 8) == list(range(7, -1, -1))
-    with pytest.raises(ValueError, match="inference_steps"):
-        inference_timesteps(5, "strided", 7)
-    with pytest.raises(ValueError, match="'euler' is not one of"):
-        inference_timesteps(5, "euler")  # type: ignore[arg-type]
+    assert setting("ddim", 7, 8).timesteps == list(range(7, -1, -1))
+    assert setting("strided", 9, 1).timesteps == [9]
+    assert setting().label == "partial diffusion from L=6, full DDPM chain, 7 network calls"
+    assert setting("ddim", 6, 3, eta=0.5).label.endswith("DDIM eta=0.5 (approximation), 3 network calls")
 
 
-@pytest.mark.parametrize(("inference", "steps", "expected"), [
-    ("ddpm", 3, [6, 5, 4, 3, 2, 1, 0]), ("strided", 3, [6, 3, 0]), ("ddim", 4, [6, 4, 2, 0])])
-def test_partial_diffusion_network_calls(inference: str, steps: int, expected: list[int]) -> None:
-    model = tiny_ddpm(inference=inference, inference_steps=steps)
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"sampler": "strided", "noise_level": 5, "steps": 7}, r"steps=7 for sampler 'strided' must be in \[1, noise"),
+    ({"sampler": "ddim", "noise_level": 5}, r"steps=None for sampler 'ddim'"),
+    ({"sampler": "ddpm", "noise_level": 5, "steps": 3}, "only for the 'strided' and 'ddim' samplers"),
+    ({"sampler": "euler", "noise_level": 5}, "'euler' is not one of"),
+    ({"sampler": "strided", "noise_level": 5, "steps": 2, "eta": 0.5}, "eta=0.5"),
+    ({"noise_level": -1}, "noise_level=-1"),
+])
+def test_inference_setting_is_validated(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        InferenceSetting(**kwargs)
+
+
+@pytest.mark.parametrize("inference", [setting(), setting("strided", 6, 3), setting("ddim", 6, 4),
+                                       setting("ddim", 6, 1), setting("strided", 5, 6)],
+                         ids=["ddpm", "strided3", "ddim4", "ddim1", "strided_every_step"])
+def test_network_calls_equal_the_unet_forward_calls(inference: InferenceSetting) -> None:
+    model = tiny_ddpm()
+    calls = count_unet_calls(model)
+    model.get_anomaly(torch.rand(2, 1, 16, 16), generator=torch.Generator().manual_seed(0), inference=inference)
+    assert len(calls) == inference.network_calls == model.network_calls(inference)
+    assert calls == inference.timesteps
+
+
+@pytest.mark.parametrize(("inference", "expected"), [
+    (setting("ddpm"), [6, 5, 4, 3, 2, 1, 0]), (setting("strided", 6, 3), [6, 3, 0]),
+    (setting("ddim", 6, 4), [6, 4, 2, 0])])
+def test_partial_diffusion_network_calls(inference: InferenceSetting, expected: list[int]) -> None:
+    model = tiny_ddpm(inference=inference)
     calls = count_unet_calls(model)
     x = torch.rand(2, 1, 16, 16)
     out = model.get_anomaly(x, generator=torch.Generator().manual_seed(0))
-    assert calls == expected  # L+1 calls for the full chain, inference_steps for strided/ddim
+    assert calls == expected  # L+1 calls for the full chain, ``steps`` for strided/ddim
     assert out.reconstruction is not None and 0 <= out.reconstruction.min() and out.reconstruction.max() <= 1
     torch.testing.assert_close(out.anomaly_map, (x - out.reconstruction).abs())
     torch.testing.assert_close(out.anomaly_score, out.anomaly_map.mean(dim=(1, 2, 3)))
 
 
 def test_simplex_noise_is_used_in_noising_and_every_reverse_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = tiny_ddpm(noise_type="simplex")
+    model = tiny_ddpm(noise=SIMPLEX)
     steps: list[list[int]] = []
     original = noise_module.simplex_noise
 
@@ -188,7 +217,7 @@ def test_gaussian_partial_diffusion_follows_the_generator(schedule: Schedule) ->
     x = torch.rand(2, 1, 8, 8)
 
     def run(seed: int) -> torch.Tensor:
-        return partial_diffusion(zero, x, noise_level=10, schedule=schedule, noise=DiffusionNoise(),
+        return partial_diffusion(zero, x, setting=setting("ddpm", 10), schedule=schedule, noise=DiffusionNoise(),
                                  generator=torch.Generator().manual_seed(seed), clip=None)
 
     assert torch.equal(run(0), run(0))
@@ -196,7 +225,7 @@ def test_gaussian_partial_diffusion_follows_the_generator(schedule: Schedule) ->
 
 
 def test_get_anomaly_is_deterministic_under_a_generator() -> None:
-    model = tiny_ddpm(noise_type="simplex")
+    model = tiny_ddpm(noise=SIMPLEX)
     x = torch.rand(2, 1, 16, 16)
     a = model.get_anomaly(x, generator=torch.Generator().manual_seed(5))
     torch.rand(3)
@@ -218,8 +247,23 @@ def test_training_losses_and_forward() -> None:
     torch.testing.assert_close(model.training_losses(batch)["noise_mse"], losses["noise_mse"].detach())
 
 
+def test_a_setting_per_call_equals_a_model_configured_with_it_and_changes_nothing() -> None:
+    model = tiny_ddpm()
+    ddim = setting("ddim", 5, 3, eta=0.3)
+    configured = tiny_ddpm(inference=ddim)
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    per_call = model.get_anomaly(x, generator=torch.Generator().manual_seed(1), inference=ddim)
+    fixed = configured.get_anomaly(x, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(per_call.anomaly_map, fixed.anomaly_map)
+    assert model.inference == setting()  # the model's own setting is untouched
+    default = model.get_anomaly(x, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(default.anomaly_map, per_call.anomaly_map)
+    with pytest.raises(ValueError, match=r"noise_level=1000 must be in \[0, num_train_timesteps=1000\)"):
+        model.get_anomaly(x, inference=setting("ddpm", 1000))
+
+
 def test_validation_losses_use_a_fixed_generator_and_the_cheap_setting() -> None:
-    model = tiny_ddpm(val_inference="strided", val_inference_steps=2)
+    model = tiny_ddpm(val_inference=setting("strided", 4, 2))
     calls = count_unet_calls(model)
     batch = Batch(image=torch.rand(2, 1, 16, 16))
     first = model.validation_losses(batch)
@@ -233,32 +277,58 @@ def test_validation_losses_use_a_fixed_generator_and_the_cheap_setting() -> None
 def test_state_dict_holds_only_the_unet_and_loads_strictly() -> None:
     model = tiny_ddpm(channels_last=True)
     assert all(k.startswith("unet.") for k in model.state_dict())
-    other = tiny_ddpm(noise_type="simplex")
-    other.load_state_dict(model.state_dict(), strict=True)
+    other = tiny_ddpm(noise=SIMPLEX)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     x, t = torch.rand(2, 1, 16, 16), torch.tensor([3, 700])
+    assert not torch.allclose(other.eps(x, t), model.eps(x, t), atol=1e-3)  # different weights differ
+    other.load_state_dict(model.state_dict(), strict=True)
+    assert model.eps(x, t).abs().mean() > 1e-2  # a non-zero output layer: the comparison below means something
     torch.testing.assert_close(other.eps(x, t), model.eps(x, t), atol=1e-5, rtol=1e-5)  # channels_last agrees
     assert model.eps(x, t).dtype == torch.float32  # 'auto' autocast is off on the CPU
 
 
 @pytest.mark.parametrize(("params", "match"), [
-    ({"noise_type": "perlin"}, "noise_type='perlin' is not one of 'gaussian', 'simplex'"),
-    ({"inference": "euler"}, "inference='euler' is not one of"),
     ({"autocast_dtype": "int8"}, "autocast_dtype='int8'"),
-    ({"noise_level": 1000}, "noise_level=1000"),
-    ({"inference": "ddim", "inference_steps": 8}, r"inference_steps=8 for .ddim. must be in \[1, noise_level \+ 1 = 7"),
-    ({"val_inference_steps": 9}, "val_inference_steps=9"),
-    ({"attention_levels": (False, True)}, "same length"),
-    ({"compile_mode": "fastest"}, "compile_mode: 'fastest' is not one of"),
+    ({"inference": setting("ddpm", 1000)}, r"inference\.noise_level=1000"),
+    ({"val_inference": setting("ddim", 1200, 3)}, r"val_inference\.noise_level=1200"),
+    ({"schedule": ScheduleSetting(num_train_timesteps=5)}, r"inference\.noise_level=6 must be in \[0, .*=5\)"),
+    ({"compile_mode": "fastest"}, "compile_mode='fastest' is not one of"),
 ])
 def test_bad_options_are_rejected(params: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         tiny_ddpm(**params)
+    with pytest.raises(ValueError, match="same length"):
+        UNetSetting(channels=(8, 16), attention_levels=(False, True, True))
+    with pytest.raises(ValueError, match="noise_type 'perlin'"):
+        DiffusionNoise(noise_type="perlin")  # type: ignore[arg-type]
 
 
-def test_yaml_typo_is_a_config_error() -> None:
-    block = {"module_name": "model_zoo.ddpm", "class_name": "DDPM", "params": {**TINY, "noise_levle": 5}}
-    with pytest.raises(ConfigError, match="noise_levle.*did you mean 'noise_level'"):
+@pytest.mark.parametrize(("params", "match"), [
+    ({"inference": {"noise_levle": 5}}, r"model\.params\.inference\.noise_levle: unknown key \(did you mean "
+                                        r"'noise_level'\?\)"),
+    ({"inference": {"sampler": "euler", "noise_level": 5}}, r"model\.params\.inference\.sampler: 'euler' is not one"),
+    ({"noise": {"noise_type": "perlin"}}, r"model\.params\.noise\.noise_type: 'perlin' is not one of"),
+    ({"network": {"channels": [8, "x"]}}, r"model\.params\.network\.channels: item 1: expected an integer"),
+    ({"inference": {"sampler": "ddim", "noise_level": 6, "steps": 9}},
+     r"model\.params\.inference: InferenceSetting: steps=9 for sampler 'ddim' must be in \[1, noise_level \+ 1 = 7\]"),
+    ({"noise_levle": 5}, r"model\.params\.noise_levle: unknown parameter \(did you mean 'noise'\?\)"),
+])
+def test_yaml_mistakes_are_config_errors_at_their_path(params: dict[str, Any], match: str) -> None:
+    block = {"module_name": "model_zoo.ddpm", "class_name": "DDPM", "params": {"network": TINY, **params}}
+    with pytest.raises(ConfigError, match=match):
         build(block, "model", base=AnomalyModel)
+
+
+def test_yaml_sub_blocks_become_settings() -> None:
+    block = {"module_name": "model_zoo.ddpm", "class_name": "DDPM", "params": {
+        "network": TINY, "noise": {"noise_type": "simplex", "per_image": False},
+        "inference": {"sampler": "strided", "noise_level": 7, "steps": 4}}}
+    model = build(block, "model", base=AnomalyModel)
+    assert model.inference == setting("strided", 7, 4) and model.network == TINY_NET
+    assert model.noise == DiffusionNoise(noise_type="simplex", per_image=False)
+    assert model.val_inference == setting("ddim", 7, 8)  # default: DDIM, min(25, L + 1) steps from the test-time L
 
 
 @pytest.mark.parametrize("name", ["ddpm", "anoddpm_simplex", "autoddpm", "ddpm_cpu", "anoddpm_simplex_cpu",
@@ -273,12 +343,18 @@ def test_configs_build(name: str) -> None:
     size = config["data"]["params"]["target_size"]
     assert size == ([64, 64] if name.endswith("_cpu") else [128, 128])
     assert model.noise.noise_type == ("simplex" if "simplex" in name else "gaussian")
+    level = 200 if name.startswith("autoddpm") else 250  # AutoDDPM's L_r
+    cpu = name.endswith("_cpu")  # the CPU variants: strided inference with 25 calls, DDIM validation with 10
+    assert model.inference == (setting("strided", level, 25) if cpu else setting("ddpm", level))
+    assert model.val_inference == setting("ddim", level, 10 if cpu else 25)
 
 
 def test_inference_is_labelled_and_copies_drop_the_compiled_unet() -> None:
-    assert tiny_ddpm().inference_label.endswith("full DDPM chain, 7 network calls")
-    label = tiny_ddpm(inference="ddim", inference_steps=3).inference_label
+    assert tiny_ddpm().inference_label().endswith("full DDPM chain, 7 network calls")
+    label = tiny_ddpm(inference=setting("ddim", 6, 3)).inference_label()
     assert "DDIM eta=0 (approximation), 3 network calls" in label and label.startswith("gaussian noise")
+    assert tiny_ddpm(noise=SIMPLEX).inference_label(setting("strided", 4, 2)) == (
+        "simplex noise, partial diffusion from L=4, strided DDPM (approximation), 2 network calls")
     model = tiny_ddpm(torch_compile=True)
     object.__setattr__(model, "_compiled_unet", object())  # as after a first compiled forward
     clone = copy.deepcopy(model)

@@ -13,6 +13,8 @@ import torch
 from core.Configurator import build, load_config
 from core.DataLoader import DataModule
 from model_zoo.ddpm import DDPM
+from model_zoo.diffusion.noise import DiffusionNoise
+from model_zoo.diffusion.settings import InferenceSetting, UNetSetting
 from optim.metrics import pixel_auroc_auprc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,9 +27,10 @@ def test_short_ddpm_training_separates_lesions(noise_type):
     torch.manual_seed(0)
     config = load_config(DATA, ["data.params.target_size=[32, 32]", "data.params.batch_size=16"])
     data = build(config["data"], "data", base=DataModule)
-    model = DDPM(channels=(16, 32, 32), attention_levels=(False, False, True), num_head_channels=32,
-                 norm_num_groups=8, use_flash_attention=True, noise_type=noise_type, noise_level=250,
-                 inference="strided", inference_steps=25)
+    network = UNetSetting(channels=(16, 32, 32), attention_levels=(False, False, True), num_head_channels=32,
+                          norm_num_groups=8, use_flash_attention=True)
+    model = DDPM(network=network, noise=DiffusionNoise(noise_type=noise_type),
+                 inference=InferenceSetting(sampler="strided", noise_level=250, steps=25))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     step = 0

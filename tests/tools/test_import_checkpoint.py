@@ -17,8 +17,10 @@ from model_zoo.base import AnomalyModel
 from model_zoo.ddpm import DDPM
 from tools.import_checkpoint import CheckpointImportError, convert_state_dict, import_checkpoint, main
 
-MODEL_PARAMS = {"channels": [8, 16, 16], "attention_levels": [False, True, True], "num_head_channels": 8,
-                "norm_num_groups": 8, "noise_level": 3, "val_noise_level": 3, "val_inference_steps": 2}
+NETWORK = {"channels": [8, 16, 16], "attention_levels": [False, True, True], "num_head_channels": 8,
+           "norm_num_groups": 8}
+MODEL_PARAMS = {"network": NETWORK, "inference": {"sampler": "ddpm", "noise_level": 3},
+                "val_inference": {"sampler": "ddim", "noise_level": 3, "steps": 2}}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,7 +35,7 @@ def reference_model() -> DDPM:
     """The model whose weights the old file holds; its attention output projections are identity, as the old
     attention (which never applied ``proj_attn``) computed."""
     torch.manual_seed(0)
-    model = DDPM(**MODEL_PARAMS).eval()
+    model = build({"module_name": "model_zoo.ddpm", "class_name": "DDPM", "params": MODEL_PARAMS}, "model").eval()
     with torch.no_grad():
         for name, module in model.named_modules():
             if name.endswith("attn.out_proj"):
@@ -119,7 +121,7 @@ def test_mismatched_config_names_the_config_and_keys(tmp_path: Path, config_path
     src = tmp_path / "old.pt"
     write_old_checkpoint(src, reference_model())
     with pytest.raises(CheckpointImportError, match=r"ddpm_tiny\.yaml.*channels"):
-        import_checkpoint(src, tmp_path / "new.pt", config_path, ["model.params.channels=[8,16,32]"])
+        import_checkpoint(src, tmp_path / "new.pt", config_path, ["model.params.network.channels=[8,16,32]"])
     assert not (tmp_path / "new.pt").exists()
 
 

@@ -9,6 +9,7 @@ import torch
 
 from data.batch import Batch
 from dl_utils.reinit import randomize_zero_layers
+from model_zoo.diffusion.settings import InferenceSetting
 from tools import step_sweep as sw
 
 CPU = torch.device("cpu")
@@ -36,7 +37,7 @@ def _tiny_model(noise_level: int = 12) -> sw.DDPM:
 
 def test_sweep_on_a_tiny_untrained_model_produces_the_table(tmp_path, one_thread):
     model = _tiny_model()
-    settings = sw.default_settings(model.noise_level, steps=(3, 5, 50), full_seeds=2)
+    settings = sw.default_settings(model.inference.noise_level, steps=(3, 5, 50), full_seeds=2)
     assert [s.label for s in settings] == ["ddpm (full chain)"] * 2 + ["strided 3", "strided 5", "ddim 3", "ddim 5"]
     result = sw.sweep(model, _sets(), settings, device=CPU, batch_size=3, n_boot=20)
     rows = result["rows"]
@@ -59,22 +60,25 @@ def test_sweep_on_a_tiny_untrained_model_produces_the_table(tmp_path, one_thread
     assert len(read) == len(rows) and read[0]["setting"] == "ddpm (full chain)"
 
 
-def test_inference_setting_is_temporary_and_validated():
-    model = _tiny_model()
-    before = (model.inference, model.inference_steps)
-    with sw.inference_setting(model, sw.Setting("ddim", 4)):
-        assert (model.inference, model.inference_steps) == ("ddim", 4)
-    assert (model.inference, model.inference_steps) == before
-    with pytest.raises(ValueError, match="inference_steps"):
-        with sw.inference_setting(model, sw.Setting("strided", model.noise_level + 5)):
-            pass
+def test_settings_are_passed_per_call_and_never_change_the_model(one_thread):
+    model = _tiny_model(noise_level=6)
+    before = model.inference
+    strided = InferenceSetting(sampler="strided", noise_level=6, steps=3)
+    row, maps = sw.run_setting(model, _sets(n=1), sw.Setting(strided, seed=1), device=CPU)
+    assert model.inference == before and row["network_evals"] == 3 and row["method"] == "strided"
+    x = _sets(n=1)[0].images
+    direct = model.get_anomaly(x, generator=torch.Generator().manual_seed(1), inference=strided).anomaly_map
+    assert torch.equal(maps[0], direct)
+    with pytest.raises(ValueError, match="steps=11"):
+        sw.Setting(InferenceSetting(sampler="strided", noise_level=6, steps=11))
 
 
 def test_same_seed_gives_the_same_maps(one_thread):
     model = _tiny_model(noise_level=6)
     sets = _sets(n=1)
-    _, first = sw.run_setting(model, sets, sw.Setting("strided", 3, seed=1), device=CPU)
-    _, second = sw.run_setting(model, sets, sw.Setting("strided", 3, seed=1), device=CPU)
+    strided = sw.Setting(InferenceSetting(sampler="strided", noise_level=6, steps=3), seed=1)
+    _, first = sw.run_setting(model, sets, strided, device=CPU)
+    _, second = sw.run_setting(model, sets, strided, device=CPU)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 

@@ -1,0 +1,33 @@
+"""Import layering: the library packages never import the runner (``core``) or the command-line layer (``tools``)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LIBRARY = ("model_zoo", "data", "optim", "dl_utils")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Top-level package names a module imports (absolute imports, anywhere in the file)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", LIBRARY)
+def test_library_packages_do_not_import_core_or_tools(package: str) -> None:
+    offenders = {str(p.relative_to(REPO)): sorted(imported_modules(p) & {"core", "tools"})
+                 for p in sorted((REPO / package).rglob("*.py"))}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_the_check_sees_an_import() -> None:
+    assert imported_modules(REPO / "tools" / "step_sweep.py") >= {"model_zoo", "torch"}
