@@ -58,6 +58,11 @@ def _autoddpm_block() -> dict[str, Any]:
     return {**block, "module_name": "model_zoo.autoddpm", "class_name": "AutoDDPM"}
 
 
+def _dae_block() -> dict[str, Any]:
+    return {"module_name": "model_zoo.dae", "class_name": "DenoisingAE",
+            "params": {"channels": [4, 8, 8], "noise_resolution": 4, "postprocess": "kascenas"}}
+
+
 MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("ae", _ae_block),
     ("vae", _vae_block),
@@ -66,6 +71,7 @@ MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("anoddpm_simplex", _anoddpm_simplex_block),
     ("ddpm_ddim", _ddpm_ddim_block),
     ("autoddpm", _autoddpm_block),
+    ("dae", _dae_block),
 ]
 """(id, factory returning a tiny YAML model block); other models append here (DDPM, AutoDDPM, ...)."""
 
