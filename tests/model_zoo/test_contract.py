@@ -63,6 +63,12 @@ def _dae_block() -> dict[str, Any]:
             "params": {"channels": [4, 8, 8], "noise_resolution": 4, "postprocess": "kascenas"}}
 
 
+def _cevae_block() -> dict[str, Any]:
+    return {"module_name": "model_zoo.cevae", "class_name": "CeVAE",
+            "params": {"image_size": SIZE, "channels": [4, 8], "latent_dim": 8, "box_size": [4, 8],
+                       "test_samples": 2}}
+
+
 MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("ae", _ae_block),
     ("vae", _vae_block),
@@ -72,6 +78,7 @@ MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("ddpm_ddim", _ddpm_ddim_block),
     ("autoddpm", _autoddpm_block),
     ("dae", _dae_block),
+    ("cevae", _cevae_block),
 ]
 """(id, factory returning a tiny YAML model block); other models append here (DDPM, AutoDDPM, ...)."""
 
