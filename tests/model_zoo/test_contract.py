@@ -69,6 +69,13 @@ def _cevae_block() -> dict[str, Any]:
                        "test_samples": 2}}
 
 
+def _mae_block() -> dict[str, Any]:
+    return {"module_name": "model_zoo.mae", "class_name": "MaskedAE",
+            "params": {"image_size": SIZE, "patch_size": 8, "hidden_size": 16, "mlp_dim": 32, "num_layers": 1,
+                       "num_heads": 2, "decoder_hidden_size": 16, "decoder_mlp_dim": 32, "decoder_num_layers": 1,
+                       "decoder_num_heads": 2, "test_maskings": 3}}
+
+
 MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("ae", _ae_block),
     ("vae", _vae_block),
@@ -79,6 +86,7 @@ MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("autoddpm", _autoddpm_block),
     ("dae", _dae_block),
     ("cevae", _cevae_block),
+    ("mae", _mae_block),
 ]
 """(id, factory returning a tiny YAML model block); other models append here (DDPM, AutoDDPM, ...)."""
 

@@ -19,6 +19,7 @@ from core.DataLoader import DataModule
 from model_zoo.base import AnomalyModel
 from model_zoo.cevae import CeVAE
 from model_zoo.dae import DenoisingAE
+from model_zoo.mae import MaskedAE
 from optim.metrics import pixel_auroc_auprc
 
 logger = logging.getLogger(__name__)
@@ -38,10 +39,17 @@ def _cevae() -> AnomalyModel:
     return CeVAE(image_size=SIZE, channels=(16, 32, 64), latent_dim=64, box_size=(6, 12), kl_weight=0.1)
 
 
+def _mae() -> AnomalyModel:
+    return MaskedAE(image_size=SIZE, patch_size=4, hidden_size=64, mlp_dim=128, num_layers=2, num_heads=4,
+                    decoder_hidden_size=32, decoder_mlp_dim=64, decoder_num_layers=1, decoder_num_heads=4,
+                    test_maskings=10)
+
+
 # (id, model factory, optimizer steps, learning rate, minimum pixel AUROC)
 CASES: list[tuple[str, Callable[[], AnomalyModel], int, float, float]] = [
     ("dae", _dae, 200, 1e-3, 0.7),
     ("cevae", _cevae, 300, 1e-3, 0.75),
+    ("mae", _mae, 300, 1e-3, 0.7),
 ]
 
 
