@@ -76,6 +76,12 @@ def _mae_block() -> dict[str, Any]:
                        "decoder_num_heads": 2, "test_maskings": 3}}
 
 
+def _morphaeus_block() -> dict[str, Any]:
+    # deform_start_epoch 0: the NCC and smoothness terms (and so the deformer) are trained from the first step
+    return {"module_name": "model_zoo.morphaeus", "class_name": "MorphAEus",
+            "params": {"channels": [4, 8, 8, 8, 8], "deformer_channels": 4, "deform_start_epoch": 0}}
+
+
 MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("ae", _ae_block),
     ("vae", _vae_block),
@@ -87,6 +93,7 @@ MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("dae", _dae_block),
     ("cevae", _cevae_block),
     ("mae", _mae_block),
+    ("morphaeus", _morphaeus_block),
 ]
 """(id, factory returning a tiny YAML model block); other models append here (DDPM, AutoDDPM, ...)."""
 
