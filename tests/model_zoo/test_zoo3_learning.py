@@ -20,9 +20,12 @@ from model_zoo.base import AnomalyModel
 from model_zoo.cevae import CeVAE
 from model_zoo.dae import DenoisingAE
 from model_zoo.mae import MaskedAE
+from model_zoo.morphaeus import MorphAEus
 from optim.metrics import pixel_auroc_auprc
 
 logger = logging.getLogger(__name__)
+pytestmark = [pytest.mark.filterwarnings("ignore:torch.meshgrid"),
+              pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp")]
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "projects" / "normative_eval" / "configs" / "_base" / "embedded_data.yaml"
@@ -45,11 +48,17 @@ def _mae() -> AnomalyModel:
                     test_maskings=10)
 
 
+def _morphaeus() -> AnomalyModel:
+    # 38 steps per epoch: the deformation phase starts after ~115 of the 200 steps
+    return MorphAEus(channels=(8, 16, 32, 32, 32), deformer_channels=8, deform_start_epoch=3, beta_ramp_epochs=6)
+
+
 # (id, model factory, optimizer steps, learning rate, minimum pixel AUROC)
 CASES: list[tuple[str, Callable[[], AnomalyModel], int, float, float]] = [
     ("dae", _dae, 200, 1e-3, 0.7),
     ("cevae", _cevae, 300, 1e-3, 0.75),
     ("mae", _mae, 300, 1e-3, 0.7),
+    ("morphaeus", _morphaeus, 200, 1e-3, 0.75),
 ]
 
 
