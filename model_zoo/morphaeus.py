@@ -182,10 +182,14 @@ class MorphAEus(AnomalyModel):
         for level, block in zip(reversed(range(self.deformer_levels)), self.deformer, strict=True):
             feats = [enc_skips[level], dec_skips[n - 2 - level]] + ([d] if d is not None else [])
             d = block(torch.cat(feats, dim=1))
+        # integration and warping in float32 even under autocast: a bf16 sampling grid is off by up to half a pixel
         velocity = self.flow(d)
-        displacement = self.integrate(velocity)
-        return {"prior": prior, "velocity": velocity, "displacement": displacement,
-                "reconstruction": self.warp(prior, displacement), "x_back": self.warp(x, self.integrate(-velocity))}
+        with torch.autocast(x.device.type, enabled=False):
+            velocity, prior = velocity.float(), prior.float()
+            displacement = self.integrate(velocity)
+            return {"prior": prior, "velocity": velocity, "displacement": displacement,
+                    "reconstruction": self.warp(prior, displacement),
+                    "x_back": self.warp(x.float(), self.integrate(-velocity))}
 
     def training_losses(self, batch: Batch) -> dict[str, Tensor]:
         """``{'mse', 'ssim', 'ncc', 'smooth'}`` for ``batch.image`` [B,1,H,W] in [0,1] (see the module docstring)."""
@@ -193,13 +197,15 @@ class MorphAEus(AnomalyModel):
         out = self.forward_all(x)
         prior, y = out["prior"], out["reconstruction"]
         on = 1.0 if self.deforming else 0.0
-        ncc = 0.5 * ((1 + self.ncc(y, x)) + (1 + self.ncc(out["x_back"], prior)))
-        return {
-            "mse": F.mse_loss(prior, x),
-            "ssim": self.ssim(prior, x),
-            "ncc": on * ncc,
-            "smooth": on * self.beta * smoothness(out["velocity"]),
-        }
+        with torch.autocast(x.device.type, enabled=False):  # local variances (SSIM, NCC) cancel badly in bf16
+            x = x.float()
+            ncc = 0.5 * ((1 + self.ncc(y, x)) + (1 + self.ncc(out["x_back"], prior)))
+            return {
+                "mse": F.mse_loss(prior, x),
+                "ssim": self.ssim(prior, x),
+                "ncc": on * ncc,
+                "smooth": on * self.beta * smoothness(out["velocity"]),
+            }
 
     @torch.no_grad()
     def validation_losses(self, batch: Batch, *, generator: torch.Generator | None = None) -> dict[str, Tensor]:

@@ -123,6 +123,16 @@ def test_validation_reports_the_deformed_and_the_prior_error() -> None:
     assert metrics["prior_mse"] != metrics["recon_mse"]
 
 
+def test_warping_and_losses_stay_float32_under_autocast() -> None:
+    model = _tiny(deform_start_epoch=0).train()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.forward_all(x)
+        losses = model.training_losses(Batch(image=x))
+    assert out["displacement"].dtype == out["reconstruction"].dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in losses.values())
+
+
 def test_rejects_bad_options() -> None:
     with pytest.raises(ValueError, match="deformer_levels"):
         _tiny(deformer_levels=5)
