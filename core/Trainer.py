@@ -290,6 +290,7 @@ class Trainer:
         if pending_rng is not None and self.batch_in_epoch > 0:
             ckpt.restore_rng_state(pending_rng)  # after skipping, which may have drawn random augmentations
         self.model.train()
+        self.model.on_train_epoch_start(self.epoch)
         bar = tqdm(total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{self.max_epochs}",
                    disable=not (self.progress and self.run.is_main and sys.stderr.isatty()), leave=False)
         start, images, steps = time.perf_counter(), 0, 0

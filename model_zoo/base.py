@@ -53,6 +53,13 @@ class AnomalyModel(nn.Module, abc.ABC):
     def get_anomaly(self, x: Tensor, *, generator: torch.Generator | None = None) -> AnomalyOutput:
         """Anomaly map and score for x: [B,1,H,W] in [0,1]."""
 
+    def on_train_epoch_start(self, epoch: int) -> None:
+        """Called by the trainer before each training epoch (also a resumed one) with the 0-based epoch index.
+
+        Default: nothing. Methods whose loss changes with the epoch (MorphAEus' deformation phase and beta ramp)
+        record it here; it must not change parameters or buffers, so resuming stays exact.
+        """
+
     @torch.no_grad()
     def validation_losses(self, batch: Batch, *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Per-batch validation metrics (scalars, lower is better); default: reconstruction MAE and MSE.

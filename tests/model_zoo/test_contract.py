@@ -59,6 +59,30 @@ def _autoddpm_block() -> dict[str, Any]:
     return {**block, "module_name": "model_zoo.autoddpm", "class_name": "AutoDDPM"}
 
 
+def _dae_block() -> dict[str, Any]:
+    return {"module_name": "model_zoo.dae", "class_name": "DenoisingAE",
+            "params": {"channels": [4, 8, 8], "noise_resolution": 4, "postprocess": "kascenas"}}
+
+
+def _cevae_block() -> dict[str, Any]:
+    return {"module_name": "model_zoo.cevae", "class_name": "CeVAE",
+            "params": {"image_size": SIZE, "channels": [4, 8], "latent_dim": 8, "box_size": [4, 8],
+                       "test_samples": 2}}
+
+
+def _mae_block() -> dict[str, Any]:
+    return {"module_name": "model_zoo.mae", "class_name": "MaskedAE",
+            "params": {"image_size": SIZE, "patch_size": 8, "hidden_size": 16, "mlp_dim": 32, "num_layers": 1,
+                       "num_heads": 2, "decoder_hidden_size": 16, "decoder_mlp_dim": 32, "decoder_num_layers": 1,
+                       "decoder_num_heads": 2, "test_maskings": 3}}
+
+
+def _morphaeus_block() -> dict[str, Any]:
+    # deform_start_epoch 0: the NCC and smoothness terms (and so the deformer) are trained from the first step
+    return {"module_name": "model_zoo.morphaeus", "class_name": "MorphAEus",
+            "params": {"channels": [4, 8, 8, 8, 8], "deformer_channels": 4, "deform_start_epoch": 0}}
+
+
 MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("ae", _ae_block),
     ("vae", _vae_block),
@@ -67,6 +91,10 @@ MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("anoddpm_simplex", _anoddpm_simplex_block),
     ("ddpm_ddim", _ddpm_ddim_block),
     ("autoddpm", _autoddpm_block),
+    ("dae", _dae_block),
+    ("cevae", _cevae_block),
+    ("mae", _mae_block),
+    ("morphaeus", _morphaeus_block),
 ]
 """(id, factory returning a tiny YAML model block); other models append here (DDPM, AutoDDPM, ...)."""
 
