@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from core.Configurator import type_problem
 from core.evaluation.protocols import TableRow
-from core.evaluation.thresholds import Thresholds
+from core.evaluation.thresholds import MaskCalibration, Thresholds
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-ARTIFACT_TYPES: tuple[type, ...] = (Thresholds,)
+ARTIFACT_TYPES: tuple[type, ...] = (Thresholds, MaskCalibration)
 RESERVED_DATASETS = ("train", "val")
 
 
@@ -66,7 +66,7 @@ class TaskResult:
     tables: dict[str, list[TableRow]] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    artifacts: tuple[Thresholds, ...] = ()
+    artifacts: tuple[Thresholds | MaskCalibration, ...] = ()
 
 
 TaskFunction = Callable[..., TaskResult]

@@ -50,6 +50,7 @@ class Thresholds:
     rule: str = RULE
     created: str = ""
     source: str = "computed"
+    mask_threshold: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.points:
@@ -59,11 +60,15 @@ class Thresholds:
             raise ValueError(f"Thresholds: target FPRs must be distinct, got {', '.join(keys)}")
 
     @classmethod
-    def from_results(cls, dataset: str, results: tuple[ThresholdResult, ...]) -> Thresholds:
-        """Bundle :func:`optim.metrics.segmentation.threshold_at_fpr` results computed on ``dataset`` now."""
+    def from_results(cls, dataset: str, results: tuple[ThresholdResult, ...],
+                     mask_threshold: Mapping[str, Any] | None = None) -> Thresholds:
+        """Bundle :func:`optim.metrics.segmentation.threshold_at_fpr` results computed on ``dataset`` now.
+
+        ``mask_threshold``: the calibrated internal mask threshold the maps were computed with, if any.
+        """
         first = results[0]
         return cls(dataset=dataset, region=first.region, n_images=first.n_images, points=results,
-                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), mask_threshold=mask_threshold)
 
     @property
     def values(self) -> dict[float, float]:
@@ -94,7 +99,11 @@ class Thresholds:
         return float(point.threshold), {"source": self.source, **self.provenance, **point.to_dict()}
 
     def to_json(self) -> dict[str, Any]:
-        return {"provenance": self.provenance, "thresholds": {f"{p.target_fpr:g}": p.to_dict() for p in self.points}}
+        saved: dict[str, Any] = {"provenance": self.provenance,
+                                 "thresholds": {f"{p.target_fpr:g}": p.to_dict() for p in self.points}}
+        if self.mask_threshold is not None:
+            saved["mask_threshold"] = dict(self.mask_threshold)
+        return saved
 
     def save(self, path: str | Path) -> Thresholds:
         """Write the JSON file (creating its folder); returns the same thresholds with ``source`` = ``path``."""
@@ -112,7 +121,7 @@ class Thresholds:
         points = tuple(ThresholdResult(**entry) for entry in saved["thresholds"].values())
         return cls(dataset=provenance["dataset"], region=provenance["region"], n_images=int(provenance["n_images"]),
                    points=points, rule=provenance.get("rule", RULE), created=provenance.get("created", ""),
-                   source=str(path))
+                   source=str(path), mask_threshold=saved.get("mask_threshold"))
 
 
 def operating_point(thresholds: Thresholds | None, *, fpr: float, explicit: float | None
@@ -130,3 +139,52 @@ def operating_point(thresholds: Thresholds | None, *, fpr: float, explicit: floa
             f"no healthy thresholds (none computed in this run, no {Thresholds.FILE_NAME} next to the checkpoint); "
             "enable a 'thresholding' task (it runs first) or give 'threshold' in the task's params")
     return thresholds.operating_point(fpr)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaskCalibration:
+    """A model's internal mask threshold (AutoDDPM's tau on c) calibrated on healthy data, with provenance.
+
+    File format (``checkpoints/mask_threshold.json``; :meth:`save` / :meth:`load` are its only writer and reader;
+    the same entry is copied into ``thresholds.json`` under ``"mask_threshold"``)::
+
+        {"value": 0.21, "target_fpr": 0.05, "achieved_fpr": 0.0499, "dataset": "val", "n_images": 60,
+         "n_pixels": 123456, "region": "foreground", "rule": "...", "model": {"perceptual": "..."}, "created": "..."}
+
+    Attributes:
+        value: the threshold: pixels with c > value are masked (then dilated) and re-sampled.
+        target_fpr, achieved_fpr: requested and achieved mean pixel FPR of ``c > value`` on the healthy set.
+        dataset, n_images, n_pixels, region: the healthy set and the pixels counted.
+        model: the model's own provenance of c (perceptual backend, inference label).
+        created: when it was computed; source: where it was last saved to or loaded from.
+    """
+
+    FILE_NAME: ClassVar[str] = "mask_threshold.json"
+
+    value: float
+    target_fpr: float
+    achieved_fpr: float
+    dataset: str
+    n_images: int
+    n_pixels: int
+    region: Literal["foreground", "all"]
+    model: Mapping[str, Any]
+    rule: str = RULE.replace("map", "c", 1)
+    created: str = ""
+    source: str = "computed"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"value": self.value, "target_fpr": self.target_fpr, "achieved_fpr": self.achieved_fpr,
+                "dataset": self.dataset, "n_images": self.n_images, "n_pixels": self.n_pixels,
+                "region": self.region, "rule": self.rule, "model": dict(self.model), "created": self.created}
+
+    def save(self, path: str | Path) -> MaskCalibration:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2))
+        return replace(self, source=str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> MaskCalibration:
+        saved = json.loads(Path(path).read_text())
+        return cls(**{**saved, "source": str(path)})

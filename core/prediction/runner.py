@@ -9,19 +9,23 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 from tqdm import tqdm
 
 from core.Configurator import ConfigError, build
+from core.evaluation.thresholds import MaskCalibration
 from core.prediction.inference import Preprocessing, predict_scan
 from core.prediction.outputs import score_rows, write_maps, write_overlays
 from core.prediction.scans import BadInput, expand, output_stem, read_scan
 from core.prediction.settings import PredictSettings, parse_predict
 from core.prediction.thresholds import Threshold, select_thresholds
 from data.dataset import resolve
+
+if TYPE_CHECKING:
+    from model_zoo.base import AnomalyModel
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +100,23 @@ def _run_folder(experiment: Any, name: str, config: dict[str, Any], config_path:
     return run_dir
 
 
+def _mask_calibration(model: AnomalyModel, weights: Path) -> MaskCalibration | None:
+    """The training run's calibrated internal mask threshold (AutoDDPM ``tau: calibrated``), if the model needs one.
+
+    Raises:
+        ConfigError: the model needs it and ``mask_threshold.json`` is not next to the weights.
+    """
+    if not getattr(model, "needs_calibration", False):
+        return None
+    path = weights.parent / MaskCalibration.FILE_NAME
+    if not path.is_file():
+        raise ConfigError(f"experiment.weights: the model has model.params.tau: calibrated but {path} is missing; "
+                          "evaluate the weights with the mask_calibration task first, or set a fixed tau")
+    calibration = MaskCalibration.load(path)
+    logger.info("predict: mask threshold tau = %g from %s", calibration.value, path)
+    return calibration
+
+
 def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: Any, name: str, config_path: str,
                    dry_run: bool = False) -> int:
     """Validate the ``predict:`` block, run the model on every input, write and log the results.
@@ -129,6 +150,7 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
     thresholds = select_thresholds(settings, weights, REPO_ROOT)
     pairs = _pairs(settings)
     model = build(model_block, "model", base=AnomalyModel)
+    calibration = _mask_calibration(model, weights)
     logger.info("predict: %d inputs, slices at %s with intensity %r", len(pairs), prep.target_size, prep.intensity)
     if dry_run:
         logger.info("predict dry run OK: %s", config_path)
@@ -150,6 +172,9 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
     try:
         loaded = load_model_weights(model, weights)
         model = model.to(dist.device).eval()
+        if calibration is not None:
+            model.set_mask_threshold(calibration.value, calibration.to_json())  # type: ignore[operator]
+            log.update_manifest(predict_mask_threshold=calibration.to_json())
         exit_code = predict_all(model, pairs, settings, thresholds, prep, out_dir=out_dir, device=dist.device,
                                 seed=experiment.seed, log=log)
         log.update_manifest(predict_weights={"path": str(weights), "which": loaded}, predict_output=str(out_dir),

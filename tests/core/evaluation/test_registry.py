@@ -4,7 +4,7 @@ import pytest
 
 from core.Configurator import ConfigError
 from core.evaluation import TASKS, build_downstream
-from core.evaluation.thresholds import Thresholds
+from core.evaluation.thresholds import MaskCalibration, Thresholds
 from tests.core.evaluation.conftest import ALL_TASKS
 from tests.core.evaluation.fakes import FakeData, block
 
@@ -39,7 +39,9 @@ def test_option_types_and_ranges_are_checked_without_data(params, message):
 def test_artifacts_are_declared_by_signature_and_are_not_yaml_options():
     assert TASKS["segmentation"].requires == {"thresholds": Thresholds}
     assert TASKS["localization"].requires == {"thresholds": Thresholds}
-    assert TASKS["thresholding"].provides == (Thresholds,) and not TASKS["thresholding"].requires
+    assert TASKS["thresholding"].provides == (Thresholds,)
+    assert TASKS["thresholding"].requires == {"calibration": MaskCalibration}
+    assert TASKS["mask_calibration"].provides == (MaskCalibration,) and not TASKS["mask_calibration"].requires
     assert TASKS["detection"].requires == {} and TASKS["detection"].provides == ()
     with pytest.raises(ConfigError, match=r"params\.thresholds: unknown option"):
         build_downstream({"seg": block("segmentation", thresholds={"0.05": 0.3})})
