@@ -29,5 +29,11 @@ def test_library_packages_do_not_import_core_or_tools(package: str) -> None:
     assert not {k: v for k, v in offenders.items() if v}
 
 
+def test_core_does_not_import_tools() -> None:
+    offenders = {str(p.relative_to(REPO)): sorted(imported_modules(p) & {"tools"})
+                 for p in sorted((REPO / "core").rglob("*.py"))}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
 def test_the_check_sees_an_import() -> None:
     assert imported_modules(REPO / "tools" / "step_sweep.py") >= {"model_zoo", "torch"}
