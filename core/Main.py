@@ -313,6 +313,8 @@ def run(args: argparse.Namespace) -> int:
         model = model.to(dist.device)
         evaluators = build_downstream(config.get("downstream_tasks"))  # fail on a bad block before training
         data.split_files()  # reads every split CSV (missing, empty, misaligned) before a run folder exists
+        if experiment.task == "train":
+            check_trainer_block(config["trainer"], Trainer)
         plan = check_resume(Path(experiment.resume), config, model) if experiment.resume else None
         # Weights are checked before the folder exists; with task 'train' they initialise the model (strictly).
         initialised = load_model_weights(model, experiment.weights) if experiment.weights else None
@@ -358,6 +360,21 @@ def run(args: argparse.Namespace) -> int:
     finally:
         cleanup()
     return 0
+
+
+def check_trainer_block(block: Any, base: type) -> None:
+    """The trainer block's class and parameters (names, types), checked before a run folder exists.
+
+    The trainer itself is built only once the run folder and the logger exist; its constructor's value checks
+    (e.g. ``max_epochs: 0``) therefore fail inside the run, which then records the error as its status.
+    """
+    from core.Configurator import resolve_class
+
+    cls = resolve_class(block, "trainer", base)
+    params = block.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"trainer.params: expected a mapping, got {type(params).__name__}")
+    check_params(cls, params, "trainer.params", injected=dict.fromkeys(("model", "data", "logger", "run")))
 
 
 def previous_wandb_id(run_dir: Path) -> str | None:

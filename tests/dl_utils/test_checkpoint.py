@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dl_utils import checkpoint as ckpt
+from dl_utils.errors import UserError
 
 
 class Net(nn.Module):
@@ -46,6 +47,15 @@ def test_load_checkpoint_names_missing_and_corrupt_files(tmp_path: Path) -> None
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ckpt.CheckpointError, match=r"garbage\.pt"):
         ckpt.load_checkpoint(garbage)
+
+
+@pytest.mark.parametrize("text", ["epoch: 3\nweights: none\n", "e", "{}\n"])
+def test_a_text_file_is_a_checkpoint_error_naming_it(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "weights.txt"
+    path.write_text(text)
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot read checkpoint .*weights\.txt \(not a torch checkpoint"):
+        ckpt.load_checkpoint(path)
+    assert isinstance(ckpt.CheckpointError("x"), UserError)
 
 
 def test_load_model_weights_is_strict_and_lists_the_keys(tmp_path: Path) -> None:
