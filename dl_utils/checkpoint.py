@@ -61,6 +61,10 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is None:  # torch's writer does not name the file (e.g. ENOSPC on a full disk)
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

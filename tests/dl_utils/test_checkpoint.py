@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import random
 from pathlib import Path
 
@@ -47,6 +48,22 @@ def test_load_checkpoint_names_missing_and_corrupt_files(tmp_path: Path) -> None
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ckpt.CheckpointError, match=r"garbage\.pt"):
         ckpt.load_checkpoint(garbage)
+
+
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "latest.pt"
+    ckpt.save_checkpoint(path, {"step": 1})
+
+    def full_disk(obj: object, handle: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")  # what torch's writer raises, without a file name
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left") as info:
+        ckpt.save_checkpoint(path, {"step": 2})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(path)["step"] == 1
 
 
 @pytest.mark.parametrize("text", ["epoch: 3\nweights: none\n", "e", "{}\n"])
