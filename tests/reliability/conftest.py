@@ -136,8 +136,10 @@ class Result:
 
 
 def env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "MPLBACKEND": "Agg", "WANDB_MODE": "disabled", "WANDB_SILENT": "true", **extra}
+    """The subprocess environment: one thread, wandb disabled; an ``extra`` value ``""`` removes the variable."""
+    merged = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "MPLBACKEND": "Agg", "WANDB_MODE": "disabled", "WANDB_SILENT": "true", **extra}
+    return {k: v for k, v in merged.items() if not (k in extra and v == "")}
 
 
 def main_cmd(config: Path, *args: str) -> list[str]:

@@ -223,6 +223,16 @@ def case_corrupt_png(tmp: Path) -> None:
 
 
 @case
+def case_corrupt_png_in_a_loader_worker(tmp: Path) -> None:
+    path = _config(tmp, **{"data.params.num_workers": 1})
+    (tmp / "data" / "train5.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    result = run_main(path)
+    line = result.one_error()  # the worker's re-raised error: its last line, not torch's wrapper text
+    assert result.rc == 1 and f"data error: {tmp / 'data' / 'train5.png'}: cannot read as image" in line
+    assert "Caught" not in line and "train.csv row 6" in line
+
+
+@case
 def case_truncated_png(tmp: Path) -> None:
     path = _config(tmp)
     target = tmp / "data" / "val1.png"
@@ -399,6 +409,28 @@ def case_resume_extends_training_and_records_the_event(tmp: Path) -> None:
     resumed = record["events"][2]
     assert resumed["from_step"] == 2 and resumed["changed"]["trainer.params.max_epochs"] == {"old": 1, "new": 2}
     assert history_steps(run_dir) == [1, 2, 3, 4]
+
+
+@case
+def case_resume_with_offline_wandb_keeps_the_first_wandb_run(tmp: Path) -> None:
+    from tests.wandb_reader import read_run
+
+    data = make_data(tmp)
+    config = base_config(tmp, data)
+    config["wandb"]["mode"] = "offline"
+    assert run_main(write_config(tmp / "run.yaml", config), WANDB_MODE="").rc == 0
+    run_dir = the_run(tmp)
+    first = manifest(run_dir)["wandb"]
+    first_files = snapshot(Path(first["dir"]))
+    result = run_main(_resume_config(tmp, config, run_dir, **{"trainer.params.max_epochs": 2}), WANDB_MODE="")
+    assert result.rc == 0, result.stderr
+    record = manifest(run_dir)
+    assert record["wandb"] == first and snapshot(Path(first["dir"])) == first_files
+    (second,) = record["wandb_resumed"]
+    assert second["id"] == first["id"] and second["dir"] != first["dir"]
+    steps = [row["trainer/step"] for row in read_run(Path(second["dir"]) / f"run-{second['id']}.wandb")["history"]
+             if "train/loss" in row]
+    assert steps == [3, 4]
 
 
 @case
