@@ -256,6 +256,9 @@ class ExperimentLogger:
         Args:
             exit_code: 0 for a finished run: ``metrics.json`` is written and ``metrics.partial.json`` removed.
                 Anything else (failed, interrupted): only ``metrics.partial.json`` is written.
+
+        wandb's service process is shut down (one per Python process; the next ``wandb.init`` starts a new one),
+        so close one logger before opening the next in the same process.
         """
         if not self.enabled:
             return
