@@ -11,7 +11,8 @@ nested path (``model.params.inference.sampler``) and converted to the dataclass.
 ``**kwargs`` and derives from a class with named constructor parameters forwards them there
 (``super().__init__(**kwargs)``, e.g. AutoDDPM's DDPM options): those keys are checked against the base's signature.
 
-Loading (:func:`load_config`) uses a safe YAML loader that also accepts ``!!python/tuple``, composes
+Loading (:func:`load_config`) uses a safe YAML loader that also accepts ``!!python/tuple``, refuses a key
+written twice in one mapping (file and line), reads ``1e-3`` as a float (YAML 1.2), composes
 ``_base_`` files (paths relative to the including file, merged in order, the including file last) and
 applies ``--set a.b.c=value`` overrides. The loaded config is a fresh nested ``dict``; builders never
 mutate it (they work on deep copies).
@@ -25,6 +26,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import re
 import types
 import typing
 from pathlib import Path
@@ -40,8 +42,29 @@ class ConfigError(Exception):
     """A configuration problem; the message names the file and/or YAML path at fault."""
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping holds the same key twice (PyYAML would silently keep the last value)."""
+
+
 class _SafeTupleLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads ``!!python/tuple`` (used by older configs for sizes)."""
+    """``yaml.SafeLoader`` for configs: reads ``!!python/tuple``, refuses duplicate keys, and reads scientific
+    notation without a dot (``1e-3``, ``5E4``) as a float, as YAML 1.2 does (YAML 1.1 reads it as a string)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, cabc.Hashable):
+                    continue  # the base class raises its own error for an unhashable key
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise DuplicateKeyError(None, None, f"duplicate key {key!r} at line {line} (first at line "
+                                            f"{seen[key]}): a YAML mapping may hold each key once", key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _construct_tuple(loader: yaml.SafeLoader, node: yaml.Node) -> tuple:
@@ -49,11 +72,17 @@ def _construct_tuple(loader: yaml.SafeLoader, node: yaml.Node) -> tuple:
 
 
 _SafeTupleLoader.add_constructor("tag:yaml.org,2002:python/tuple", _construct_tuple)
+# YAML 1.1's float pattern needs a dot ("1.0e-3"); "1e-3" would stay a string and fail far from the YAML.
+_SCIENTIFIC_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_SafeTupleLoader.add_implicit_resolver("tag:yaml.org,2002:float", _SCIENTIFIC_FLOAT, list("-+0123456789"))
 
 
 # --------------------------------------------------------------------------------------------- loading
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read one YAML file (no composition) into a dict, refusing merge-conflict markers."""
+    """Read one YAML file (no composition) into a dict.
+
+    Refuses merge-conflict markers and duplicate keys (naming the file and line); ``1e-3`` is a float.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -65,6 +94,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             )
     try:
         data = yaml.load(text, Loader=_SafeTupleLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}:{err.problem_mark.line + 1}: {err.problem}") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from err
     if data is None:

@@ -256,8 +256,10 @@ class DataModule:
         try:
             records = build_records(images=images, labels=labels, masks=masks, name=name)
         except SplitError as err:
-            where = f"glob {spec.glob!r}" if spec.glob else f"CSVs {', '.join(spec.images)}"
-            raise SplitError(f"{err} [{where}]") from err
+            where = [f"glob {spec.glob!r}" if spec.glob else f"image CSVs {', '.join(spec.images)}"]
+            where += [f"{kind} CSVs {', '.join(csvs)}" for kind, csvs in (("labels", spec.labels),
+                                                                         ("masks", spec.masks)) if csvs]
+            raise SplitError(f"{err} [{'; '.join(where)}]") from err
         store = SliceStore(name=name, records=records, label=int(spec.pathological), target_size=self.target_size,
                            intensity=self.intensity, cache=self.cache, cache_dir=self.cache_dir, split_files=files,
                            num_workers=self.num_workers)

@@ -7,17 +7,38 @@ the downstream evaluation tasks with the one strict builder, trains (``experimen
 
 Several GPUs (or CPU processes): ``torchrun --nproc_per_node=N core/Main.py --config_path X.yaml``.
 
-Exit codes: 0 success, 2 configuration error, 1 any other failure.
+Exit codes: 0 success, 2 configuration error, 1 any other failure, 130/143 interrupted by SIGINT/SIGTERM.
+A user error (bad data, checkpoint, unwritable or full output folder, non-finite loss) is one log line naming
+the culprit; its traceback is shown only with ``--log_level DEBUG``.
+
+Run lifecycle (``manifest.json``): ``status`` is ``running`` once the folder holds files, then ``finished``,
+``failed`` (with ``error``) or ``interrupted``; ``metrics.json`` exists only for a finished run (else
+``metrics.partial.json``). Nothing is written before the config, the data CSVs, ``experiment.weights`` and
+a resumed checkpoint have been checked.
+
+Resume (``--set experiment.resume=<run folder>``): ``checkpoints/latest.pt`` must load strictly into the
+network the config builds, and the config may differ from the run's ``config.yaml`` only in
+:data:`RESUME_MAY_CHANGE` (run length, logging, evaluation); any other difference (a learning rate, a batch
+size) is refused with the differences listed: start a new run instead. ``config.yaml`` and the manifest's
+provenance are never rewritten: the resume is appended to the manifest's ``events`` (with the allowed
+differences), and history rows logged after the checkpoint move to ``history.superseded.jsonl``.
+
+``experiment.weights`` with ``task: train`` initialises the model strictly from that checkpoint (EMA
+weights when it has them) before training; the manifest records it as ``initialised_from``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
 import os
 import random
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -30,6 +51,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from core.Configurator import ConfigError, build, check_keys, check_params, load_config  # noqa: E402
+from dl_utils.errors import RunFolderError, RunInterrupted, UserError  # noqa: E402
+from dl_utils.run import set_status  # noqa: E402
 
 if TYPE_CHECKING:
     from core.DataLoader import DataModule
@@ -40,6 +63,15 @@ logger = logging.getLogger("core.Main")
 
 TOP_LEVEL_KEYS = ("name", "experiment", "wandb", "data", "model", "trainer", "downstream_tasks", "predict", "vars",
                   "overrides")
+# YAML paths (and everything below them) a resumed run may change: how long, how it logs, what it evaluates.
+RESUME_MAY_CHANGE = (
+    "experiment.resume", "experiment.output_dir", "wandb", "downstream_tasks", "overrides",
+    "trainer.params.max_epochs", "trainer.params.max_steps", "trainer.params.progress",
+    "data.params.num_workers", "data.params.pin_memory",
+)
+# Operating-system errors that mean "your output folder cannot be written", not a bug.
+OUTPUT_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +84,8 @@ class ExperimentSettings:
             'predict' (apply ``weights`` to new scans, the ``predict:`` block; see :mod:`core.prediction`).
         seed: seeds python, numpy and torch.
         device: 'auto' (CUDA when present), 'gpu' (error without CUDA) or 'cpu'.
-        weights: checkpoint to evaluate or predict with (tasks 'evaluate', 'predict'); loaded strictly.
+        weights: checkpoint to evaluate or predict with (tasks 'evaluate', 'predict'), or to initialise the
+            model from before training (task 'train'); loaded strictly.
         resume: a run folder whose ``checkpoints/latest.pt`` training continues from (task 'train').
         output_dir: where run folders go (relative: against the working directory).
         deterministic: ask torch for deterministic algorithms (slower on GPU).
@@ -105,6 +138,14 @@ def validate(config: dict[str, Any]) -> tuple[ExperimentSettings, WandbSettings]
     experiment: ExperimentSettings = sections["experiment"]
     if experiment.task in ("evaluate", "predict") and not experiment.weights:
         raise ConfigError(f"experiment.weights: required when experiment.task is {experiment.task!r}")
+    if experiment.weights and experiment.resume:
+        raise ConfigError("experiment.weights and experiment.resume: give one (a resumed run continues from its "
+                          "own checkpoints/latest.pt)")
+    if experiment.resume and experiment.task != "train":
+        raise ConfigError("experiment.resume: only for experiment.task 'train'")
+    if experiment.device == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("experiment.device: 'gpu' but CUDA is not available (no GPU or a CPU-only torch); "
+                          "use 'auto' or 'cpu'")
     if experiment.weights and not Path(experiment.weights).is_file():
         raise ConfigError(f"experiment.weights: file not found: {experiment.weights}")
     if experiment.resume and not (Path(experiment.resume) / "checkpoints" / "latest.pt").is_file():
@@ -140,6 +181,10 @@ def shared_run_dir(experiment: ExperimentSettings, name: str, world_size: int, r
                     break
                 except FileExistsError:
                     continue
+                except OSError as err:
+                    where = err.filename or Path(experiment.output_dir) / experiment.name / name
+                    raise RunFolderError(f"cannot create the run folder under experiment.output_dir "
+                                         f"{experiment.output_dir!r}: {where}: {err.strerror or err}") from err
     if world_size > 1:
         holder = [str(path) if path else None]
         torch.distributed.broadcast_object_list(holder, src=0)
@@ -151,24 +196,72 @@ def shared_run_dir(experiment: ExperimentSettings, name: str, world_size: int, r
 def write_run_files(run_dir: Path, config: dict[str, Any], config_path: str, experiment: ExperimentSettings,
                     device: torch.device, data: DataModule, world_size: int) -> None:
     """The resolved config and the manifest (git commit, versions, seed, device, split-file hashes)."""
-    from dl_utils.run import device_description, file_sha256, git_state, package_versions
+    from dl_utils.run import device_description, file_sha256, git_state, now, package_versions, update_manifest
 
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config), sort_keys=False))
     splits = {}
     for path in data.split_files():
         splits[str(path)] = file_sha256(path) if Path(path).is_file() else None
-    manifest_path = run_dir / "manifest.json"
-    import json
-
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    manifest.update({
-        "config_path": str(config_path), "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    update_manifest(run_dir, **{
+        "config_path": str(config_path), "command": sys.argv, "started": now(),
         "git": git_state(), "packages": package_versions(), "python": sys.version.split()[0],
         "seed": experiment.seed, "device": device_description(device), "world_size": world_size,
         "split_files": splits, "task": experiment.task, "weights": experiment.weights,
-        "resumed_from": experiment.resume,
+        "status": "running", "events": [{"event": "running", "time": now()}],
     })
-    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What :func:`check_resume` found: the run folder, where its checkpoint stands, the allowed changes."""
+
+    run_dir: Path
+    epoch: int
+    step: int
+    changes: list[tuple[str, Any, Any]]
+
+
+def check_resume(run_dir: Path, config: dict[str, Any], model: Any) -> ResumePlan:
+    """Check a resume before anything is written: readable checkpoint, same network, compatible config.
+
+    Raises:
+        CheckpointError: ``latest.pt`` is unreadable, not a training checkpoint, or does not fit ``model``
+            (its state dict is loaded strictly into ``model``, which the trainer then overwrites again).
+        ConfigError: the run has no ``config.yaml``, or the config differs outside :data:`RESUME_MAY_CHANGE`.
+    """
+    from dl_utils import checkpoint as ckpt
+    from dl_utils.run import config_differences
+
+    original_path = run_dir / "config.yaml"
+    if not original_path.is_file():
+        raise ConfigError(f"experiment.resume: {run_dir} has no config.yaml (not a run folder)")
+    original = yaml.safe_load(original_path.read_text())
+    changes = config_differences(original, _plain(config))
+    refused = [c for c in changes if not any(c[0] == p or c[0].startswith(p + ".") for p in RESUME_MAY_CHANGE)]
+    if refused:
+        listed = "; ".join(f"{where}: {old!r} -> {new!r}" for where, old, new in refused)
+        raise ConfigError(f"experiment.resume: the config differs from {original_path} in {listed}. A resumed run "
+                          f"keeps its hyper-parameters (only {', '.join(RESUME_MAY_CHANGE)} may change); "
+                          "start a new run to change them")
+    latest = run_dir / "checkpoints" / "latest.pt"
+    state = ckpt.load_checkpoint(latest)
+    missing = [k for k in ("model", "optimizer", "epoch", "step", "rng", "trainer") if k not in state]
+    if missing:
+        raise ckpt.CheckpointError(f"{latest} is not a training checkpoint (no {', '.join(missing)})")
+    ckpt.load_state_strict(model, state["model"], f"'model' weights of {latest}")
+    return ResumePlan(run_dir=run_dir, epoch=int(state["epoch"]), step=int(state["step"]),
+                      changes=[c for c in changes if c[0] != "experiment.resume"])
+
+
+def record_resume(plan: ResumePlan, config_path: str) -> None:
+    """Append the resume to the manifest's events and move history rows after the checkpoint aside."""
+    from dl_utils.run import add_event, rewind_history, set_status
+
+    moved = rewind_history(plan.run_dir, plan.step)
+    add_event(plan.run_dir, "resumed", config_path=str(config_path), command=sys.argv, from_epoch=plan.epoch,
+              from_step=plan.step, superseded_history_rows=moved,
+              changed={where: {"old": old, "new": new} for where, old, new in plan.changes})
+    set_status(plan.run_dir, "running")
 
 
 def _plain(value: Any) -> Any:
@@ -191,6 +284,7 @@ def build_objects(config: dict[str, Any]) -> tuple[DataModule, AnomalyModel]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Build, check, then train and/or evaluate in a run folder whose manifest tracks the run's status."""
     config = load_config(args.config_path, args.overrides)
     experiment, wandb_settings = validate(config)
     name = config.get("name") or Path(args.config_path).stem
@@ -225,13 +319,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     dist = init_distributed(experiment.device)
+    is_main = dist.rank == 0
+    run_dir: Path | None = None
     try:
-        run_dir = shared_run_dir(experiment, name, dist.world_size, dist.rank)
-        is_main = dist.rank == 0
         data, model = build_objects(config)
         model = model.to(dist.device)
         evaluators = build_downstream(config.get("downstream_tasks"), data=data)  # fail before training
-        if is_main:
+        data.split_files()  # reads every split CSV (missing, empty, misaligned) before a run folder exists
+        if experiment.task == "train":
+            check_trainer_block(config["trainer"], Trainer)
+        plan = check_resume(Path(experiment.resume), config, model) if experiment.resume else None
+        # Weights are checked before the folder exists; with task 'train' they initialise the model (strictly).
+        initialised = load_model_weights(model, experiment.weights) if experiment.weights else None
+        run_dir = shared_run_dir(experiment, name, dist.world_size, dist.rank)
+        if is_main and plan is not None:
+            record_resume(plan, args.config_path)
+        elif is_main:
             write_run_files(run_dir, config, args.config_path, experiment, dist.device, data, dist.world_size)
         resume_from = run_dir / "checkpoints" / "latest.pt" if experiment.resume else None
         context = RunContext(run_dir=run_dir, device=dist.device, seed=experiment.seed, config=config,
@@ -240,7 +343,10 @@ def run(args: argparse.Namespace) -> int:
             run_dir=run_dir, mode=wandb_settings.mode, project=wandb_settings.project or experiment.name,
             entity=wandb_settings.entity, name=f"{name}/{run_dir.name}", group=wandb_settings.group or name,
             tags=wandb_settings.tags, notes=wandb_settings.notes, config=_plain(config), enabled=is_main,
+            resume_id=previous_wandb_id(run_dir) if plan is not None else None,
         )
+        if initialised is not None and experiment.task == "train":
+            log.update_manifest(initialised_from=initialised)
         exit_code = 1
         try:
             if experiment.task == "train":
@@ -258,10 +364,38 @@ def run(args: argparse.Namespace) -> int:
         finally:
             log.close(exit_code=exit_code)
         if is_main:
+            set_status(run_dir, "finished")
             print_summary(run_dir, log)
+    except BaseException as err:
+        if is_main and run_dir is not None:
+            record_failure(run_dir, err)
+        raise
     finally:
         cleanup()
     return 0
+
+
+def check_trainer_block(block: Any, base: type) -> None:
+    """The trainer block's class and parameters (names, types), checked before a run folder exists.
+
+    The trainer itself is built only once the run folder and the logger exist; its constructor's value checks
+    (e.g. ``max_epochs: 0``) therefore fail inside the run, which then records the error as its status.
+    """
+    from core.Configurator import resolve_class
+
+    cls = resolve_class(block, "trainer", base)
+    params = block.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"trainer.params: expected a mapping, got {type(params).__name__}")
+    check_params(cls, params, "trainer.params", injected=dict.fromkeys(("model", "data", "logger", "run")))
+
+
+def previous_wandb_id(run_dir: Path) -> str | None:
+    """The wandb run id a resumed run continues (recorded by its first start), if any."""
+    from dl_utils.run import read_manifest
+
+    entry = read_manifest(run_dir).get("wandb")
+    return entry.get("id") if isinstance(entry, dict) else None
 
 
 def print_summary(run_dir: Path, log: ExperimentLogger) -> None:
@@ -279,15 +413,68 @@ def print_summary(run_dir: Path, log: ExperimentLogger) -> None:
     print("\n".join(lines))
 
 
+def record_failure(run_dir: Path, err: BaseException) -> None:
+    """Record ``interrupted`` (SIGINT/SIGTERM) or ``failed`` with the one-line error in the run's manifest."""
+    if isinstance(err, RunInterrupted):
+        set_status(run_dir, "interrupted", error=f"interrupted by {err.signal_name}")
+    else:
+        set_status(run_dir, "failed", error=f"{type(err).__name__}: {one_line(err)}")
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (a DataLoader worker's re-raised error keeps only its last line)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].startswith("Caught ") and len(lines) > 1:  # torch's ExceptionWrapper: "Caught X in worker ..."
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(lines)
+
+
+@contextlib.contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`RunInterrupted` (main thread only), so the run records its status."""
+    def handler(signum: int, _frame: Any) -> None:
+        raise RunInterrupted(signal.Signals(signum).name)
+
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    debug = args.log_level == "DEBUG"
     try:
-        return run(args)
+        with interrupts_raise():
+            return run(args)
     except ConfigError as err:
-        logger.error("config error: %s", err)
+        logger.error("config error: %s", one_line(err), exc_info=debug)
         return 2
+    except UserError as err:
+        logger.error("%s error: %s", err.kind, one_line(err), exc_info=debug)
+        return 1
+    except OSError as err:
+        if err.errno not in OUTPUT_ERRNOS:
+            raise
+        where = err.filename or "(file not named by the system)"
+        logger.error("output error: %s while writing %s: %s", OUTPUT_ERRNOS[err.errno], where,
+                     err.strerror or err, exc_info=debug)
+        return 1
+    except RunInterrupted as err:
+        logger.error("interrupted by %s; the run's manifest says 'interrupted' (resume with "
+                     "--set experiment.resume=<run folder>)", err.signal_name, exc_info=debug)
+        return 128 + int(signal.Signals[err.signal_name])
 
 
 if __name__ == "__main__":

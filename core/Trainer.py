@@ -22,8 +22,8 @@ at each epoch end, validate every ``val_interval`` epochs and write ``best.pt`` 
 
 Host-device synchronisation happens only at log steps, checkpoints and epoch ends: the non-finite-loss
 check accumulates on the device each step and is read there, so a NaN stops training with a
-``FloatingPointError`` at the next log step or checkpoint, before any checkpoint holding NaN weights is
-written (the last good ``latest.pt`` stays untouched).
+``NonFiniteLossError`` (a ``FloatingPointError``) at the next log step or checkpoint, before any checkpoint
+holding NaN weights is written (the last good ``latest.pt``, if any, stays untouched).
 
 Distributed (``torchrun``): the model is wrapped in ``DistributedDataParallel`` and called through its
 ``forward(batch)`` (which returns ``training_losses(batch)``) so gradients are synchronised. Validation,
@@ -58,6 +58,7 @@ from data.batch import Batch
 from dl_utils import checkpoint as ckpt
 from dl_utils.distributed import barrier, is_distributed
 from dl_utils.ema import EMA
+from dl_utils.errors import NonFiniteLossError
 from dl_utils.run import RunContext
 from model_zoo.base import AnomalyModel
 
@@ -246,7 +247,7 @@ class Trainer:
         """Train until ``max_epochs``/``max_steps`` or early stopping; return ``checkpoint_dir / 'best.pt'``.
 
         Raises:
-            FloatingPointError: a loss became NaN/inf (naming the step and the terms).
+            NonFiniteLossError: a loss became NaN/inf (naming the step and the terms).
             dl_utils.checkpoint.CheckpointError: ``run.resume_from`` is missing, corrupt or does not fit.
         """
         pending_rng = self._resume(self.run.resume_from) if self.run.resume_from is not None else None
@@ -382,14 +383,16 @@ class Trainer:
         self._bad_values = values if self._bad_values is None else torch.where(newly_bad, values, self._bad_values)
 
     def _check_finite(self) -> None:
-        """Raise FloatingPointError if any loss since the start was NaN/inf (one host sync)."""
+        """Raise NonFiniteLossError (a FloatingPointError) if any loss since the start was NaN/inf (one host sync)."""
         bad_step = int(self._bad_step.item())
         if bad_step >= 0:
             names = ["loss", *(self._term_names or [])]
             values = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, self._bad_values.tolist(), strict=True))
-            raise FloatingPointError(
-                f"non-finite training loss at step {bad_step} (epoch {self.epoch + 1}): {values}; stopping. "
-                f"The last checkpoint written before it ({self.run.checkpoint_dir / 'latest.pt'}) is untouched.")
+            latest = self.run.checkpoint_dir / "latest.pt"
+            kept = (f"the last checkpoint written before it ({latest}) is untouched" if latest.is_file()
+                    else "no checkpoint had been written before it")
+            raise NonFiniteLossError(
+                f"non-finite training loss at step {bad_step} (epoch {self.epoch + 1}): {values}; stopping: {kept}")
 
     def _log_train(self, bar: tqdm, images_per_s: float) -> None:
         self._check_finite()

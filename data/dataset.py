@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from data.batch import Sample
 from data.preprocess import Intensity, check_intensity, preprocess_image, preprocess_mask
 from data.readers import DataReadError, read_slice
+from dl_utils.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ CACHE_VERSION = "slices-v1"
 FILENAME_COLUMN = "filename"
 
 
-class SplitError(ValueError):
+class SplitError(DataError, ValueError):
     """A split's files are inconsistent (lengths, shapes, empty, missing column or file)."""
 
 

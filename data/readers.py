@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dl_utils.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -37,7 +39,7 @@ SUPPORTED_SUFFIXES = (*IMAGE_SUFFIXES, ".npy", *NIFTI_SUFFIXES, ".dcm", *HDF5_SU
 FASTMRI_KEY = "reconstruction_rss"
 
 
-class DataReadError(Exception):
+class DataReadError(DataError):
     """A file could not be read (missing, unreadable, unsupported or not a 2-D slice)."""
 
 

@@ -27,13 +27,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from dl_utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 _MAX_LISTED_KEYS = 20
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, unreadable or does not fit the model; the message names the file."""
+
+    kind = "checkpoint"
 
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
@@ -57,6 +61,10 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is None:  # torch's writer does not name the file (e.g. ENOSPC on a full disk)
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -74,8 +82,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {err}") from err
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, KeyError, IndexError,
+            TypeError) as err:  # what torch.load raises for a truncated zip, a text file or a foreign pickle
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise CheckpointError(f"cannot read checkpoint {path} (not a torch checkpoint, truncated or corrupt): "
+                              f"{reason}") from err
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from err
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state

@@ -6,11 +6,17 @@ results logged after training never collide with it).
 
 Run-folder files:
     history.jsonl   one JSON object per logging call (``{"step": ..., "<key>": value, ...}``)
-    metrics.json    the last value of every scalar key (rewritten on every evaluation call and on close)
+    metrics.json    the last value of every scalar key, written by ``close(exit_code=0)`` only (a finished run)
+    metrics.partial.json  the same while the run is going and after a failed or interrupted one (removed when
+                    ``metrics.json`` is written), so a folder never holds a ``metrics.json`` it did not finish
     figures/*.png   every figure and image, named after its key
     tables/*.csv    every table
     manifest.json   provenance (merged by :meth:`ExperimentLogger.update_manifest`)
     wandb/          wandb's own files (offline by default; ``wandb sync <run_dir>/wandb/offline-run-*``)
+
+:meth:`ExperimentLogger.close` finishes the wandb run and then tears wandb's service process down, waiting
+for it to exit: only then is every logged row in the offline ``run-<id>.wandb`` file (``finish`` alone may
+return while the service still writes, which lost rows on a loaded machine).
 """
 
 from __future__ import annotations
@@ -28,10 +34,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from dl_utils.run import read_manifest, update_manifest
+
 logger = logging.getLogger(__name__)
 
 WandbMode = Literal["offline", "online", "disabled"]
 WANDB_MODES = ("offline", "online", "disabled")
+METRICS = "metrics.json"
+PARTIAL_METRICS = "metrics.partial.json"
 
 
 def _to_float(value: Any) -> float:
@@ -94,9 +104,11 @@ class ExperimentLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path = self.run_dir / "metrics.json"
-        if metrics_path.exists():  # resumed run: keep what was logged before
-            self._latest = json.loads(metrics_path.read_text())
+        for name in (PARTIAL_METRICS, METRICS):  # resumed run: keep what was logged before
+            if (self.run_dir / name).exists():
+                self._latest = {k: (math.nan if v is None else v)
+                                for k, v in json.loads((self.run_dir / name).read_text()).items()}
+                break
         if self.mode != "disabled":
             import wandb  # imported here: wandb's import costs ~1 s and is not needed when disabled
 
@@ -111,7 +123,12 @@ class ExperimentLogger:
             for prefix in ("train", "val"):
                 self._wandb_run.define_metric(f"{prefix}/*", step_metric="trainer/step")
             self._wandb_dir = str(Path(self._wandb_run.dir).parent)
-            self.update_manifest(wandb={"mode": self.mode, "id": self._wandb_run.id, "dir": self._wandb_dir})
+            entry = {"mode": self.mode, "id": self._wandb_run.id, "dir": self._wandb_dir}
+            if resume_id:  # the first run's entry stays as it was; each resume adds its own
+                previous = read_manifest(self.run_dir).get("wandb_resumed", [])
+                self.update_manifest(wandb_resumed=[*previous, entry])
+            else:
+                self.update_manifest(wandb=entry)
 
     # ------------------------------------------------------------------------------------------ scalars
     def log_train(self, terms: Mapping[str, Any], *, step: int) -> None:
@@ -128,7 +145,7 @@ class ExperimentLogger:
         self.log_scalars(values)
         if self._wandb_run is not None:
             self._wandb_run.summary.update({k: self._latest[k] for k in values if k in self._latest})
-        self._write_metrics()
+        self._write_metrics(PARTIAL_METRICS)
 
     def log_scalars(self, values: Mapping[str, Any], *, step: int | None = None) -> None:
         """Log scalars under their full keys; ``step`` (trainer step) is recorded as ``trainer/step``."""
@@ -215,10 +232,7 @@ class ExperimentLogger:
         """Merge provenance entries into ``manifest.json`` (e.g. which LPIPS/FID weights were used)."""
         if not self.enabled:
             return
-        path = self.run_dir / "manifest.json"
-        manifest = json.loads(path.read_text()) if path.exists() else {}
-        manifest.update(entries)
-        path.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        update_manifest(self.run_dir, **entries)
 
     def wandb_dir(self) -> str | None:
         """The wandb run's folder (what ``wandb sync`` takes), or None when wandb is disabled."""
@@ -229,18 +243,46 @@ class ExperimentLogger:
         """The last value of every scalar key logged so far."""
         return dict(self._latest)
 
-    def _write_metrics(self) -> None:
+    def _write_metrics(self, name: str) -> None:
         clean = {k: (v if math.isfinite(v) else None) for k, v in sorted(self._latest.items())}
-        (self.run_dir / "metrics.json").write_text(json.dumps(clean, indent=2))
+        path = self.run_dir / name
+        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(clean, indent=2))
+        os.replace(tmp, path)
 
     def close(self, exit_code: int = 0) -> None:
-        """Write ``metrics.json`` and finish the wandb run."""
+        """Write the metrics, finish the wandb run and wait until wandb has written everything.
+
+        Args:
+            exit_code: 0 for a finished run: ``metrics.json`` is written and ``metrics.partial.json`` removed.
+                Anything else (failed, interrupted): only ``metrics.partial.json`` is written.
+
+        wandb's service process is shut down (one per Python process; the next ``wandb.init`` starts a new one),
+        so close one logger before opening the next in the same process.
+        """
         if not self.enabled:
             return
-        self._write_metrics()
-        if self._wandb_run is not None:
-            self._wandb_run.finish(exit_code=exit_code)
-            self._wandb_run = None
+        try:
+            if exit_code == 0:
+                self._write_metrics(METRICS)
+                (self.run_dir / PARTIAL_METRICS).unlink(missing_ok=True)
+            else:
+                self._write_metrics(PARTIAL_METRICS)
+        finally:
+            if self._wandb_run is not None:
+                run, self._wandb_run = self._wandb_run, None
+                run.finish(exit_code=exit_code)
+                _wait_for_wandb(self._wandb_dir, run.id)
+
+
+def _wait_for_wandb(wandb_dir: str | None, run_id: str) -> None:
+    """Tear wandb's service process down and wait for it to exit, so the run file holds every record."""
+    import wandb
+
+    wandb.teardown()
+    run_file = Path(wandb_dir) / f"run-{run_id}.wandb" if wandb_dir else None
+    if run_file is not None and not run_file.is_file():
+        logger.warning("wandb finished but %s is missing: the offline run may be incomplete", run_file)
 
 
 def _close_figure(figure: Any) -> None:

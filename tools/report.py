@@ -16,6 +16,11 @@ per-class AHIs); CACI = ``*/all_annotated/caci`` (else the mean over datasets). 
 ``eval/<block>/<class>/f1_mean`` with its ``n_detected``/``n_total``. The sources are listed in the Markdown.
 Min-max normalisation maps each index to [0,1] across the given runs; when all runs tie it is undefined
 (NaN). The combined score uses the normalised values when ``--normalize`` is given.
+
+Only finished runs are compared: a folder whose manifest says ``running``, ``failed`` or ``interrupted``, or
+that has no ``metrics.json`` or holds an unreadable one, is skipped with one line on stderr saying why (a
+shell glob such as ``runs/normative_eval/*/*`` may name such folders and stray files). A run written before
+run status existed (no ``status`` in its manifest) is compared, with a warning. Exit 1 when no run is left.
 """
 
 from __future__ import annotations
@@ -66,6 +71,30 @@ def _pick(metrics: Mapping[str, object], metric: str, pooled: str) -> tuple[floa
     values = [_value(metrics[k]) for k in keys]
     return float(np.nanmean(values)) if any(math.isfinite(v) for v in values) else float("nan"), \
         f"mean of {len(keys)} keys ({', '.join(keys)})"
+
+
+def skip_reason(folder: str | Path) -> str | None:
+    """Why ``folder`` is not a finished run to compare (None when it is one)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "not a folder"
+    manifest_path = folder / "manifest.json"
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return f"{manifest_path}: unreadable ({err})"
+        status = manifest.get("status") if isinstance(manifest, dict) else None
+        if status is None:
+            logger.warning("%s: no run status recorded (a run from before run status existed); compared as is",
+                           folder)
+        elif status != "finished":
+            error = manifest.get("error")
+            return f"the run did not finish (status {status!r}{f': {error}' if error else ''})"
+    if not (folder / "metrics.json").is_file():
+        partial = " (only metrics.partial.json)" if (folder / "metrics.partial.json").is_file() else ""
+        return f"no metrics.json{partial}; not a finished run folder"
+    return None
 
 
 def read_run(folder: str | Path) -> RunSummary:
@@ -206,11 +235,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--normalize", action="store_true", help="min-max normalise each index across the runs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        runs = [read_run(folder) for folder in args.runs]
-    except (FileNotFoundError, ValueError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    runs = []
+    for folder in args.runs:
+        reason = skip_reason(folder)
+        if reason is None:
+            try:
+                runs.append(read_run(folder))
+                continue
+            except (FileNotFoundError, ValueError, ConfigError) as err:
+                reason = str(err)
+        print(f"skipping {folder}: {reason}", file=sys.stderr)
+    if not runs:
+        print(f"error: none of the {len(args.runs)} folder(s) is a finished run", file=sys.stderr)
+        return 1
     _unique_names(runs)
     paths = write_report(runs, Path(args.out), normalize=args.normalize)
     for kind, path in paths.items():

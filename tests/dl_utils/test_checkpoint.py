@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import random
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from dl_utils import checkpoint as ckpt
+from dl_utils.errors import UserError
 
 
 class Net(nn.Module):
@@ -46,6 +48,31 @@ def test_load_checkpoint_names_missing_and_corrupt_files(tmp_path: Path) -> None
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ckpt.CheckpointError, match=r"garbage\.pt"):
         ckpt.load_checkpoint(garbage)
+
+
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "latest.pt"
+    ckpt.save_checkpoint(path, {"step": 1})
+
+    def full_disk(obj: object, handle: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")  # what torch's writer raises, without a file name
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left") as info:
+        ckpt.save_checkpoint(path, {"step": 2})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(path)["step"] == 1
+
+
+@pytest.mark.parametrize("text", ["epoch: 3\nweights: none\n", "e", "{}\n"])
+def test_a_text_file_is_a_checkpoint_error_naming_it(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "weights.txt"
+    path.write_text(text)
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot read checkpoint .*weights\.txt \(not a torch checkpoint"):
+        ckpt.load_checkpoint(path)
+    assert isinstance(ckpt.CheckpointError("x"), UserError)
 
 
 def test_load_model_weights_is_strict_and_lists_the_keys(tmp_path: Path) -> None:

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import matplotlib
 
@@ -47,6 +50,43 @@ def test_offline_run_holds_logged_scalars(tmp_path, monkeypatch):
     assert [row["trainer/step"] for row in run["history"] if "train/loss" in row] == [0, 1, 2]
     assert run["summary"]["eval/rqi/healthy_test/rqi"] == 0.5
     assert run["config"]["lr"] == 0.001
+
+
+def test_offline_run_holds_everything_logged_while_the_cores_are_busy(tmp_path, monkeypatch):
+    # A loaded machine once left the offline run without history rows after close(): close() must wait for
+    # wandb's service to write everything. Busy-loop processes keep every core busy for the whole test.
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(min(os.cpu_count() or 1, 4))]
+    try:
+        log = ExperimentLogger(run_dir=tmp_path, mode="offline", project="test")
+        for step in range(1, 201):
+            log.log_train({"loss": 1.0 / step}, step=step)
+        log.log_eval("rqi", "healthy_test", {"rqi": 0.25})
+        log.close()
+        run = read_run(find_run_file(tmp_path))  # read at once: no waiting after close()
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    assert [row["trainer/step"] for row in run["history"] if "train/loss" in row] == list(range(1, 201))
+    assert run["summary"]["eval/rqi/healthy_test/rqi"] == 0.25
+    assert json.loads((tmp_path / "metrics.json").read_text())["train/loss"] == 1 / 200
+
+
+def test_metrics_json_only_for_a_finished_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    log = ExperimentLogger(run_dir=tmp_path, mode="disabled")
+    log.log_eval("rqi", "healthy_test", {"rqi": 0.5})
+    assert not (tmp_path / "metrics.json").exists()
+    assert json.loads((tmp_path / "metrics.partial.json").read_text()) == {"eval/rqi/healthy_test/rqi": 0.5}
+    log.close(exit_code=1)
+    assert not (tmp_path / "metrics.json").exists()
+    resumed = ExperimentLogger(run_dir=tmp_path, mode="disabled")  # a resume keeps what was logged
+    resumed.log_train({"loss": 2.0}, step=1)
+    resumed.close()
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"eval/rqi/healthy_test/rqi": 0.5,
+                                                                   "train/loss": 2.0}
+    assert not (tmp_path / "metrics.partial.json").exists()
 
 
 def test_disabled_rank_is_a_no_op(tmp_path):

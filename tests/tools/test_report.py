@@ -61,6 +61,22 @@ def test_cli_writes_markdown_csv_and_figure(tmp_path, capsys):
     assert "markdown:" in capsys.readouterr().out
 
 
-def test_cli_missing_metrics_is_an_error(tmp_path, capsys):
-    assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
-    assert "metrics.json" in capsys.readouterr().err
+def test_cli_without_any_finished_run_is_an_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "nope"), str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"skipping {tmp_path / 'nope'}: not a folder" in err
+    assert f"skipping {tmp_path / 'empty'}: no metrics.json" in err
+    assert "none of the 2 folder(s) is a finished run" in err
+
+
+def test_cli_skips_unfinished_runs_and_reports_the_rest(tmp_path, capsys):
+    done = _run(tmp_path / "done", "ae", 0.9, 0.5, 0.4, 0.5)
+    (done / "manifest.json").write_text(json.dumps({"status": "finished"}))
+    crashed = _run(tmp_path / "crashed", "vae", 0.1, 0.1, 0.1, 0.1)
+    (crashed / "manifest.json").write_text(json.dumps({"status": "failed", "error": "DataError: x.png"}))
+    out = tmp_path / "out"
+    assert main([str(done), str(crashed), "--out", str(out)]) == 0
+    assert f"skipping {crashed}: the run did not finish (status 'failed': DataError: x.png)" in capsys.readouterr().err
+    table = (out / "comparison.md").read_text()
+    assert "| ae |" in table and "vae" not in table
