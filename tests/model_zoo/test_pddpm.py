@@ -3,6 +3,7 @@ batch independence, configs (METHOD_ZOO.md section 9), and a short slow-marked l
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from core.Configurator import ConfigError, build, load_config
 from core.DataLoader import DataModule
+from core.Main import main
 from data.batch import Batch
 from dl_utils.reinit import randomize_zero_layers
 from model_zoo.base import AnomalyModel
@@ -389,3 +391,19 @@ def test_short_training_separates_hypointense_lesions() -> None:
     result = pixel_auroc_auprc(torch.cat(maps), torch.cat(masks), region=region)
     logger.info("pDDPM, 200 steps at 32x32: hypointense pixel AUROC %.3f", result["auroc_pooled"])
     assert result["auroc_pooled"] > 0.8, result
+
+
+@pytest.mark.slow
+def test_cpu_config_trains_and_evaluates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    code = main([
+        "--config_path", str(CONFIGS / "pddpm_cpu.yaml"), "--log_level", "WARNING",
+        "--set", f"experiment.output_dir={tmp_path}", "--set", "wandb.mode=offline",
+        "--set", "trainer.params.max_steps=3", "--set", "trainer.params.max_epochs=1",
+        "--set", "trainer.params.val_max_batches=1", "--set", "downstream_tasks.ahi.enabled=false",
+    ])
+    assert code == 0
+    (run_dir,) = [p for p in tmp_path.glob("*/*/*") if p.is_dir()]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for task in ("detection", "segmentation", "rqi", "caci"):
+        assert any(k.startswith(f"eval/{task}/") for k in metrics), f"pddpm_cpu: no numbers from task {task}"
