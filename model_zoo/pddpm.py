@@ -132,6 +132,8 @@ class PatchedDDPM(DDPM):
         return self.num_boxes * self._setting(inference).network_calls
 
     def inference_label(self, inference: InferenceSetting | None = None) -> str:
+        """What :meth:`get_anomaly` computes under ``inference`` (None: the configured one), for manifests and
+        reports: the grid, the per-box procedure and the network calls."""
         setting = self._setting(inference)
         if setting.timesteps == [setting.noise_level]:
             per_box = f"one x0 prediction at t={setting.noise_level}"

@@ -288,6 +288,12 @@ def test_eps_is_the_noise_implied_by_the_x0_prediction() -> None:
         torch.testing.assert_close(back, x0[i], atol=1e-4, rtol=1e-4)
 
 
+def test_state_dict_holds_only_the_unet() -> None:
+    model = tiny_pddpm()
+    assert model.state_dict() and all(k.startswith("unet.") for k in model.state_dict())
+    tiny_pddpm(patch_size=8).load_state_dict(model.state_dict(), strict=True)  # the grid is not in the weights
+
+
 def test_cosine_schedule_is_the_closed_form() -> None:
     model = tiny_pddpm()
     s = 0.008
