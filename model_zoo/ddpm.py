@@ -25,7 +25,7 @@ operating point: take thresholds from the same inference setting as the evaluati
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,9 @@ class DDPM(AnomalyModel):
             per-call launch overhead that dominates batch-1 inference on a GPU.
     """
 
+    #: What the network predicts (MONAI's ``prediction_type``): the noise here, x0 (``'sample'``) in pDDPM.
+    prediction_type: ClassVar[str] = "epsilon"
+
     def __init__(
         self,
         *,
@@ -105,9 +108,11 @@ class DDPM(AnomalyModel):
         clip_min, clip_max = (-1.0, 1.0) if schedule.x0_clip is None else schedule.x0_clip
         # MONAI's scheduler holds the schedule (and serves as the reference step in tests); the reverse steps are
         # model_zoo.diffusion.procedures' (same formulas, noise of the model's type).
+        betas = ({"beta_start": schedule.beta_start, "beta_end": schedule.beta_end}
+                 if schedule.beta_schedule == "linear_beta" else {})
         self.scheduler = DDPMScheduler(
-            num_train_timesteps=schedule.num_train_timesteps, schedule="linear_beta", beta_start=schedule.beta_start,
-            beta_end=schedule.beta_end, prediction_type="epsilon", clip_sample=schedule.x0_clip is not None,
+            num_train_timesteps=schedule.num_train_timesteps, schedule=schedule.beta_schedule, **betas,
+            prediction_type=self.prediction_type, clip_sample=schedule.x0_clip is not None,
             clip_sample_min=clip_min, clip_sample_max=clip_max,
         )
         self.schedule = Schedule.from_betas(self.scheduler.betas)

@@ -4,7 +4,8 @@
   and validation inference alike, ``inference:`` / ``val_inference:``); the one place where the number of
   network calls is computed.
 - :class:`UNetSetting`: the ``DiffusionModelUNet`` (``network:``).
-- :class:`ScheduleSetting`: the linear beta schedule and the x0 clipping of the reverse steps (``schedule:``).
+- :class:`ScheduleSetting`: the (linear or cosine) beta schedule and the x0 clipping of the reverse steps
+  (``schedule:``).
 
 The noise (``noise:``) is :class:`model_zoo.diffusion.noise.DiffusionNoise`. All settings are frozen
 dataclasses: a model keeps its configured setting and takes another one per call instead of being mutated.
@@ -25,6 +26,8 @@ from monai.networks.nets import DiffusionModelUNet
 
 Sampler = Literal["ddpm", "strided", "ddim"]
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
+BetaSchedule = Literal["linear_beta", "cosine"]
+BETA_SCHEDULES: tuple[str, ...] = get_args(BetaSchedule)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +108,8 @@ class UNetSetting:
         num_head_channels: channels per attention head (256), one value or one per level.
         norm_num_groups: group-norm groups (32).
         use_flash_attention: PyTorch SDPA attention (faster, same function).
+        resblock_updown: residual blocks for down- and upsampling instead of strided convolutions and
+            interpolation (the OpenAI UNet's option; pDDPM's reference network uses them).
     """
 
     in_channels: int = 1
@@ -114,6 +119,7 @@ class UNetSetting:
     num_head_channels: int | tuple[int, ...] = 256
     norm_num_groups: int = 32
     use_flash_attention: bool = False
+    resblock_updown: bool = False
 
     def __post_init__(self) -> None:
         # YAML lists become tuples, so the setting stays hashable and immutable
@@ -131,21 +137,24 @@ class UNetSetting:
             spatial_dims=2, in_channels=self.in_channels, out_channels=self.in_channels, channels=self.channels,
             attention_levels=self.attention_levels, num_res_blocks=self.num_res_blocks,
             num_head_channels=self.num_head_channels, norm_num_groups=self.norm_num_groups,
-            use_flash_attention=self.use_flash_attention,
+            use_flash_attention=self.use_flash_attention, resblock_updown=self.resblock_updown,
         )
 
 
 @dataclass(frozen=True, kw_only=True)
 class ScheduleSetting:
-    """The linear noise schedule (reference T = 1000, betas 1e-4 -> 2e-2) and the reverse steps' x0 clipping.
+    """The noise schedule (reference: linear, T = 1000, betas 1e-4 -> 2e-2) and the reverse steps' x0 clipping.
 
     Attributes:
         num_train_timesteps: T.
-        beta_start, beta_end: the linear betas' ends.
+        beta_schedule: MONAI's ``'linear_beta'`` (DDPM) or ``'cosine'`` (Nichol & Dhariwal, s = 0.008, betas
+            clipped at 0.999; pDDPM).
+        beta_start, beta_end: the linear betas' ends (``'linear_beta'`` only; the cosine schedule has none).
         x0_clip: range the predicted x0 is clipped to in every reverse step (reference [-1, 1]), or None.
     """
 
     num_train_timesteps: int = 1000
+    beta_schedule: BetaSchedule = "linear_beta"
     beta_start: float = 1e-4
     beta_end: float = 2e-2
     x0_clip: tuple[float, float] | None = (-1.0, 1.0)
@@ -157,6 +166,9 @@ class ScheduleSetting:
             object.__setattr__(self, "x0_clip", (float(self.x0_clip[0]), float(self.x0_clip[1])))
         if self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps={self.num_train_timesteps} must be >= 1")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule={self.beta_schedule!r} is not one of "
+                             f"{', '.join(map(repr, BETA_SCHEDULES))}")
         if not 0 < self.beta_start <= self.beta_end < 1:
             raise ValueError(f"betas ({self.beta_start}, {self.beta_end}) must satisfy 0 < beta_start <= beta_end < 1")
 

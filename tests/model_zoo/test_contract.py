@@ -83,6 +83,14 @@ def _morphaeus_block() -> dict[str, Any]:
             "params": {"channels": [4, 8, 8, 8, 8], "deformer_channels": 4, "deform_start_epoch": 0}}
 
 
+def _pddpm_block() -> dict[str, Any]:
+    # the reference test: one x0 prediction per box at t = 499 (cosine, T = 1000); a 3x3 grid of 12/12/8 px boxes
+    return {"module_name": "model_zoo.pddpm", "class_name": "PatchedDDPM",
+            "params": {"image_size": SIZE, "patch_size": 12,
+                       "network": {"channels": [8, 16, 16], "attention_levels": [False, True, True],
+                                   "num_head_channels": 8, "norm_num_groups": 8}}}
+
+
 MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("ae", _ae_block),
     ("vae", _vae_block),
@@ -95,6 +103,7 @@ MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("cevae", _cevae_block),
     ("mae", _mae_block),
     ("morphaeus", _morphaeus_block),
+    ("pddpm", _pddpm_block),
 ]
 """(id, factory returning a tiny YAML model block); other models append here (DDPM, AutoDDPM, ...)."""
 
