@@ -228,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
             entity=wandb_settings.entity, name=f"{name}/{run_dir.name}", group=wandb_settings.group or name,
             tags=wandb_settings.tags, notes=wandb_settings.notes, config=_plain(config), enabled=is_main,
         )
+        if is_main and model.provenance():  # e.g. the frozen stage-1 checkpoint and its SHA-256
+            log.update_manifest(model_provenance=model.provenance())
         exit_code = 1
         try:
             if experiment.task == "train":

@@ -58,6 +58,20 @@ def _autoddpm_block() -> dict[str, Any]:
     return {**block, "module_name": "model_zoo.autoddpm", "class_name": "AutoDDPM"}
 
 
+def _fanogan_block() -> dict[str, Any]:
+    import tempfile
+    from pathlib import Path
+
+    from dl_utils.checkpoint import save_checkpoint
+    from model_zoo.fanogan import WGANGP
+
+    arch = {"image_size": SIZE, "latent_dim": 8, "generator_channels": [8, 8, 4], "critic_channels": [4, 8]}
+    stage1 = Path(tempfile.mkdtemp(prefix="contract_fanogan_")) / "wgan.pt"
+    save_checkpoint(stage1, {"model": WGANGP(**arch).state_dict(), "ema": None})
+    return {"module_name": "model_zoo.fanogan", "class_name": "FAnoGAN",
+            "params": {**arch, "wgan_checkpoint": str(stage1)}}
+
+
 MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("ae", _ae_block),
     ("vae", _vae_block),
@@ -66,6 +80,7 @@ MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("anoddpm_simplex", _anoddpm_simplex_block),
     ("ddpm_ddim", _ddpm_ddim_block),
     ("autoddpm", _autoddpm_block),
+    ("fanogan", _fanogan_block),
 ]
 """(id, factory returning a tiny YAML model block); other models append here (DDPM, AutoDDPM, ...)."""
 
