@@ -243,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
                 log.update_manifest(evaluated_weights={"path": str(weights), "which": loaded})
                 model.eval()
                 run_downstream(config.get("downstream_tasks"), model=model, data=data, logger=log, run=context)
+                if model.provenance():  # now with the networks built during evaluation (e.g. LPIPS weights)
+                    log.update_manifest(model_provenance=model.provenance())
             exit_code = 0
         finally:
             log.close(exit_code=exit_code)

@@ -72,6 +72,18 @@ def _fanogan_block() -> dict[str, Any]:
             "params": {**arch, "wgan_checkpoint": str(stage1)}}
 
 
+def _sivae_block() -> dict[str, Any]:
+    return {"module_name": "model_zoo.soft_intro", "class_name": "SoftIntroVAE",
+            "params": {"image_size": SIZE, "channels": [4, 8], "zdim": 4, "beta_neg": 4.0}}
+
+
+def _ra_block() -> dict[str, Any]:
+    block = _sivae_block()
+    perceptual = {"module_name": "optim.losses.perceptual", "class_name": "PerceptualDistance",
+                  "params": {"net": "squeeze", "backend": "random"}}
+    return {**block, "class_name": "RA", "params": {**block["params"], "perceptual": perceptual}}
+
+
 MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("ae", _ae_block),
     ("vae", _vae_block),
@@ -81,6 +93,8 @@ MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("ddpm_ddim", _ddpm_ddim_block),
     ("autoddpm", _autoddpm_block),
     ("fanogan", _fanogan_block),
+    ("sivae", _sivae_block),
+    ("ra", _ra_block),
 ]
 """(id, factory returning a tiny YAML model block); other models append here (DDPM, AutoDDPM, ...)."""
 
