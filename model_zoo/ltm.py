@@ -130,6 +130,8 @@ class LTM(AnomalyModel):
         self.transformer = DecoderOnlyTransformer(num_tokens=self.bos + 1, max_seq_len=self.n_tokens,
                                                   attn_layers_dim=width, attn_layers_depth=depth,
                                                   attn_layers_heads=heads)
+        for block in self.transformer.blocks:  # MONAI builds this LayerNorm even without cross-attention: unused
+            block.norm_cross_attn.requires_grad_(False)
         self.stage1: dict[str, Any] = {}
         if vqvae_checkpoint is not None:
             self.stage1 = load_frozen_stage({"net": self.vqvae.net}, vqvae_checkpoint, stage_name="VQ-VAE")

@@ -84,6 +84,26 @@ def _ra_block() -> dict[str, Any]:
     return {**block, "class_name": "RA", "params": {**block["params"], "perceptual": perceptual}}
 
 
+def _vqvae_block() -> dict[str, Any]:
+    return {"module_name": "model_zoo.ltm", "class_name": "VQVAE",
+            "params": {"image_size": SIZE, "channels": [4, 4], "num_res_channels": [4, 4], "num_res_layers": 1,
+                       "num_embeddings": 8, "embedding_dim": 4}}
+
+
+def _ltm_block() -> dict[str, Any]:
+    import tempfile
+    from pathlib import Path
+
+    from dl_utils.checkpoint import save_checkpoint
+    from model_zoo.ltm import VQVAE
+
+    vqvae = _vqvae_block()["params"]
+    stage1 = Path(tempfile.mkdtemp(prefix="contract_ltm_")) / "vqvae.pt"
+    save_checkpoint(stage1, {"model": VQVAE(**vqvae).state_dict(), "ema": None})
+    return {"module_name": "model_zoo.ltm", "class_name": "LTM",
+            "params": {"vqvae": vqvae, "vqvae_checkpoint": str(stage1), "width": 8, "depth": 1, "heads": 2}}
+
+
 MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("ae", _ae_block),
     ("vae", _vae_block),
@@ -95,6 +115,8 @@ MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("fanogan", _fanogan_block),
     ("sivae", _sivae_block),
     ("ra", _ra_block),
+    ("vqvae", _vqvae_block),
+    ("ltm", _ltm_block),
 ]
 """(id, factory returning a tiny YAML model block); other models append here (DDPM, AutoDDPM, ...)."""
 
