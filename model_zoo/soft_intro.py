@@ -138,6 +138,7 @@ class SoftIntroVAE(AnomalyModel):
         self.beta_kl, self.beta_rec, self.beta_neg, self.gamma_r = beta_kl, beta_rec, beta_neg, gamma_r
         self.scale = 1.0 / image_size**2
         self.test_samples = test_samples
+        self.legacy_detach = False
         self.encoder = Encoder(channels=channels, zdim=zdim, image_size=image_size)
         self.decoder = Decoder(channels=channels, zdim=zdim, image_size=image_size)
 
@@ -167,6 +168,8 @@ class SoftIntroVAE(AnomalyModel):
         mu_f, lv_f, _ = self.encode(x_f.detach())
         x_rr = self.decoder(self.sample(mu_r, lv_r))
         x_ff = self.decoder(self.sample(mu_f, lv_f))
+        if self.legacy_detach:  # PHANES' reference: no gradient through the re-reconstructions
+            x_rr, x_ff = x_rr.detach(), x_ff.detach()
         s = self.scale
         elbo_r = self.beta_rec * _sum_sq(x_r, x_rr) + self.beta_neg * gaussian_kl(mu_r, lv_r)
         elbo_f = self.beta_rec * _sum_sq(x_f, x_ff) + self.beta_neg * gaussian_kl(mu_f, lv_f)
@@ -183,7 +186,8 @@ class SoftIntroVAE(AnomalyModel):
     def _extra_encoder_terms(self, features: list[Tensor], features_r: list[Tensor]) -> dict[str, Tensor]:
         return {}
 
-    def _decoder_loss(self, x: Tensor, eps: Tensor, z: Tensor) -> Tensor:
+    def _decoder_loss(self, x: Tensor, eps: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """L_D and the reconstruction D(z.detach()) [B,1,S,S] it used."""
         x_f = self.decoder(eps)
         x_r = self.decoder(z.detach())
         rec = _sum_sq(x_r, x).mean()
@@ -193,7 +197,7 @@ class SoftIntroVAE(AnomalyModel):
         x_ff = self.decoder(self.sample(mu_f, lv_f).detach())
         kl = 0.5 * (gaussian_kl(mu_r, lv_r).mean() + gaussian_kl(mu_f, lv_f).mean())
         rerec = 0.5 * (_sum_sq(x_r.detach(), x_rr).mean() + _sum_sq(x_f.detach(), x_ff).mean())
-        return self.scale * (self.beta_rec * rec + self.beta_kl * kl + self.gamma_r * self.beta_rec * rerec)
+        return self.scale * (self.beta_rec * rec + self.beta_kl * kl + self.gamma_r * self.beta_rec * rerec), x_r
 
     # ------------------------------------------------------------------------------------------ training
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -205,7 +209,7 @@ class SoftIntroVAE(AnomalyModel):
         x = batch.image
         eps = torch.randn(x.shape[0], self.zdim, device=x.device)
         encoder_loss, z, _ = self._encoder_loss(x, eps)
-        return {"encoder": encoder_loss, "decoder": self._decoder_loss(x, eps, z)}
+        return {"encoder": encoder_loss, "decoder": self._decoder_loss(x, eps, z)[0]}
 
     def training_step(self, batch: Batch, ctx: Any) -> dict[str, Tensor]:
         """Encoder step (decoder frozen), then decoder step (encoder frozen) with the same eps and z."""
@@ -215,7 +219,7 @@ class SoftIntroVAE(AnomalyModel):
             encoder_loss, z, terms = self._encoder_loss(x, eps)
         ctx.backward_step("encoder", encoder_loss)
         with ctx.frozen_except("decoder"), ctx.autocast():
-            decoder_loss = self._decoder_loss(x, eps, z)
+            decoder_loss, _ = self._decoder_loss(x, eps, z)
         ctx.backward_step("decoder", decoder_loss)
         return {"encoder_loss": encoder_loss.detach(), "decoder_loss": decoder_loss.detach(), **terms}
 
