@@ -121,7 +121,10 @@ def test_short_phanes_training_separates_hypointense_lesions(tmp_path: Path, one
               "n_ellipses": 3, "disc_blur_kernel": 17, "disc_blur_sigma": 3.0, "perceptual": None,
               "style_weight": 0.0, "perceptual_weight": 0.0}
     adam = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": 1e-3}}
+    untrained = hypointense_auroc(PHANES(**params), data)
+    torch.manual_seed(0)
     trainer = train(PHANES(**params), data, tmp_path, steps=60, optimizer=adam)
     logs = trainer.exp_logger.train
     assert logs[-1][1]["inpaint_l1"] < logs[0][1]["inpaint_l1"]
-    assert hypointense_auroc(trainer.model, data) > 0.55
+    trained = hypointense_auroc(trainer.model, data)  # measured: 0.49 untrained -> 0.74
+    assert trained > 0.6 and trained > untrained + 0.1, (untrained, trained)
