@@ -104,6 +104,14 @@ def _ltm_block() -> dict[str, Any]:
             "params": {"vqvae": vqvae, "vqvae_checkpoint": str(stage1), "width": 8, "depth": 1, "heads": 2}}
 
 
+def _phanes_block() -> dict[str, Any]:
+    block = _ra_block()
+    params = {**block["params"], "inpaint_channels": [4, 8, 8], "aot_blocks": 1, "aot_rates": [1, 2],
+              "disc_channels": [4, 8, 8, 8], "n_ellipses": 2, "disc_blur_kernel": 9, "disc_blur_sigma": 2.0,
+              "vgg_backend": "random"}
+    return {"module_name": "model_zoo.phanes", "class_name": "PHANES", "params": params}
+
+
 MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("ae", _ae_block),
     ("vae", _vae_block),
@@ -117,6 +125,7 @@ MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("ra", _ra_block),
     ("vqvae", _vqvae_block),
     ("ltm", _ltm_block),
+    ("phanes", _phanes_block),
 ]
 """(id, factory returning a tiny YAML model block); other models append here (DDPM, AutoDDPM, ...)."""
 
