@@ -182,3 +182,25 @@ def test_torchrun_two_processes_match_one_process_with_two_groups(tmp_path: Path
     # the two sub-steps really ran with their own learning rates: the weights moved away from the start
     torch.manual_seed(0)
     assert not torch.equal(TwoPartAE().decoder.weight, model.decoder.weight)
+
+
+def test_plateau_schedulers_step_only_with_the_monitored_value(tmp_path: Path) -> None:
+    plateau = {"module_name": "torch.optim.lr_scheduler", "class_name": "ReduceLROnPlateau",
+               "params": {"patience": 0, "factor": 0.5}}
+    trainer = _gan_trainer(tmp_path, lr_scheduler=plateau, optimizers={"generator": {"lr_scheduler": None}})
+    groups = trainer.groups
+    assert groups.schedulers["generator"] is None
+    groups.step_epoch()  # never steps a plateau scheduler (it would need a value)
+    groups.step_plateau(1.0)
+    groups.step_plateau(2.0)  # worse: patience 0 halves the critic's lr
+    assert groups.optimizers["critic"].param_groups[0]["lr"] == pytest.approx(0.005)
+    assert groups.optimizers["generator"].param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_fp16_uses_one_gradient_scaler_per_group(tmp_path: Path) -> None:
+    trainer = _gan_trainer(tmp_path, amp="fp16", max_steps=2)
+    trainer.fit()
+    assert all(scaler.is_enabled() for scaler in trainer.groups.scalers.values())
+    state = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
+    assert set(state["scalers"]) == {"critic", "generator"} and all(s is not None for s in state["scalers"].values())
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
