@@ -250,7 +250,8 @@ class Trainer:
             params = block.get("params") or {}
             if "fused" in inspect.signature(cls.__init__).parameters and "fused" not in params:
                 block = {**block, "params": {**params, "fused": True}}
-        return build(block, path, base=Optimizer, params=self.model.parameters())
+        # frozen parameters (a two-stage model's stage-1 networks) belong in no optimizer
+        return build(block, path, base=Optimizer, params=[p for p in self.model.parameters() if p.requires_grad])
 
     @staticmethod
     def _check_group_options(loss_weights: dict[str, float] | None, compile: bool) -> None:

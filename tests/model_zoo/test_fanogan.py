@@ -46,8 +46,11 @@ def test_a_stage2_training_step_leaves_generator_and_critic_bit_identical(tmp_pa
                     wgan_checkpoint=str(path))
     before = ckpt.clone_state_dict(model)
     trainer_run = make_run(tmp_path / "run")
-    Trainer(model=model, data=FakeData(with_val=False), logger=RecordingLogger(), run=trainer_run, max_steps=2,
-            progress=False).fit()
+    trainer = Trainer(model=model, data=FakeData(with_val=False), logger=RecordingLogger(), run=trainer_run,
+                      max_steps=2, progress=False)
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in model.encoder.parameters()}  # G and D are in no optimizer
+    trainer.fit()
     after = model.state_dict()
     for key, value in before.items():
         if key.startswith(("generator.", "critic.")):
