@@ -103,8 +103,19 @@ def test_short_fanogan_training_separates_hypointense_lesions(tmp_path: Path, on
                  monitor="wasserstein")
     assert all(torch.isfinite(p).all() for p in wgan.model.parameters())
     stage2 = FAnoGAN(**arch, wgan_checkpoint=str(tmp_path / "wgan" / "checkpoints" / "latest.pt"))
+    before = _healthy_val_mse(stage2, data)
     adam_e = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": 1e-3, "betas": [0.5, 0.999]}}
     trainer = train(stage2, data, tmp_path / "encoder", steps=200, optimizer=adam_e)
     first, last = trainer.exp_logger.train[0][1]["recon"], trainer.exp_logger.train[-1][1]["recon"]
     assert last < first, (first, last)
+    assert _healthy_val_mse(stage2, data) < 0.8 * before  # the encoder found the GAN's healthy reconstructions
+    # Above chance (measured 0.80). Not above trivial baselines on this data: |x - mean training image| scores
+    # 0.90 and the untrained pipeline (a near-constant G) 0.86 at 32x32, so this checks the wiring, not quality.
     assert hypointense_auroc(stage2, data) > 0.6
+
+
+@torch.no_grad()
+def _healthy_val_mse(model: FAnoGAN, data: object) -> float:
+    model.eval()
+    values = [model.validation_losses(batch)["recon_mse"] for batch in data.eval_dataloader("val")]
+    return float(torch.stack(values).mean())

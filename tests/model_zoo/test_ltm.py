@@ -98,4 +98,5 @@ def test_short_vqvae_and_ltm_training_separate_hypointense_lesions(tmp_path: Pat
     logs = trainer.exp_logger.train
     assert logs[-1][1]["ce"] < 0.8 * logs[0][1]["ce"]
     ltm_auroc = hypointense_auroc(ltm, data)
-    assert vq_auroc > 0.6 and ltm_auroc > 0.6, (vq_auroc, ltm_auroc)
+    # measured: VQ-VAE 0.71, LTM 0.79; healing the unlikely tokens is what improves the map
+    assert vq_auroc > 0.6 and ltm_auroc > vq_auroc + 0.03, (vq_auroc, ltm_auroc)
