@@ -20,6 +20,9 @@ loaded and discarded, then the RNG states of the checkpoint are restored), run
 overrides), log every ``log_interval`` steps, write ``latest.pt`` every ``checkpoint_every_steps`` steps and
 at each epoch end, validate every ``val_interval`` epochs and write ``best.pt`` on improvement.
 
+A model with several networks (GANs, Soft-Intro VAEs) declares ``optimizer_groups()`` and trains through its own
+``training_step(batch, ctx)`` with one optimizer, scheduler and scaler per group (``core/optimizer_groups.py``).
+
 Host-device synchronisation happens only at log steps, checkpoints and epoch ends: the non-finite-loss
 check accumulates on the device each step and is read there, so a NaN stops training with a
 ``FloatingPointError`` at the next log step or checkpoint, before any checkpoint holding NaN weights is

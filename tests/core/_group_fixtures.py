@@ -98,7 +98,7 @@ def _main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-at-step", type=int, default=None)
-    parser.add_argument("--mode", choices=("resume", "ddp"), default="resume")
+    parser.add_argument("--mode", choices=("resume", "ddp", "ddp-gan"), default="resume")
     args = parser.parse_args()
     torch.set_num_threads(1)
     info = init_distributed("cpu")
@@ -106,14 +106,21 @@ def _main() -> None:
     if args.mode == "resume":
         model: AnomalyModel = KillableWGAN(kill_at_call=args.kill_at_step)
         data, params = FakeData(augment=True), gan_params()
-    else:
+    elif args.mode == "ddp":
         model = TwoPartAE()
         data, params = FakeData(n_train=16, batch_size=8 // info.world_size, shuffle=False), ddp_params()
+    else:  # a GAN with BatchNorm, dropout and per-rank random z: the replicas must stay identical
+        torch.manual_seed(info.rank)  # different initial weights per rank: rank 0's are broadcast
+        model = KillableWGAN()
+        torch.manual_seed(100 + info.rank)  # different z, alpha and dropout per rank
+        data, params = FakeData(n_train=16, batch_size=4, shuffle=False), {**gan_params(), "max_epochs": 2}
     run = make_run(args.run_dir, rank=info.rank, world_size=info.world_size,
                    resume_from=args.run_dir / "checkpoints" / "latest.pt" if args.resume else None)
     log = RecordingLogger()
     trainer = Trainer(model=model, data=data, logger=log, run=run, **params)
     trainer.fit()
+    if args.mode == "ddp-gan":
+        torch.save(model.state_dict(), args.out.with_name(f"{args.out.stem}_rank{info.rank}.pt"))
     if info.rank == 0:
         torch.save({"model": model.state_dict(), "ema": trainer.ema.state_dict() if trainer.ema else None,
                     "step": trainer.step, "train_logs": [values["loss"] for _, values in log.train]}, args.out)

@@ -204,3 +204,24 @@ def test_fp16_uses_one_gradient_scaler_per_group(tmp_path: Path) -> None:
     state = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
     assert set(state["scalers"]) == {"critic", "generator"} and all(s is not None for s in state["scalers"].values())
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_torchrun_gan_replicas_stay_identical(tmp_path: Path) -> None:
+    # two ranks start from different weights and draw different z / alpha / dropout masks: the initial broadcast,
+    # the per-batch buffer broadcast (BatchNorm statistics, as DDP's broadcast_buffers) and the per-group gradient
+    # averaging keep every parameter identical on both ranks after 8 batches. Buffers are synchronised at the start
+    # of each batch, so after the last one they differ, as under DDP; rank 0 writes the checkpoints.
+    env_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in env_vars}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "tests.core._group_fixtures", "--mode", "ddp-gan", "--run-dir", str(tmp_path / "ddp"),
+           "--out", str(tmp_path / "gan.pt")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rank0, rank1 = (torch.load(tmp_path / f"gan_rank{r}.pt", weights_only=True) for r in (0, 1))
+    parameters = [name for name, _ in KillableWGAN().named_parameters()]
+    for key in parameters:
+        assert torch.equal(rank0[key], rank1[key]), f"{key} differs between the ranks"
+    torch.manual_seed(0)
+    assert not torch.equal(KillableWGAN().critic.head.weight, rank0["critic.head.weight"])  # it did train
