@@ -233,7 +233,9 @@ class PHANES(RA):
         if not (self.style_weight or self.perceptual_weight):
             return zero, zero
         if self._vgg_state == "not built":
-            self._vgg = build_vgg19_losses(backend=self.vgg_backend, weights_path=self.vgg_weights_path)
+            # a plain attribute, not a submodule: never in the state dict, parameters() or an optimizer
+            object.__setattr__(self, "_vgg", build_vgg19_losses(backend=self.vgg_backend,
+                                                                weights_path=self.vgg_weights_path))
             if self._vgg is None:
                 self._vgg_state = "unavailable: no VGG19 weights, style and perceptual terms off (L_G = L1 + adv)"
                 logger.warning("PHANES VGG19 %s", self._vgg_state)

@@ -73,6 +73,7 @@ def test_one_trainer_step_updates_all_four_networks(tmp_path: Path) -> None:
     logged = trainer.exp_logger.train[-1][1]
     assert {"inpaint_l1", "style", "perceptual", "generator_adv", "discriminator_loss", "mask_fraction"} <= set(logged)
     assert not any("vgg" in k or "lpips" in k for k in model.state_dict())
+    assert model._vgg is not None and "_vgg" not in dict(model.named_modules())
 
 
 def test_maps_are_per_image() -> None:
