@@ -28,7 +28,7 @@ def load_frozen_stage(modules: Mapping[str, nn.Module], path: str | Path, *, sta
     """Load stage-1 weights into ``modules`` strictly and freeze them.
 
     The checkpoint's weights (EMA weights when it has them, as evaluation does) must consist of exactly the
-    prefixes ``<name>.`` of ``modules`` (plus any ``ignore``-free extra: none is accepted), each loaded strictly.
+    prefixes ``<name>.`` of ``modules`` (any other key is an error), each loaded strictly.
 
     Args:
         modules: ``{prefix: submodule}``, e.g. ``{'generator': G, 'critic': D}`` for keys ``generator.*``.
