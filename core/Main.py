@@ -347,6 +347,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if initialised is not None and experiment.task == "train":
             log.update_manifest(initialised_from=initialised)
+        if is_main and model.provenance():  # e.g. the frozen stage-1 checkpoint and its SHA-256
+            log.update_manifest(model_provenance=model.provenance())
         exit_code = 1
         try:
             if experiment.task == "train":
@@ -360,6 +362,8 @@ def run(args: argparse.Namespace) -> int:
                 log.update_manifest(evaluated_weights={"path": str(weights), "which": loaded})
                 model.eval()
                 run_downstream(evaluators, model=model, data=data, logger=log, run=context)
+                if model.provenance():  # now with the networks built during evaluation (e.g. LPIPS weights)
+                    log.update_manifest(model_provenance=model.provenance())
             exit_code = 0
         finally:
             log.close(exit_code=exit_code)

@@ -20,6 +20,9 @@ loaded and discarded, then the RNG states of the checkpoint are restored), run
 overrides), log every ``log_interval`` steps, write ``latest.pt`` every ``checkpoint_every_steps`` steps and
 at each epoch end, validate every ``val_interval`` epochs and write ``best.pt`` on improvement.
 
+A model with several networks (GANs, Soft-Intro VAEs) declares ``optimizer_groups()`` and trains through its own
+``training_step(batch, ctx)`` with one optimizer, scheduler and scaler per group (``core/optimizer_groups.py``).
+
 Host-device synchronisation happens only at log steps, checkpoints and epoch ends: the non-finite-loss
 check accumulates on the device each step and is read there, so a NaN stops training with a
 ``NonFiniteLossError`` (a ``FloatingPointError``) at the next log step or checkpoint, before any checkpoint
@@ -54,6 +57,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from core.Configurator import build, is_enabled, resolve_class
+from core.optimizer_groups import OptimizerGroups
 from data.batch import Batch
 from dl_utils import checkpoint as ckpt
 from dl_utils.distributed import barrier, is_distributed
@@ -112,6 +116,9 @@ class Trainer:
         lr_scheduler: block of a ``torch.optim.lr_scheduler.LRScheduler`` (``optimizer`` injected), or null.
             ``ReduceLROnPlateau`` is stepped with the monitored value after each validation.
         lr_scheduler_interval: step the scheduler after every ``'epoch'`` or every optimizer ``'step'``.
+        optimizers: per-group ``{optimizer, lr_scheduler}`` overrides for a model that declares
+            ``optimizer_groups()`` (``optimizer``/``lr_scheduler`` are then every group's defaults); see
+            ``core/optimizer_groups.py``. Such a model trains through its own ``training_step(batch, ctx)``.
         loss_weights: weight per term of ``training_losses`` (absent terms weigh 1); an unknown name is an
             error at the first step.
         grad_clip_norm: clip the global gradient 2-norm to this value; null = no clipping.
@@ -145,6 +152,7 @@ class Trainer:
         optimizer: dict[str, Any] | None = None,
         lr_scheduler: dict[str, Any] | None = None,
         lr_scheduler_interval: SchedulerInterval = "epoch",
+        optimizers: dict[str, dict[str, Any]] | None = None,
         loss_weights: dict[str, float] | None = None,
         grad_clip_norm: float | None = None,
         amp: AmpMode = "auto",
@@ -199,13 +207,26 @@ class Trainer:
 
         self.model = model.to(self.device)
         self.ema = EMA(self.model, decay=ema_decay) if ema_decay is not None else None
-        self.optimizer = self._build_optimizer(optimizer or DEFAULT_OPTIMIZER)
+        self.groups: OptimizerGroups | None = None
+        self.optimizer: Optimizer | None = None
         self.scheduler: LRScheduler | None = None
-        if lr_scheduler is not None and is_enabled(lr_scheduler):
-            self.scheduler = build(lr_scheduler, "trainer.params.lr_scheduler", base=LRScheduler,
-                                   optimizer=self.optimizer)
+        if self.model.optimizer_groups():
+            self._check_group_options(loss_weights, compile)
+            self.groups = OptimizerGroups(model=self.model, default_optimizer=optimizer or DEFAULT_OPTIMIZER,
+                                          default_scheduler=lr_scheduler, overrides=optimizers,
+                                          scheduler_interval=lr_scheduler_interval, amp_dtype=self.amp_dtype,
+                                          device=self.device, grad_clip_norm=grad_clip_norm)
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # one per group instead
+        elif optimizers:
+            raise ValueError(f"trainer.params.optimizers is set but {type(model).__name__} declares no "
+                             "optimizer_groups(); use trainer.params.optimizer")
+        else:
+            self.optimizer = self._build_optimizer(optimizer or DEFAULT_OPTIMIZER)
+            if lr_scheduler is not None and is_enabled(lr_scheduler):
+                self.scheduler = build(lr_scheduler, "trainer.params.lr_scheduler", base=LRScheduler,
+                                       optimizer=self.optimizer)
         self.engine: Any = self.model
-        if run.world_size > 1:
+        if run.world_size > 1 and self.groups is None:  # groups average their gradients themselves
             device_ids = None
             if self.device.type == "cuda":
                 device_ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
@@ -233,7 +254,16 @@ class Trainer:
             params = block.get("params") or {}
             if "fused" in inspect.signature(cls.__init__).parameters and "fused" not in params:
                 block = {**block, "params": {**params, "fused": True}}
-        return build(block, path, base=Optimizer, params=self.model.parameters())
+        # frozen parameters (a two-stage model's stage-1 networks) belong in no optimizer
+        return build(block, path, base=Optimizer, params=[p for p in self.model.parameters() if p.requires_grad])
+
+    @staticmethod
+    def _check_group_options(loss_weights: dict[str, float] | None, compile: bool) -> None:
+        if loss_weights:
+            raise ValueError("trainer.params.loss_weights does not apply to a model with optimizer_groups(): its "
+                             "training_step weighs its own losses (set the weights in the model block)")
+        if compile:
+            raise ValueError("trainer.params.compile is not supported for a model with optimizer_groups()")
 
     def _reset_step_stats(self) -> None:
         self._running: Tensor | None = None  # sum of [loss, *terms] since the last log step
@@ -264,6 +294,8 @@ class Trainer:
                 self.batch_in_epoch = 0
                 if self._scheduler_steps("epoch"):
                     self.scheduler.step()
+                if self.groups is not None:
+                    self.groups.step_epoch()
             last = self._done(ignore_patience=True)
             if val_loader is not None and ((finished and self.epoch % self.val_interval == 0) or last):
                 self._validate_and_track(val_loader)
@@ -333,6 +365,8 @@ class Trainer:
         Returns:
             Detached scalars: ``'loss'`` (the weighted sum that was back-propagated) and every raw term.
         """
+        if self.groups is not None:
+            return self._group_training_step(batch)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             terms = self.engine(batch)
         loss = self._weighted_sum(terms)
@@ -348,6 +382,18 @@ class Trainer:
         if self._scheduler_steps("step"):
             self.scheduler.step()
         return {"loss": loss.detach(), **{name: value.detach() for name, value in terms.items()}}
+
+    def _group_training_step(self, batch: Batch) -> dict[str, Tensor]:
+        """The model's own ``training_step`` with one optimizer per group; ``loss`` = the sum it back-propagated."""
+        ctx = self.groups.context(self.step)
+        terms = self.model.training_step(batch, ctx)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        if self._term_names is None:
+            reserved = sorted(set(terms) & set(RESERVED_TERMS))
+            if reserved:
+                raise ValueError(f"{type(self.model).__name__}.training_step returns reserved term(s) {reserved}")
+        return {"loss": ctx.loss, **{name: value.detach() for name, value in terms.items()}}
 
     # ------------------------------------------------------------------------------------------ helpers
     def _weighted_sum(self, terms: Mapping[str, Tensor]) -> Tensor:
@@ -401,7 +447,10 @@ class Trainer:
             dist.all_reduce(means)
             means = means / self.run.world_size
         values = dict(zip(["loss", *self._term_names], means.tolist(), strict=True))
-        values["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        if self.groups is not None:
+            values.update(self.groups.learning_rates())
+        else:
+            values["lr"] = float(self.optimizer.param_groups[0]["lr"])
         if self.run.is_main:
             self.exp_logger.log_train(values, step=self.step)
         bar.set_postfix(loss=f"{values['loss']:.4g}", img_s=f"{images_per_s:.0f}")
@@ -475,6 +524,8 @@ class Trainer:
             value = float(shared.item())
         if isinstance(self.scheduler, ReduceLROnPlateau):
             self.scheduler.step(value)
+        if self.groups is not None:
+            self.groups.step_plateau(value)
         improved = math.isfinite(value) and (self.best_metric is None or value < self.best_metric - self.min_delta)
         if improved:
             self.best_metric, self.bad_validations = value, 0
@@ -499,11 +550,19 @@ class Trainer:
         return states
 
     def state_dict(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
-        """Everything needed to continue training exactly (see ``dl_utils.checkpoint``)."""
+        """Everything needed to continue training exactly (see ``dl_utils.checkpoint``).
+
+        A model with optimizer groups has ``optimizer``/``scheduler``/``scaler`` None and per-group
+        ``optimizers``/``schedulers``/``scalers`` instead; a model with :meth:`provenance` adds ``provenance``.
+        """
+        extra: dict[str, Any] = self.groups.state_dict() if self.groups is not None else {}
+        if self.model.provenance():
+            extra["provenance"] = self.model.provenance()
         return {
+            **extra,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "epoch": self.epoch,
@@ -539,7 +598,10 @@ class Trainer:
             else:
                 ckpt.load_state_strict(self.ema.module, state["ema"], f"'ema' weights of {path}")
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.groups is not None:
+                self.groups.load_state_dict(state, str(path))
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
             if self.scheduler is not None and state.get("scheduler") is not None:
                 self.scheduler.load_state_dict(state["scheduler"])
             if self.scaler.is_enabled() and state.get("scaler") is not None:

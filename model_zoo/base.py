@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from data.batch import Batch
+
+if TYPE_CHECKING:
+    from core.optimizer_groups import StepContext
 
 
 @dataclass
@@ -70,3 +74,31 @@ class AnomalyModel(nn.Module, abc.ABC):
         recon = out.reconstruction if out.reconstruction is not None else batch.image
         diff = recon - batch.image
         return {"recon_mae": diff.abs().mean(), "recon_mse": diff.pow(2).mean()}
+
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Named, disjoint parameter subsets that get one optimizer each; ``{}`` (default) = one optimizer.
+
+        A model that returns groups trains through :meth:`training_step` (see ``core/optimizer_groups.py``);
+        together the groups must hold every trainable parameter, and no frozen one.
+        """
+        return {}
+
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
+        """One batch of a several-optimizer model: forward passes and ``ctx.backward_step(group, loss)`` calls.
+
+        Args:
+            batch: on the training device; ``image`` [B,1,H,W] in [0,1].
+            ctx: autocast, ``frozen_except(*groups)``, ``backward_step(group, loss)`` and the batch index.
+
+        Returns:
+            Detached scalar terms to log, the same names at every batch (not ``loss``/``lr``, which the trainer
+            adds).
+        """
+        raise NotImplementedError(f"{type(self).__name__} declares optimizer groups but no training_step")
+
+    def provenance(self) -> dict[str, Any]:
+        """Where external inputs came from (a stage-1 checkpoint and its SHA-256, feature-network weights).
+
+        The trainer stores it in every checkpoint as ``'provenance'`` and ``Main`` in the manifest; ``{}`` = none.
+        """
+        return {}

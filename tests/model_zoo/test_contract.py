@@ -91,6 +91,60 @@ def _pddpm_block() -> dict[str, Any]:
                                    "num_head_channels": 8, "norm_num_groups": 8}}}
 
 
+def _fanogan_block() -> dict[str, Any]:
+    import tempfile
+    from pathlib import Path
+
+    from dl_utils.checkpoint import save_checkpoint
+    from model_zoo.fanogan import WGANGP
+
+    arch = {"image_size": SIZE, "latent_dim": 8, "generator_channels": [8, 8, 4], "critic_channels": [4, 8]}
+    stage1 = Path(tempfile.mkdtemp(prefix="contract_fanogan_")) / "wgan.pt"
+    save_checkpoint(stage1, {"model": WGANGP(**arch).state_dict(), "ema": None})
+    return {"module_name": "model_zoo.fanogan", "class_name": "FAnoGAN",
+            "params": {**arch, "wgan_checkpoint": str(stage1)}}
+
+
+def _sivae_block() -> dict[str, Any]:
+    return {"module_name": "model_zoo.soft_intro", "class_name": "SoftIntroVAE",
+            "params": {"image_size": SIZE, "channels": [4, 8], "zdim": 4, "beta_neg": 4.0}}
+
+
+def _ra_block() -> dict[str, Any]:
+    block = _sivae_block()
+    perceptual = {"module_name": "optim.losses.perceptual", "class_name": "PerceptualDistance",
+                  "params": {"net": "squeeze", "backend": "random"}}
+    return {**block, "class_name": "RA", "params": {**block["params"], "perceptual": perceptual}}
+
+
+def _vqvae_block() -> dict[str, Any]:
+    return {"module_name": "model_zoo.ltm", "class_name": "VQVAE",
+            "params": {"image_size": SIZE, "channels": [4, 4], "num_res_channels": [4, 4], "num_res_layers": 1,
+                       "num_embeddings": 8, "embedding_dim": 4}}
+
+
+def _ltm_block() -> dict[str, Any]:
+    import tempfile
+    from pathlib import Path
+
+    from dl_utils.checkpoint import save_checkpoint
+    from model_zoo.ltm import VQVAE
+
+    vqvae = _vqvae_block()["params"]
+    stage1 = Path(tempfile.mkdtemp(prefix="contract_ltm_")) / "vqvae.pt"
+    save_checkpoint(stage1, {"model": VQVAE(**vqvae).state_dict(), "ema": None})
+    return {"module_name": "model_zoo.ltm", "class_name": "LTM",
+            "params": {"vqvae": vqvae, "vqvae_checkpoint": str(stage1), "width": 8, "depth": 1, "heads": 2}}
+
+
+def _phanes_block() -> dict[str, Any]:
+    block = _ra_block()
+    params = {**block["params"], "inpaint_channels": [4, 8, 8], "aot_blocks": 1, "aot_rates": [1, 2],
+              "disc_channels": [4, 8, 8, 8], "n_ellipses": 2, "disc_blur_kernel": 9, "disc_blur_sigma": 2.0,
+              "vgg_backend": "random"}
+    return {"module_name": "model_zoo.phanes", "class_name": "PHANES", "params": params}
+
+
 MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("ae", _ae_block),
     ("vae", _vae_block),
@@ -104,6 +158,12 @@ MODEL_CASES: list[tuple[str, Callable[[], dict[str, Any]]]] = [
     ("mae", _mae_block),
     ("morphaeus", _morphaeus_block),
     ("pddpm", _pddpm_block),
+    ("fanogan", _fanogan_block),
+    ("sivae", _sivae_block),
+    ("ra", _ra_block),
+    ("vqvae", _vqvae_block),
+    ("ltm", _ltm_block),
+    ("phanes", _phanes_block),
 ]
 """(id, factory returning a tiny YAML model block); other models append here (DDPM, AutoDDPM, ...)."""
 
@@ -144,8 +204,10 @@ def test_training_losses_are_finite_and_reach_every_parameter(model: AnomalyMode
 def test_calling_the_model_returns_training_losses(model: AnomalyModel, x: torch.Tensor) -> None:
     # the trainer calls the (DDP-wrapped) module, so ``forward`` must stay ``training_losses``
     model.train()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}  # train-mode updates (a VQ EMA codebook)
     torch.manual_seed(0)
     called = model(Batch(image=x))
+    model.load_state_dict(buffers)
     torch.manual_seed(0)
     direct = model.training_losses(Batch(image=x))
     assert called.keys() == direct.keys()

@@ -1,0 +1,146 @@
+"""Map post-processing shared by RA and PHANES: CLAHE, Gaussian smoothing and a lazily built spatial LPIPS.
+
+Everything works per image on the input's device (no statistic is taken over the batch), in torch:
+
+* :func:`clahe`: contrast-limited adaptive histogram equalisation after skimage's ``equalize_adapthist``
+  defaults (kernel = 1/8 of the image side, clip limit 0.01, 256 bins), vectorised over the batch. Not
+  bit-identical to skimage: the clipped excess is redistributed in one uniform pass (skimage iterates), and
+  the tile mappings are interpolated bilinearly between tile centres (as skimage) with edge tiles extended.
+* :func:`gaussian_blur`: separable Gaussian, reflect padding, radius ``ceil(4 sigma)`` (scipy's truncate 4).
+* :class:`LazyPerceptual`: the spatial perceptual distance (``optim.losses.perceptual.PerceptualDistance``,
+  LPIPS-SqueezeNet with official weights from ``weights_path``/``$TORCH_HOME``, else ST-LPIPS) built on first
+  use from a YAML block, never a submodule (so never in a ``state_dict`` or an optimizer); ``None`` = the
+  documented "term off" fallback (saliency = 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.Configurator import build
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LPIPS: dict[str, Any] = {
+    "module_name": "optim.losses.perceptual",
+    "class_name": "PerceptualDistance",
+    "params": {"net": "squeeze", "backend": "auto"},
+}
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian smoothing of x: [B,C,H,W] (reflect padding, radius ceil(4 sigma)); same shape."""
+    if sigma <= 0:
+        return x
+    radius = max(1, math.ceil(4.0 * sigma))
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(x.dtype)
+    channels = x.shape[1]
+    pad_h, pad_w = min(radius, x.shape[-2] - 1), min(radius, x.shape[-1] - 1)
+    out = F.pad(x, (0, 0, pad_h, pad_h), mode="reflect")
+    k_h = kernel[radius - pad_h: radius + pad_h + 1]
+    out = F.conv2d(out, k_h.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    out = F.pad(out, (pad_w, pad_w, 0, 0), mode="reflect")
+    k_w = kernel[radius - pad_w: radius + pad_w + 1]
+    out = F.conv2d(out, k_w.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    # a kernel cut at the image size no longer sums to 1: renormalise so constants stay constant
+    return out / (k_h.sum() * k_w.sum())
+
+
+def clahe(x: Tensor, *, tiles: int = 8, clip_limit: float = 0.01, nbins: int = 256) -> Tensor:
+    """Contrast-limited adaptive histogram equalisation, per image.
+
+    Args:
+        x: [B,1,H,W]; each image is first rescaled to [0,1] by its min and max (as skimage does); H and W
+            divisible by ``tiles``.
+        tiles: tiles per side (skimage's default kernel of 1/8 of the side = 8 tiles).
+        clip_limit: fraction of a tile's pixels a histogram bin may hold (skimage's normalised clip limit).
+        nbins: histogram bins.
+
+    Returns:
+        [B,1,H,W] in [0,1] (rescaled per image to the full range, as skimage), float32.
+    """
+    b, c, h, w = x.shape
+    if c != 1 or h % tiles or w % tiles:
+        raise ValueError(f"clahe expects [B,1,H,W] with H, W divisible by tiles={tiles}, got {tuple(x.shape)}")
+    th, tw = h // tiles, w // tiles
+    bins = (_minmax(x.float()) * (nbins - 1)).round().long().view(b, h, w)
+    tiled = bins.view(b, tiles, th, tiles, tw).permute(0, 1, 3, 2, 4).reshape(b, tiles, tiles, th * tw)
+    hist = torch.zeros(b, tiles, tiles, nbins, device=x.device).scatter_add_(
+        3, tiled, torch.ones_like(tiled, dtype=torch.float32))
+    limit = max(1.0, float(int(clip_limit * th * tw)))
+    excess = (hist - limit).clamp(min=0).sum(dim=3, keepdim=True)
+    hist = hist.clamp(max=limit) + excess / nbins
+    cdf = hist.cumsum(dim=3) / (th * tw)  # [B, ty, tx, nbins] in (0, 1]
+    # bilinear interpolation between the mappings of the four nearest tile centres
+    gy = ((torch.arange(h, device=x.device) + 0.5) / th - 0.5).clamp(0, tiles - 1)
+    gx = ((torch.arange(w, device=x.device) + 0.5) / tw - 0.5).clamp(0, tiles - 1)
+    y0, x0 = gy.floor().long(), gx.floor().long()
+    y1, x1 = (y0 + 1).clamp(max=tiles - 1), (x0 + 1).clamp(max=tiles - 1)
+    wy, wx = (gy - y0).view(1, h, 1), (gx - x0).view(1, 1, w)
+    batch = torch.arange(b, device=x.device).view(b, 1, 1)
+
+    def lookup(ty: Tensor, tx: Tensor) -> Tensor:
+        return cdf[batch, ty.view(1, h, 1), tx.view(1, 1, w), bins]
+
+    top = lookup(y0, x0) * (1 - wx) + lookup(y0, x1) * wx
+    bottom = lookup(y1, x0) * (1 - wx) + lookup(y1, x1) * wx
+    return _minmax((top * (1 - wy) + bottom * wy).unsqueeze(1))
+
+
+def _minmax(x: Tensor) -> Tensor:
+    """Per-image rescale of [B,1,H,W] to [0,1] (as skimage's rescale_intensity); constant images become 0."""
+    low = x.amin(dim=(1, 2, 3), keepdim=True)
+    span = x.amax(dim=(1, 2, 3), keepdim=True) - low
+    return torch.where(span > 0, (x - low) / span.clamp(min=1e-12), torch.zeros_like(x))
+
+
+class LazyPerceptual:
+    """A spatial perceptual distance built from ``block`` on first use; ``block=None`` = saliency off (ones).
+
+    Not an ``nn.Module`` attribute of the host model (kept in a plain attribute), so it never enters the host's
+    ``state_dict``, ``parameters()`` or an optimizer.
+
+    Args:
+        block: ``{module_name, class_name, params}`` of a module with ``spatial(x, y) -> [B,1,H,W]`` (inputs in
+            [0,1]), or None.
+        yaml_path: the block's YAML path, for error messages.
+    """
+
+    def __init__(self, block: dict[str, Any] | None, yaml_path: str) -> None:
+        if block is not None and not isinstance(block, dict):
+            raise ValueError(f"{yaml_path} must be a {{module_name, class_name, params}} mapping or null, "
+                             f"got {block!r}")
+        self.block, self.yaml_path = block, yaml_path
+        self.module: Any = None
+
+    @property
+    def description(self) -> str:
+        """What the saliency is: the network's ``backend_name`` once built, or the fallback."""
+        if self.block is None:
+            return "off (saliency = 1; no perceptual network configured)"
+        if self.module is None:
+            return f"not built yet ({self.block.get('class_name')} {self.block.get('params') or {}})"
+        return str(getattr(self.module, "backend_name", type(self.module).__name__))
+
+    def spatial(self, x: Tensor, y: Tensor) -> Tensor:
+        """[B,1,H,W] perceptual distance map between x and y ([B,1,H,W] in [0,1]); ones when off."""
+        if self.block is None:
+            return torch.ones_like(x[:, :1])
+        if self.module is None:
+            module = build(self.block, self.yaml_path, base=nn.Module)
+            if not hasattr(module, "spatial"):
+                raise ValueError(f"{self.yaml_path}: {type(module).__name__} has no spatial(x, y) method")
+            module.eval().requires_grad_(False)
+            self.module = module
+            logger.info("%s: %s", self.yaml_path, self.description)
+        self.module.to(x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.module.spatial(x.float(), y.float())

@@ -1,0 +1,135 @@
+"""SI-VAE and RA: sub-step freezing, the embedding loss, CLAHE/blur against skimage/scipy, per-image maps, learning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+from skimage.exposure import equalize_adapthist
+
+from core.optimizer_groups import StepContext
+from core.Trainer import Trainer
+from data.batch import Batch
+from model_zoo.saliency import clahe, gaussian_blur
+from model_zoo.soft_intro import RA, SoftIntroVAE
+from tests.core._trainer_fixtures import RecordingLogger, make_run
+from tests.model_zoo._learning import embedded_data, hypointense_auroc, train
+
+TINY = {"image_size": 16, "channels": (4, 8), "zdim": 4, "beta_neg": 4.0}
+RANDOM_LPIPS = {"module_name": "optim.losses.perceptual", "class_name": "PerceptualDistance",
+                "params": {"net": "squeeze", "backend": "random"}}
+
+
+class _Data:
+    def __init__(self, size: int = 16) -> None:
+        self.images = torch.rand(8, 1, size, size, generator=torch.Generator().manual_seed(0))
+
+    def train_dataloader(self, **_: object) -> list[Batch]:
+        return [Batch(image=self.images[:4]), Batch(image=self.images[4:])]
+
+    def val_dataloader(self) -> None:
+        return None
+
+
+def test_each_sub_step_updates_only_its_own_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = SoftIntroVAE(**TINY)
+    trainer = Trainer(model=model, data=_Data(), logger=RecordingLogger(), run=make_run(tmp_path), max_steps=1,
+                      progress=False)
+    seen: list[tuple[str, bool, bool]] = []
+    original = StepContext.backward_step
+
+    def spy(ctx: StepContext, name: str, loss: torch.Tensor) -> None:  # gradients of this sub-step's loss alone
+        loss.backward(retain_graph=True)
+        seen.append((name, all(p.grad is None for p in model.decoder.parameters()),
+                     all(p.grad is None for p in model.encoder.parameters())))
+        original(ctx, name, loss)
+
+    monkeypatch.setattr(StepContext, "backward_step", spy)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.fit()
+    # the encoder loss reaches no decoder parameter, the decoder loss no encoder parameter
+    assert seen == [("encoder", True, False), ("decoder", False, True)]
+    changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"encoder", "decoder"}
+    logged = trainer.exp_logger.train[-1][1]
+    assert {"encoder_loss", "decoder_loss", "rec", "kl", "exp_elbo_real", "exp_elbo_fake"} <= set(logged)
+
+
+def test_ra_embedding_loss_hand_computed() -> None:
+    model = RA(**TINY, perceptual=None, embedding_weight=0.5)
+    f = [torch.rand(2, 3, 4, 4), torch.rand(2, 5, 2, 2)]
+    assert model._extra_encoder_terms(f, f)["embedding"].item() == pytest.approx(0.0, abs=1e-6)
+    # F_r = 2F: cosine 1, so each level contributes 0.5 * mean(F^2)
+    doubled = [2 * t for t in f]
+    expected = 0.5 * sum(0.5 * t.pow(2).mean().item() for t in f)
+    assert model._extra_encoder_terms(f, doubled)["embedding"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_clahe_follows_skimage_per_image() -> None:
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+    smooth = (0.3 + 0.2 * torch.sin(6 * xx) * torch.cos(4 * yy)).clamp(0, 1)
+    noisy = torch.rand(64, 64, generator=torch.Generator().manual_seed(0)) ** 2
+    batch = torch.stack([smooth, noisy])[:, None]
+    ours = clahe(batch)
+    for i, image in enumerate((smooth, noisy)):
+        reference = equalize_adapthist(image.numpy().astype(np.float64))
+        assert np.abs(ours[i, 0].numpy() - reference).mean() < 0.05
+        assert np.corrcoef(ours[i, 0].numpy().ravel(), reference.ravel())[0, 1] > 0.98
+        torch.testing.assert_close(clahe(batch[i:i + 1])[0], ours[i])  # no statistic over the batch
+
+
+def test_gaussian_blur_matches_scipy_mirror_mode() -> None:
+    x = torch.rand(2, 1, 20, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours = gaussian_blur(x, 2.0)
+    for i in range(2):
+        reference = gaussian_filter(x[i, 0].numpy(), sigma=2.0, mode="mirror", truncate=4.0)
+        np.testing.assert_allclose(ours[i, 0].numpy(), reference, atol=1e-10)
+
+
+def test_ra_maps_are_per_image_and_vanish_for_a_perfect_reconstruction() -> None:
+    torch.manual_seed(0)
+    model = RA(**{**TINY, "image_size": 32}, perceptual=RANDOM_LPIPS).eval()  # SqueezeNet needs >= 32 px
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    full = model.get_anomaly(x).anomaly_map
+    torch.testing.assert_close(model.get_anomaly(x[1:2]).anomaly_map[0], full[1])
+    assert model.residual_map(x, x).abs().max() == 0
+    assert "saliency_perceptual" in model.provenance() and "RANDOM" in model.provenance()["saliency_perceptual"]
+    assert not any("perceptual" in key or "lpips" in key for key in model.state_dict())
+
+
+def test_sampled_test_maps_follow_the_generator() -> None:
+    torch.manual_seed(0)
+    model = SoftIntroVAE(**TINY, test_samples=3).eval()
+    x = torch.rand(2, 1, 16, 16)
+    first = model.get_anomaly(x, generator=torch.Generator().manual_seed(5)).anomaly_map
+    second = model.get_anomaly(x, generator=torch.Generator().manual_seed(5)).anomaly_map
+    other = model.get_anomaly(x, generator=torch.Generator().manual_seed(6)).anomaly_map
+    assert torch.equal(first, second) and not torch.equal(first, other)
+    deterministic = SoftIntroVAE(**TINY).eval()
+    deterministic.load_state_dict(model.state_dict())
+    assert torch.equal(deterministic.get_anomaly(x).reconstruction, deterministic.decoder(deterministic.encode(x)[0]))
+
+
+SMALL = {"image_size": 32, "channels": (16, 32, 64), "zdim": 32, "beta_neg": 32.0}
+ADAM = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": 1e-3}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [SoftIntroVAE, RA])
+def test_short_training_separates_hypointense_lesions_better_than_the_untrained_model(
+        cls: type, tmp_path: Path, one_thread: None) -> None:
+    # 100 batches of 16 at 32x32 (about a minute on one core). RA without LPIPS weights: the CLAHE residual alone
+    # ("RA-noLPIPS"). Measured: SI-VAE 0.66 untrained -> 0.79, RA 0.49 -> 0.59.
+    torch.manual_seed(0)
+    data = embedded_data(32)
+    params = {**SMALL, "perceptual": None} if cls is RA else SMALL
+    untrained = hypointense_auroc(cls(**params), data)
+    torch.manual_seed(0)
+    trainer = train(cls(**params), data, tmp_path, steps=100, optimizer=ADAM)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    trained = hypointense_auroc(trainer.model, data)
+    assert trained > 0.55 and trained > untrained + 0.05, (untrained, trained)
