@@ -53,6 +53,19 @@ class AnomalyModel(nn.Module, abc.ABC):
     def get_anomaly(self, x: Tensor, *, generator: torch.Generator | None = None) -> AnomalyOutput:
         """Anomaly map and score for x: [B,1,H,W] in [0,1]."""
 
+    def provenance(self) -> dict[str, str]:
+        """Backends and settings this model's outputs rest on, for manifests and reports; {} by default.
+
+        A model that uses an injected network (e.g. AutoDDPM's perceptual network) returns what it actually
+        uses, e.g. ``{"perceptual": "stlpips/alex ..."}``; the evaluation records it beside every result.
+        """
+        return {}
+
+    def counted_network(self) -> nn.Module | None:
+        """The network whose forward calls the evaluation reports as ``network_calls`` per image (e.g. a
+        diffusion model's UNet), or None (the default) when calls are not counted."""
+        return None
+
     @torch.no_grad()
     def validation_losses(self, batch: Batch, *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Per-batch validation metrics (scalars, lower is better); default: reconstruction MAE and MSE.
