@@ -158,7 +158,6 @@ def run_downstream(evaluators: Mapping[str, DownstreamEvaluator], *, model: Anom
     ctx = EvalContext.from_run(model=model, data=data, run=run, progress=progress)
     results: Metrics = {}
     reports: list[tuple[str, TaskResult]] = []
-    model_settings = ctx.model_settings()
     for name, result in run_tasks(evaluators, ctx):
         for dataset, metrics in result.metrics.items():
             logger.log_eval(name, dataset, metrics)
@@ -166,6 +165,7 @@ def run_downstream(evaluators: Mapping[str, DownstreamEvaluator], *, model: Anom
             logger.log_figure(f"eval/{name}/{key}", fig)
         for key, rows in result.tables.items():
             logger.log_table(f"eval/{name}/{key}", rows)
+        model_settings = ctx.model_settings()  # after the task: a model may build its backends on first use
         if model_settings and any(result.metrics.values()):
             result.manifest["model"] = model_settings  # every number here rests on the model's outputs
         if result.manifest:
