@@ -93,6 +93,11 @@ def test_quickstart_reduced_end_to_end(tmp_path, monkeypatch, capsys):
     for task in ("thresholds", "detection", "segmentation", "localization", "rqi", "ahi", "caci"):
         assert any(k.startswith(f"eval/{task}/") for k in metrics), f"no numbers from task {task}"
     assert (run_dir / "report.md").is_file() and (run_dir / "checkpoints" / "thresholds.json").is_file()
+    backends = manifest["backends"]  # the networks actually used, whatever 'auto' found on this machine
+    assert backends.keys() >= {"rqi_caci_lpips", "fid_network"} and manifest["torch_threads"] >= 1
+    header = (run_dir / "report.md").read_text().split("\n## ")[1]
+    assert header.startswith("Backends and settings") and all(f"| {v} |" in header for v in backends.values())
+    assert metrics["eval/cost/hypointense_lesion/s_per_image"] > 0 and "eval/cost/all_datasets/s_per_image" in metrics
     assert any((run_dir / "figures").glob("*.png"))
     run = read_run(find_run_file(run_dir))
     logged = {k for row in run["history"] for k in row}
