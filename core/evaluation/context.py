@@ -3,9 +3,9 @@
 Besides the outputs, the context records what the evaluation's numbers rest on:
 
 - :attr:`EvalContext.cost`: per dataset the model ran on, seconds per image of ``get_anomaly`` (wall clock,
-  CUDA synchronised; data loading excluded) and, when the model names a network in
-  :meth:`model_zoo.base.AnomalyModel.counted_network`, its forward calls per image (a batched call counts once
-  for every image in the batch);
+  CUDA synchronised; data loading excluded; a model's lazy set-up on its first batch included) and, when the
+  model names a network in :meth:`model_zoo.base.AnomalyModel.counted_network`, its forward calls per image (a
+  batched call counts once for every image in the batch);
 - :attr:`EvalContext.backends`: every feature network actually used (``rqi_caci_lpips``, ``fid_network``) and,
   through :meth:`EvalContext.model_settings`, the model's own backends (``model.provenance()``) and its
   inference label. A fallback chosen by ``backend: auto`` (ST-LPIPS for LPIPS, the fid-helper TorchScript for
@@ -220,7 +220,7 @@ class EvalContext:
             if backend == "auto" and not net.backend_name.startswith("lpips/"):
                 warn_once(f"RQI/CACI LPIPS: the official LPIPS backbone is missing; backend 'auto' uses "
                           f"{net.backend_name} instead (a different metric; labelled in the manifest and report)")
-            self.backends["rqi_caci_lpips"] = net.backend_name
+            self._record("rqi_caci_lpips", backend, net.backend_name)
         return self._perceptual[backend]
 
     def perceptual_distance(self, backend: str, x: Tensor, y: Tensor, *, spatial: bool = False,
@@ -244,8 +244,13 @@ class EvalContext:
                 warn_once("FID: neither the torchvision nor the pytorch-fid Inception weights are present; backend "
                           f"'auto' uses the fid-helper TorchScript network ({net.provenance['fid_weights']}); "
                           "labelled in the manifest and report")
-            self.backends["fid_network"] = f"{net.backend_name} ({net.provenance['fid_weights']})"
+            self._record("fid_network", backend, f"{net.backend_name} ({net.provenance['fid_weights']})")
         return self._inception[key]
+
+    def _record(self, what: str, requested: str, used: str) -> None:
+        """Note a network in :attr:`backends`; a second, different one of the same kind is keyed by its request."""
+        key = what if self.backends.get(what, used) == used else f"{what} ({requested})"
+        self.backends[key] = used
 
     def features(self, backend: str, weights_path: str | None, name: str, kind: Literal["input", "reconstruction"],
                  limit: int | None = None, *, cache_dir: Path | None = None) -> tuple[Tensor, dict[str, str]]:

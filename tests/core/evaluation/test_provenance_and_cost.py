@@ -180,6 +180,14 @@ def test_an_lpips_substitute_warns_once_per_process(monkeypatch, caplog, backend
     assert sum("LPIPS" in r.message and name in r.message for r in caplog.records) == warned
 
 
+def test_two_different_lpips_networks_are_both_named(monkeypatch):
+    monkeypatch.setattr(context_module, "make_perceptual", lambda b: _FakePerceptual(f"net for {b}"))
+    ctx = EvalContext(model=TinyModel(), data=FakeData(), device="cpu", progress=False)
+    for backend in ("lpips", "stlpips", "lpips"):
+        ctx.perceptual(backend)
+    assert ctx.backends == {"rqi_caci_lpips": "net for lpips", "rqi_caci_lpips (stlpips)": "net for stlpips"}
+
+
 def test_the_fid_helper_fallback_warns_once(monkeypatch, caplog):
     monkeypatch.setattr(context_module, "_WARNED", set())
     net = CountingInception("fid_helper")
