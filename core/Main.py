@@ -205,6 +205,7 @@ def write_run_files(run_dir: Path, config: dict[str, Any], config_path: str, exp
         "config_path": str(config_path), "command": sys.argv, "started": now(),
         "git": git_state(), "packages": package_versions(), "python": sys.version.split()[0],
         "seed": experiment.seed, "device": device_description(device), "world_size": world_size,
+        "torch_threads": torch.get_num_threads(),  # CPU results are reproducible at a fixed thread count
         "split_files": splits, "task": experiment.task, "weights": experiment.weights,
         "status": "running", "events": [{"event": "running", "time": now()}],
     })

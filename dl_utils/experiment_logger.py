@@ -234,6 +234,12 @@ class ExperimentLogger:
             return
         update_manifest(self.run_dir, **entries)
 
+    def update_config(self, **entries: Any) -> None:
+        """Add entries to the wandb run's config (e.g. the evaluation's backends); the run folder has them in
+        ``manifest.json`` (written by the caller through :meth:`update_manifest`), ``config.yaml`` stays the YAML."""
+        if self._wandb_run is not None:
+            self._wandb_run.config.update(entries, allow_val_change=True)
+
     def wandb_dir(self) -> str | None:
         """The wandb run's folder (what ``wandb sync`` takes), or None when wandb is disabled."""
         return self._wandb_dir

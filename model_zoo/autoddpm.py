@@ -216,6 +216,13 @@ class AutoDDPM(DDPM):
             module.requires_grad_(False)
         object.__setattr__(self, "_perceptual", module)
 
+    def provenance(self) -> dict[str, Any]:
+        """The perceptual network actually used (once built) and the mask threshold's rule and source."""
+        built = self._perceptual
+        perceptual = getattr(built, "backend_name", type(built).__name__) if built is not None \
+            else f"not built yet ({self.perceptual_setting})"
+        return {"perceptual": perceptual, "mask_threshold": dict(self.mask_threshold_provenance)}
+
     @property
     def perceptual(self) -> Any:
         """The perceptual network, built from the ``perceptual`` setting on first use."""

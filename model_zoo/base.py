@@ -64,6 +64,11 @@ class AnomalyModel(nn.Module, abc.ABC):
         record it here; it must not change parameters or buffers, so resuming stays exact.
         """
 
+    def counted_network(self) -> nn.Module | None:
+        """The network whose forward calls the evaluation reports as ``network_calls`` per image (e.g. a
+        diffusion model's UNet), or None (the default) when calls are not counted."""
+        return None
+
     @torch.no_grad()
     def validation_losses(self, batch: Batch, *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Per-batch validation metrics (scalars, lower is better); default: reconstruction MAE and MSE.
@@ -97,8 +102,10 @@ class AnomalyModel(nn.Module, abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} declares optimizer groups but no training_step")
 
     def provenance(self) -> dict[str, Any]:
-        """Where external inputs came from (a stage-1 checkpoint and its SHA-256, feature-network weights).
+        """Where external inputs came from and which backends the outputs rest on; ``{}`` = none.
 
-        The trainer stores it in every checkpoint as ``'provenance'`` and ``Main`` in the manifest; ``{}`` = none.
+        E.g. a stage-1 checkpoint and its SHA-256, feature-network weights, or an injected network actually used
+        (AutoDDPM's perceptual network: ``{"perceptual": "stlpips/alex ..."}``). The trainer stores it in every
+        checkpoint as ``'provenance'``, ``Main`` in the manifest, and the evaluation beside every result.
         """
         return {}

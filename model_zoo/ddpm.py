@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal, get_args
 import torch
 import torch.nn.functional as F
 from monai.networks.schedulers import DDPMScheduler
-from torch import Tensor
+from torch import Tensor, nn
 
 from data.batch import Batch
 from model_zoo.base import AnomalyModel, AnomalyOutput
@@ -138,6 +138,10 @@ class DDPM(AnomalyModel):
     def network_calls(self, inference: InferenceSetting | None = None) -> int:
         """UNet calls of one :meth:`get_anomaly` call (per batch) under ``inference`` (None: the configured one)."""
         return (inference or self.inference).network_calls
+
+    def counted_network(self) -> nn.Module:
+        """The UNet: the evaluation reports its forward calls per image as the method's cost."""
+        return self.unet
 
     def inference_label(self, inference: InferenceSetting | None = None) -> str:
         """What :meth:`get_anomaly` computes under ``inference`` (None: the configured setting), for run manifests

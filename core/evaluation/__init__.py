@@ -30,6 +30,10 @@ also saves them to ``checkpoints/thresholds.json``; a task's explicit YAML ``thr
 Results go to the logger (``eval/<block>/<dataset>/<metric>``, figures, tables, manifest) and to ``report.md``.
 Oracle numbers (best Dice over thresholds chosen on labelled test data) carry the ``oracle_`` prefix and are
 upper bounds, not results.
+After the tasks, the runner logs the inference cost per dataset (``eval/cost/<dataset>/s_per_image``, and
+``/network_calls`` for models with a :meth:`~model_zoo.base.AnomalyModel.counted_network`) and records every
+backend used (:meth:`EvalContext.all_backends`: the RQI/CACI LPIPS, the FID Inception, ``model.provenance()``, the
+model's ``inference_label``) in the manifest (``backends``), wandb's config and the report's first section.
 
 Public API for tools (a step sweep, a benchmark) that evaluate an in-memory model without a run folder::
 

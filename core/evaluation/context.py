@@ -1,9 +1,24 @@
-"""What tasks see: the model's outputs per dataset (computed once, cached), and shared feature networks."""
+"""What tasks see: the model's outputs per dataset (computed once, cached), and shared feature networks.
+
+Besides the outputs, the context records what the evaluation's numbers rest on:
+
+- :attr:`EvalContext.cost`: per dataset the model ran on, seconds per image of ``get_anomaly`` (wall clock,
+  CUDA synchronised; data loading excluded; a model's lazy set-up on its first batch included) and, when the
+  model names a network in :meth:`model_zoo.base.AnomalyModel.counted_network`, its forward calls per image (a
+  batched call counts once for every image in the batch);
+- :attr:`EvalContext.backends`: every feature network actually used (``rqi_caci_lpips``, ``fid_network``) and,
+  through :meth:`EvalContext.model_settings`, the model's own backends (``model.provenance()``) and its
+  inference label. A fallback chosen by ``backend: auto`` (ST-LPIPS for LPIPS, the fid-helper TorchScript for
+  the FID Inception) logs a WARNING once per process;
+- Inception features of inputs (never of reconstructions) can be cached on disk across runs
+  (:mod:`optim.feature_cache`), keyed by content, backend, weights, resolution and device type.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +38,16 @@ if TYPE_CHECKING:
     from optim.losses.perceptual import PerceptualDistance
 
 logger = logging.getLogger(__name__)
+
+INCEPTION_RESOLUTION = 299  # optim.inception resizes every input to 299x299 (the random test net keeps the size)
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Log ``message`` as a WARNING the first time it occurs in this process."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
 
 
 @dataclass
@@ -88,6 +113,9 @@ class EvalContext:
         self._perceptual: dict[str, PerceptualDistance] = {}
         self._inception: dict[tuple[str, str | None], InceptionFeatures] = {}
         self._features: dict[tuple[str, str | None, str, str, int | None], Tensor] = {}
+        self.cost: dict[str, dict[str, float]] = {}
+        self.backends: dict[str, str] = {}
+        self.feature_cache_log: list[tuple[str, str, str]] = []
 
     @classmethod
     def from_run(cls, *, model: AnomalyModel, data: DataSource, run: RunContext, progress: bool = True
@@ -120,20 +148,44 @@ class EvalContext:
         parts: dict[str, list] = {k: [] for k in ("image", "anomaly_mask", "brain_mask", "label", "path",
                                                   "anomaly_map", "anomaly_score", "reconstruction")}
         what = "inference" if run_model else "loading"
-        for batch in tqdm(loader, desc=f"{what} {name}", disable=not self.progress, leave=False):
-            for key in ("image", "anomaly_mask", "brain_mask", "label"):
-                value = getattr(batch, key)
-                parts[key].append(None if value is None else value.detach().cpu())
-            parts["path"].extend(batch.path)
-            if run_model:
+        counted = self.model.counted_network() if run_model else None
+        calls = [0]
+
+        def count(*_: object) -> None:
+            calls[0] += 1
+
+        hook = None if counted is None else counted.register_forward_pre_hook(count)
+        seconds, image_calls, n_images = 0.0, 0, 0
+        try:
+            for batch in tqdm(loader, desc=f"{what} {name}", disable=not self.progress, leave=False):
+                for key in ("image", "anomaly_mask", "brain_mask", "label"):
+                    value = getattr(batch, key)
+                    parts[key].append(None if value is None else value.detach().cpu())
+                parts["path"].extend(batch.path)
+                if not run_model:
+                    continue
+                x = batch.image.to(self.device)
+                before, start = calls[0], time.perf_counter()
                 with torch.no_grad():
-                    out = self.model.get_anomaly(batch.image.to(self.device), generator=generator)
+                    out = self.model.get_anomaly(x, generator=generator)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                seconds += time.perf_counter() - start
+                image_calls += (calls[0] - before) * x.shape[0]
+                n_images += x.shape[0]
                 parts["anomaly_map"].append(out.anomaly_map.detach().float().cpu())
                 parts["anomaly_score"].append(out.anomaly_score.detach().float().cpu())
                 rec = out.reconstruction
                 parts["reconstruction"].append(None if rec is None else rec.detach().float().cpu())
+        finally:
+            if hook is not None:
+                hook.remove()
         if not parts["image"]:
             raise ValueError(f"dataset {name!r} is empty")
+        if run_model:
+            self.cost[name] = {"s_per_image": seconds / n_images, "n_images": float(n_images)}
+            if counted is not None:
+                self.cost[name]["network_calls"] = image_calls / n_images
         info = self.info(name)
         return Inference(name=name, image=torch.cat(parts["image"]).float(), anomaly_map=_cat(parts["anomaly_map"]),
                          anomaly_score=_cat(parts["anomaly_score"]), reconstruction=_cat(parts["reconstruction"]),
@@ -161,9 +213,14 @@ class EvalContext:
 
     # -------------------------------------------------------------------------------------------- networks
     def perceptual(self, backend: str) -> PerceptualDistance:
+        """The LPIPS network of RQI/CACI for ``backend`` (built once); recorded in :attr:`backends`."""
         if backend not in self._perceptual:
             net = make_perceptual(backend).to(self.device).eval()
             self._perceptual[backend] = net
+            if backend == "auto" and not net.backend_name.startswith("lpips/"):
+                warn_once(f"RQI/CACI LPIPS: the official LPIPS backbone is missing; backend 'auto' uses "
+                          f"{net.backend_name} instead (a different metric; labelled in the manifest and report)")
+            self._record("rqi_caci_lpips", backend, net.backend_name)
         return self._perceptual[backend]
 
     def perceptual_distance(self, backend: str, x: Tensor, y: Tensor, *, spatial: bool = False,
@@ -177,13 +234,36 @@ class EvalContext:
                 outs.append((net.spatial(a, b) if spatial else net(a, b)).float().cpu())
         return torch.cat(outs)
 
+    def inception(self, backend: str, weights_path: str | None) -> InceptionFeatures:
+        """The FID feature network (built once per backend and weights); recorded in :attr:`backends`."""
+        key = (backend, weights_path)
+        if key not in self._inception:
+            net = make_inception(backend, weights_path, self.device)
+            self._inception[key] = net
+            if backend == "auto" and net.backend_name == "fid_helper":
+                warn_once("FID: neither the torchvision nor the pytorch-fid Inception weights are present; backend "
+                          f"'auto' uses the fid-helper TorchScript network ({net.provenance['fid_weights']}); "
+                          "labelled in the manifest and report")
+            self._record("fid_network", backend, f"{net.backend_name} ({net.provenance['fid_weights']})")
+        return self._inception[key]
+
+    def _record(self, what: str, requested: str, used: str) -> None:
+        """Note a network in :attr:`backends`; a second, different one of the same kind is keyed by its request."""
+        key = what if self.backends.get(what, used) == used else f"{what} ({requested})"
+        self.backends[key] = used
+
     def features(self, backend: str, weights_path: str | None, name: str, kind: Literal["input", "reconstruction"],
-                 limit: int | None = None) -> tuple[Tensor, dict[str, str]]:
-        """Inception features of a dataset's inputs or reconstructions ([n, d] float64), cached."""
-        key_net = (backend, weights_path)
-        if key_net not in self._inception:
-            self._inception[key_net] = make_inception(backend, weights_path, self.device)
-        net = self._inception[key_net]
+                 limit: int | None = None, *, cache_dir: Path | None = None) -> tuple[Tensor, dict[str, str]]:
+        """Inception features of a dataset's inputs or reconstructions ([n, d] float64), cached in memory.
+
+        Args:
+            backend, weights_path: the Inception network (see optim.inception).
+            name: the dataset; kind: its inputs or the model's reconstructions of them.
+            limit: only the first ``limit`` images (None: all).
+            cache_dir: on-disk feature cache for inputs (never for reconstructions, which depend on the model);
+                None: no disk cache. Hits and misses are logged and kept in :attr:`feature_cache_log`.
+        """
+        net = self.inception(backend, weights_path)
         key = (backend, weights_path, name, kind, limit)
         if key not in self._features:
             source = self.images(name) if kind == "input" else self.inference(name)
@@ -191,9 +271,42 @@ class EvalContext:
             if images is None:
                 raise ValueError(f"the model returns no reconstruction; FID of restorations on {name!r} is undefined")
             images = images[:limit] if limit else images
-            logger.info("Inception features (%s) of %r %ss: %d images", net.backend_name, name, kind, len(images))
-            self._features[key] = net.features(images)
+            if cache_dir is not None and kind == "input":
+                self._features[key] = self._cached_features(net, images, name, cache_dir)
+            else:
+                logger.info("Inception features (%s) of %r %ss: %d images", net.backend_name, name, kind, len(images))
+                self._features[key] = net.features(images)
         return self._features[key], dict(net.provenance)
+
+    def _cached_features(self, net: InceptionFeatures, images: Tensor, name: str, cache_dir: Path) -> Tensor:
+        from optim.feature_cache import cached_features
+
+        computed: list[int] = []
+
+        def extract(x: Tensor) -> Tensor:
+            computed.append(len(x))
+            logger.info("Inception features (%s) of %r inputs: %d images", net.backend_name, name, len(x))
+            return net.features(x)
+
+        resolution = list(images.shape[-2:]) if net.backend_name == "random" else INCEPTION_RESOLUTION
+        key_parts = {"backend": net.backend_name, "weights": net.provenance["fid_weights"],
+                     "resolution": str(resolution), "device": self.device.type}
+        features = cached_features(images, extractor=extract, key_parts=key_parts, cache_dir=cache_dir)
+        self.feature_cache_log.append((name, "miss" if computed else "hit", str(cache_dir)))
+        return features
+
+    def model_settings(self) -> dict[str, str]:
+        """The model's own backends (``model.provenance()``, keys prefixed ``model_``) and its inference label."""
+        settings = {f"model_{k}": str(v) for k, v in self.model.provenance().items()}
+        label = getattr(self.model, "inference_label", None)
+        label = label() if callable(label) else label  # diffusion models: a method (per-call settings)
+        if label:
+            settings["model_inference"] = str(label)
+        return settings
+
+    def all_backends(self) -> dict[str, str]:
+        """:attr:`backends` (feature networks used so far) and :meth:`model_settings`, sorted by key."""
+        return dict(sorted({**self.backends, **self.model_settings()}.items()))
 
 
 def make_perceptual(backend: str) -> PerceptualDistance:

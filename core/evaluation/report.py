@@ -1,4 +1,5 @@
-"""The run folder's ``report.md``: one table per evaluation block, then its notes and provenance."""
+"""The run folder's ``report.md``: the backends and settings, then one table per evaluation block with its notes and
+provenance."""
 
 from __future__ import annotations
 
@@ -16,10 +17,24 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def write_report(path: Path, reports: Sequence[tuple[str, TaskResult]], tasks: Mapping[str, str]) -> Path:
-    """Markdown report: one table per evaluation block (datasets x metrics), then its notes and provenance."""
-    lines = ["# Evaluation report", "",
-             "Metrics prefixed `oracle_` use thresholds chosen on labelled test data: upper bounds, not results.", ""]
+def write_report(path: Path, reports: Sequence[tuple[str, TaskResult]], tasks: Mapping[str, str], *,
+                 backends: Mapping[str, str] | None = None, cost: Mapping[str, Mapping[str, float]] | None = None
+                 ) -> Path:
+    """Markdown report: a "Backends and settings" section (every feature network and model setting used, and the
+    inference cost per dataset), then one table per evaluation block (datasets x metrics), its notes and provenance.
+    """
+    lines = ["# Evaluation report", "", "## Backends and settings", ""]
+    if backends:
+        lines += ["| what | used |", "|---|---|", *(f"| {k} | {v} |" for k, v in backends.items()), ""]
+    else:
+        lines += ["No feature network was used and the model reports no backends.", ""]
+    if cost:
+        lines += ["Inference cost (`get_anomaly` wall clock, data loading excluded):", "",
+                  "| dataset | s / image | network calls / image | images |", "|---|---|---|---|"]
+        lines += [f"| {name} | {_fmt(c['s_per_image'])} | {_fmt(c.get('network_calls', 'not counted'))} | "
+                  f"{int(c['n_images'])} |" for name, c in cost.items()]
+        lines.append("")
+    lines += ["Metrics prefixed `oracle_` use thresholds chosen on labelled test data: upper bounds, not results.", ""]
     for name, result in reports:
         lines += [f"## {name} (task `{tasks[name]}`)", ""]
         if result.metrics:

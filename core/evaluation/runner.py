@@ -22,6 +22,7 @@ from model_zoo.base import AnomalyModel
 logger = logging.getLogger(__name__)
 
 Metrics = dict[str, dict[str, dict[str, float]]]
+COST_BLOCK = "cost"  # eval/cost/<dataset>/{s_per_image,network_calls}, read by tools/study.py
 
 
 class DownstreamEvaluator:
@@ -150,7 +151,9 @@ def run_downstream(evaluators: Mapping[str, DownstreamEvaluator], *, model: Anom
 
     Returns:
         ``{block name: {dataset: {metric: value}}}``; also writes ``checkpoints/thresholds.json`` and
-        ``report.md``; metrics go to ``logger`` as ``eval/<block>/<dataset>/<metric>``.
+        ``report.md``; metrics go to ``logger`` as ``eval/<block>/<dataset>/<metric>``, the inference cost as
+        ``eval/cost/<dataset>/s_per_image`` (and ``/network_calls`` when the model counts them), every backend
+        used (:meth:`EvalContext.all_backends`) to the manifest (``backends``), wandb's config and the report.
     """
     ctx = EvalContext.from_run(model=model, data=data, run=run, progress=progress)
     results: Metrics = {}
@@ -162,13 +165,33 @@ def run_downstream(evaluators: Mapping[str, DownstreamEvaluator], *, model: Anom
             logger.log_figure(f"eval/{name}/{key}", fig)
         for key, rows in result.tables.items():
             logger.log_table(f"eval/{name}/{key}", rows)
+        model_settings = ctx.model_settings()  # after the task: a model may build its backends on first use
+        if model_settings and any(result.metrics.values()):
+            result.manifest["model"] = model_settings  # every number here rests on the model's outputs
         if result.manifest:
             logger.update_manifest(**{f"eval/{name}": result.manifest})
         results[name] = result.metrics
         reports.append((name, result))
+    for dataset, cost in cost_metrics(ctx.cost).items():
+        logger.log_eval(COST_BLOCK, dataset, cost)
+    backends = ctx.all_backends()
+    logger.update_manifest(backends=backends, inference_cost=ctx.cost)
+    logger.update_config(backends=backends)
     if reports:
-        write_report(Path(run.run_dir) / "report.md", reports, {n: e.task for n, e in evaluators.items()})
+        write_report(Path(run.run_dir) / "report.md", reports, {n: e.task for n, e in evaluators.items()},
+                     backends=backends, cost=ctx.cost)
     return results
+
+
+def cost_metrics(cost: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Per-dataset inference cost (``s_per_image``, ``network_calls`` when counted) and the image-weighted
+    mean over every dataset the model ran on (``all_datasets``), logged as ``eval/cost/<dataset>/<metric>``."""
+    out = {name: {k: v for k, v in c.items() if k != "n_images"} for name, c in cost.items()}
+    if cost:
+        n = sum(c["n_images"] for c in cost.values())
+        out["all_datasets"] = {key: sum(c[key] * c["n_images"] for c in cost.values()) / n
+                               for key in ("s_per_image", "network_calls") if all(key in c for c in cost.values())}
+    return out
 
 
 def evaluate(model: AnomalyModel, data: DataSource, tasks: Mapping[str, DownstreamEvaluator], *,

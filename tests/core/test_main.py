@@ -75,6 +75,7 @@ def test_quickstart_reduced_end_to_end(tmp_path, monkeypatch, capsys):
         # Inception features cost ~0.1 s per image on a CPU: keep the AHI small here (the main job runs it fully).
         "--set", "downstream_tasks.ahi.params.reference_limit=20",
         "--set", "downstream_tasks.ahi.params.datasets=[hypointense_lesion]",
+        "--set", f"downstream_tasks.ahi.params.feature_cache={tmp_path / 'features'}",
     ])
     assert code == 0
     (run_dir,) = [p for p in tmp_path.glob("*/*/*") if p.is_dir()]
@@ -92,8 +93,43 @@ def test_quickstart_reduced_end_to_end(tmp_path, monkeypatch, capsys):
     for task in ("thresholds", "detection", "segmentation", "localization", "rqi", "ahi", "caci"):
         assert any(k.startswith(f"eval/{task}/") for k in metrics), f"no numbers from task {task}"
     assert (run_dir / "report.md").is_file() and (run_dir / "checkpoints" / "thresholds.json").is_file()
+    backends = manifest["backends"]  # the networks actually used, whatever 'auto' found on this machine
+    assert backends.keys() >= {"rqi_caci_lpips", "fid_network"} and manifest["torch_threads"] >= 1
+    header = (run_dir / "report.md").read_text().split("\n## ")[1]
+    assert header.startswith("Backends and settings") and all(f"| {v} |" in header for v in backends.values())
+    assert metrics["eval/cost/hypointense_lesion/s_per_image"] > 0 and "eval/cost/all_datasets/s_per_image" in metrics
     assert any((run_dir / "figures").glob("*.png"))
     run = read_run(find_run_file(run_dir))
     logged = {k for row in run["history"] for k in row}
     assert "train/loss" in logged
     assert run["summary"].keys() >= {k for k in metrics if k.startswith("eval/")}
+
+
+# Wall-clock measurements: the only numbers of a run that may differ between two runs of the same command.
+WALL_CLOCK_SUFFIXES = ("/s_per_image", "/time_s")
+
+
+@pytest.mark.slow
+def test_quickstart_is_deterministic_at_a_fixed_thread_count(tmp_path, monkeypatch, one_thread):
+    """Two reduced quickstart runs in one thread give the same metrics.json (every key; NaN stored as null)."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    metrics = []
+    for attempt in ("a", "b"):
+        code = main([
+            "--config_path", str(QUICKSTART), "--log_level", "WARNING",
+            "--set", f"experiment.output_dir={tmp_path / attempt}", "--set", "wandb.mode=disabled",
+            "--set", "trainer.params.max_steps=6", "--set", "trainer.params.max_epochs=1",
+            "--set", "downstream_tasks.ahi.params.reference_limit=20",
+            "--set", "downstream_tasks.ahi.params.datasets=[hypointense_lesion]",
+            "--set", "downstream_tasks.ahi.params.feature_cache=",  # off: both runs compute every feature
+        ])
+        assert code == 0
+        (run_dir,) = [p for p in (tmp_path / attempt).glob("*/*/*") if p.is_dir()]
+        metrics.append(json.loads((run_dir / "metrics.json").read_text()))
+    first, second = metrics
+    assert first.keys() == second.keys()
+    timed = {k for k in first if k.endswith(WALL_CLOCK_SUFFIXES)}
+    assert timed and all(k.startswith("eval/cost/") or k.endswith("/time_s") for k in timed)
+    assert any(k.startswith("eval/ahi/") for k in first) and any(k.startswith("train/") for k in first)
+    differing = {k: (first[k], second[k]) for k in first.keys() - timed if first[k] != second[k]}
+    assert differing == {}

@@ -43,6 +43,7 @@ def test_offline_run_holds_logged_scalars(tmp_path, monkeypatch):
     for step in range(3):
         log.log_train({"loss": 1.0 / (step + 1)}, step=step)
     log.log_eval("rqi", "healthy_test", {"rqi": 0.5})
+    log.update_config(backends={"fid_network": "fid_helper (/x/default_1.pt)"})
     log.close()
     run = read_run(find_run_file(tmp_path))
     losses = [row["train/loss"] for row in run["history"] if "train/loss" in row]
@@ -50,6 +51,7 @@ def test_offline_run_holds_logged_scalars(tmp_path, monkeypatch):
     assert [row["trainer/step"] for row in run["history"] if "train/loss" in row] == [0, 1, 2]
     assert run["summary"]["eval/rqi/healthy_test/rqi"] == 0.5
     assert run["config"]["lr"] == 0.001
+    assert run["config"]["backends"] == {"fid_network": "fid_helper (/x/default_1.pt)"}
 
 
 def test_offline_run_holds_everything_logged_while_the_cores_are_busy(tmp_path, monkeypatch):

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from core.evaluation.context import EvalContext
-from core.evaluation.registry import DatasetName, DatasetNames, TaskResult, register_task
+from core.evaluation.registry import Between, DatasetName, DatasetNames, TaskResult, register_task
 from core.evaluation.tasks._examples import pick_examples
 from dl_utils import visualization as vis
 from optim.metrics import distribution, normative
 
 PerceptualBackend = Literal["auto", "lpips", "stlpips", "random"]
 InceptionBackend = Literal["auto", "torchvision", "pytorch_fid", "fid_helper", "random"]
+PositiveInt = Annotated[int, Between(0, math.inf)]
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_FEATURE_CACHE = "cache/features"
 
 
 @register_task("rqi")
@@ -47,11 +51,14 @@ def rqi_task(ctx: EvalContext, *, dataset: DatasetName = "healthy_test", backend
 def ahi_task(ctx: EvalContext, *, datasets: DatasetNames = None, reference: DatasetName = "train",
              healthy: DatasetName = "healthy_test", backend: InceptionBackend = "auto",
              weights_path: str | None = None, min_class_size: int = 10, reference_limit: int | None = None,
-             ) -> TaskResult:
+             draws: PositiveInt = 5, feature_cache: str | None = DEFAULT_FEATURE_CACHE) -> TaskResult:
     """Anomaly-to-Healthy Index from Frechet distances on Inception features against the healthy training set.
 
-    FID(U,N), FID(P,N), FID(R(P),N) and KID beside each, with n for every set; per class when
-    n >= ``min_class_size`` and on all pathological sets pooled. Sets are never tiled.
+    FID(U,N), FID(P,N) and FID(R(P),N) at **equal n** (:func:`optim.metrics.normative.ahi_equal_n`:
+    n = min(|U|, |P|), U and P subsampled without replacement to n in each of ``draws`` seeded draws, R(P) on
+    P's rows, FIDs averaged over the draws), with ``n_fid`` and ``draws`` beside them and KID on the full sets;
+    per class when n_P >= ``min_class_size`` and on all pathological sets pooled. The healthy row holds
+    FID(U,N) on all of U (``n_fid`` = n_U). Sets are never tiled.
 
     Args:
         datasets: pathological sets (default: every pathological test set).
@@ -60,43 +67,55 @@ def ahi_task(ctx: EvalContext, *, datasets: DatasetNames = None, reference: Data
         backend, weights_path: Inception weights (see optim.inception).
         min_class_size: smallest class for a per-class AHI (FID needs >= 2 images; small n is biased).
         reference_limit: use only the first k reference images (None: all), to bound CPU time.
+        draws: subsamples averaged per FID (seeded with the run seed).
+        feature_cache: folder of the on-disk cache of input features (N, U, P; never R(P)), relative to the
+            repository root unless absolute; None or "" switches it off.
     """
-    n_feat, prov = ctx.features(backend, weights_path, reference, "input", reference_limit)
+    cache_dir, cache_log_start = _cache_dir(feature_cache), len(ctx.feature_cache_log)
+    n_feat, prov = ctx.features(backend, weights_path, reference, "input", reference_limit, cache_dir=cache_dir)
     n_stats = distribution.GaussianStats.from_features(n_feat)
-    u_feat, _ = ctx.features(backend, weights_path, healthy, "input")
-    fid_u = distribution.frechet_distance(n_stats, u_feat)
-    kid_u = distribution.kernel_inception_distance(n_feat, u_feat)
-    result = TaskResult(manifest=dict(prov))
-    result.metrics[healthy] = {"fid_u": fid_u, "kid_u": kid_u, "n_u": float(len(u_feat)),
-                               "n_reference": float(n_stats.n)}
+    u_feat, _ = ctx.features(backend, weights_path, healthy, "input", cache_dir=cache_dir)
+    result = TaskResult(manifest={**prov, "fid_sample_rule": f"equal n = min(|U|, |P|), mean over {draws} "
+                                                           "subsamples without replacement"})
+    result.metrics[healthy] = {"fid_u": distribution.frechet_distance(n_stats, u_feat), "n_fid": float(len(u_feat)),
+                               "kid_u": distribution.kernel_inception_distance(n_feat, u_feat),
+                               "n_u": float(len(u_feat)), "n_reference": float(n_stats.n)}
     pooled_p, pooled_r = [], []
     for name in ctx.resolve(datasets):
         if name == healthy or not ctx.info(name).pathological:
             continue
-        p_feat, _ = ctx.features(backend, weights_path, name, "input")
+        p_feat, _ = ctx.features(backend, weights_path, name, "input", cache_dir=cache_dir)
         r_feat, _ = ctx.features(backend, weights_path, name, "reconstruction")
         pooled_p.append(p_feat)
         pooled_r.append(r_feat)
         if len(p_feat) >= max(min_class_size, 2):
-            result.metrics[name] = _ahi_metrics(n_stats, n_feat, p_feat, r_feat, fid_u)
+            result.metrics[name] = normative.ahi_equal_n(n_feat, u_feat, p_feat, r_feat, draws=draws, seed=ctx.seed,
+                                                         reference_stats=n_stats)
         else:
             result.notes.append(f"AHI: class {name!r} has n={len(p_feat)} < min_class_size={min_class_size}; "
                                 "only in the pooled value.")
     if pooled_p and sum(len(p) for p in pooled_p) >= 2:
-        result.metrics["all_pathological"] = _ahi_metrics(n_stats, n_feat, torch.cat(pooled_p), torch.cat(pooled_r),
-                                                          fid_u)
+        result.metrics["all_pathological"] = normative.ahi_equal_n(
+            n_feat, u_feat, torch.cat(pooled_p), torch.cat(pooled_r), draws=draws, seed=ctx.seed,
+            reference_stats=n_stats)
     result.notes.append(f"AHI features: {prov.get('fid_backend')} ({prov.get('fid_note')}); reference '{reference}' "
-                        f"n={n_stats.n}.")
+                        f"n={n_stats.n}. FID(U,N), FID(P,N) and FID(R(P),N) of a row are compared at the same n "
+                        f"(`n_fid` = min(n_U, n_P)): the mean over {draws} seeded subsamples without replacement "
+                        "(R(P) on the same rows as P); KID on the full sets.")
+    if cache_dir is not None:
+        log = ctx.feature_cache_log[cache_log_start:]
+        hits, misses = ([n for n, what, _ in log if what == kind] for kind in ("hit", "miss"))
+        result.notes.append(f"Input features cached in {cache_dir}: hits {hits or 'none'}, misses {misses or 'none'}.")
+        result.manifest["feature_cache"] = str(cache_dir)
     return result
 
 
-def _ahi_metrics(n_stats: distribution.GaussianStats, n_feat: Tensor, p_feat: Tensor, r_feat: Tensor,
-                 fid_u: float) -> dict[str, float]:
-    fid_p = distribution.frechet_distance(n_stats, p_feat)
-    fid_r = distribution.frechet_distance(n_stats, r_feat)
-    return {"ahi": normative.ahi(fid_p, fid_r, fid_u), "fid_p": fid_p, "fid_rp": fid_r, "fid_u": fid_u,
-            "kid_p": distribution.kernel_inception_distance(n_feat, p_feat),
-            "kid_rp": distribution.kernel_inception_distance(n_feat, r_feat), "n_p": float(len(p_feat))}
+def _cache_dir(feature_cache: str | None) -> Path | None:
+    """The ``feature_cache`` option as a folder (relative: against the repository root); None when off."""
+    if not feature_cache:
+        return None
+    path = Path(feature_cache).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
 
 
 @register_task("caci")

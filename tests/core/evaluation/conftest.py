@@ -12,7 +12,7 @@ ALL_TASKS = {
     "segmentation": block("segmentation", fpr=0.05),
     "localization": block("localization", fpr=0.05),
     "rqi": block("rqi", backend="random"),
-    "ahi": block("ahi", backend="random", min_class_size=5),
+    "ahi": block("ahi", backend="random", min_class_size=5, feature_cache=None),
     "caci": block("caci", backend="random"),
     "thresholds": block("thresholding", fprs=[0.01, 0.05]),  # last in YAML, still runs first
     "off": {**block("detection"), "enabled": False},

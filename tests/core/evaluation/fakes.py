@@ -84,12 +84,37 @@ class TinyModel(AnomalyModel):
         return AnomalyOutput(anomaly_map=amap, anomaly_score=amap.flatten(1).mean(1), reconstruction=recon)
 
 
+class CountingModel(TinyModel):
+    """TinyModel that calls a named network twice per batch and reports a backend and an inference label."""
+
+    PERCEPTUAL = "stlpips/alex standing in for 'squeeze' (fake)"
+    LABEL = "fake inference: 2 network calls"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Identity()
+
+    @property
+    def inference_label(self) -> str:
+        return self.LABEL
+
+    def provenance(self) -> dict[str, str]:
+        return {"perceptual": self.PERCEPTUAL}
+
+    def counted_network(self) -> torch.nn.Module:
+        return self.net
+
+    def get_anomaly(self, x: Tensor, *, generator: torch.Generator | None = None) -> AnomalyOutput:
+        return super().get_anomaly(self.net(self.net(x)), generator=generator)
+
+
 class RecordingLogger:
     def __init__(self) -> None:
         self.evals: dict[tuple[str, str], dict] = {}
         self.figures: dict[str, object] = {}
         self.tables: dict[str, list] = {}
         self.manifest: dict = {}
+        self.config: dict = {}
 
     def log_eval(self, task, dataset, metrics):
         self.evals[(task, dataset)] = dict(metrics)
@@ -102,6 +127,9 @@ class RecordingLogger:
 
     def update_manifest(self, **entries):
         self.manifest.update(entries)
+
+    def update_config(self, **entries):
+        self.config.update(entries)
 
     def log_scalars(self, values, *, step=None):
         pass
