@@ -108,6 +108,8 @@ class Trainer:
 
     Args:
         model, data, logger, run: injected by ``Main`` (model, DataModule, ExperimentLogger, RunContext).
+            ``data`` and ``logger`` may be None for a trainer used only for :meth:`training_step` (a benchmark,
+            a step sweep); :meth:`fit` and :meth:`train_epoch` then raise a ValueError naming the missing one.
         max_epochs: upper bound on epochs.
         max_steps: upper bound on optimizer steps (whichever of the two comes first); null = no bound.
         optimizer: ``{module_name, class_name, params}`` of a ``torch.optim.Optimizer`` (``params`` injected);
@@ -144,8 +146,8 @@ class Trainer:
         self,
         *,
         model: AnomalyModel,
-        data: TrainData,
-        logger: TrainLogger,
+        data: TrainData | None = None,
+        logger: TrainLogger | None = None,
         run: RunContext,
         max_epochs: int = 100,
         max_steps: int | None = None,
@@ -265,6 +267,13 @@ class Trainer:
         if compile:
             raise ValueError("trainer.params.compile is not supported for a model with optimizer_groups()")
 
+    def _require_loop(self, what: str) -> None:
+        """Raise ValueError if the trainer was built without the data or logger that the loop needs."""
+        missing = [name for name, value in (("data", self.data), ("logger", self.exp_logger)) if value is None]
+        if missing:
+            raise ValueError(f"Trainer.{what}() needs {' and '.join(missing)}: this trainer was built without "
+                             f"{' or '.join(missing)} (only training_step can be used)")
+
     def _reset_step_stats(self) -> None:
         self._running: Tensor | None = None  # sum of [loss, *terms] since the last log step
         self._running_count = 0
@@ -280,6 +289,7 @@ class Trainer:
             NonFiniteLossError: a loss became NaN/inf (naming the step and the terms).
             dl_utils.checkpoint.CheckpointError: ``run.resume_from`` is missing, corrupt or does not fit.
         """
+        self._require_loop("fit")
         pending_rng = self._resume(self.run.resume_from) if self.run.resume_from is not None else None
         val_loader = self.data.val_dataloader()
         logger.info("training %s for up to %d epochs%s from epoch %d, step %d on %s (world size %d)",
@@ -309,6 +319,7 @@ class Trainer:
 
     def train_epoch(self, pending_rng: Mapping[str, Any] | None = None) -> bool:
         """Run the rest of the current epoch; return True when the epoch was completed (not cut by max_steps)."""
+        self._require_loop("train_epoch")
         loader = self.data.train_dataloader(rank=self.run.rank, world_size=self.run.world_size,
                                             seed=self.run.seed + self.epoch)
         sampler = getattr(loader, "sampler", None)

@@ -48,7 +48,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -59,6 +59,9 @@ from model_zoo.autoddpm import AutoDDPM
 from model_zoo.autoddpm import network_calls as autoddpm_network_calls
 from model_zoo.ddpm import DDPM, CompileMode
 from model_zoo.diffusion.settings import InferenceSetting, RepaintSetting, UNetSetting
+
+if TYPE_CHECKING:
+    from core.Trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -278,26 +281,6 @@ def build_model(spec: SizeSpec, path: PathSettings, *, chains: Chains, autoddpm:
     return model.eval()
 
 
-class NoData:
-    """The Trainer's data slot, unused: the benchmark calls ``training_step`` directly."""
-
-    def train_dataloader(self, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Any:
-        raise RuntimeError("the benchmark does not run Trainer.fit")
-
-    def val_dataloader(self) -> None:
-        return None
-
-
-class NoLogger:
-    """The Trainer's logger slot: the benchmark logs nothing per step."""
-
-    def log_train(self, terms: Any, *, step: int) -> None:
-        return None
-
-    def log_val(self, metrics: Any, *, step: int) -> None:
-        return None
-
-
 # ------------------------------------------------------------------------------------------------ measurements
 def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, device: torch.device, warmup: int,
                       repeats: int) -> tuple[dict[str, list[float]], dict[str, dict[str, Any]]]:
@@ -322,16 +305,16 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, device: torch.dev
 
 
 def make_trainer(*, spec: SizeSpec, path: PathSettings, device: torch.device, run_dir: Path,
-                 seed: int = 0) -> tuple[Any, Batch]:
-    """A ``core.Trainer.Trainer`` on a DDPM with the path's knobs (Adam lr 1e-4, fused per path) and a batch."""
+                 seed: int = 0) -> tuple[Trainer, Batch]:
+    """A step-only ``core.Trainer.Trainer`` (no data, no logger: the benchmark times ``training_step``) on a
+    DDPM with the path's knobs (Adam lr 1e-4, fused per path), and a batch."""
     from core.Trainer import Trainer
     from dl_utils.run import RunContext
 
     model = build_model(spec, path, chains=REFERENCE_CHAINS, seed=seed)
     optimizer = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": 1e-4, "fused": path.fused_adam}}
     run = RunContext(run_dir=run_dir, device=device, seed=seed)
-    trainer = Trainer(model=model, data=NoData(), logger=NoLogger(), run=run, amp=path.trainer_amp,
-                      optimizer=optimizer, progress=False)
+    trainer = Trainer(model=model, run=run, amp=path.trainer_amp, optimizer=optimizer, progress=False)
     trainer.model.train()
     return trainer, Batch(image=_images(spec.train_batch, spec.image, device, seed))
 

@@ -212,3 +212,21 @@ def test_unknown_monitor_key_is_an_error(tmp_path: Path) -> None:
     trainer, _ = make_trainer(tmp_path, max_epochs=1, monitor="dice")
     with pytest.raises(ValueError, match=r"monitor: 'dice' is not among the validation metrics \['recon_mae'"):
         trainer.fit()
+
+
+def test_training_step_needs_neither_data_nor_logger_and_fit_refuses_without_them(tmp_path: Path) -> None:
+    adam = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": 0.01}}
+    full, _ = make_trainer(tmp_path / "full", max_epochs=1, max_steps=3, optimizer=adam)
+    full.fit()
+    torch.manual_seed(0)
+    step_only = Trainer(model=TinyAE(), run=make_run(tmp_path / "step"), optimizer=adam, progress=False)
+    step_only.model.train()
+    batches = list(FakeData().train_dataloader(seed=make_run(tmp_path).seed))[:3]
+    losses = [float(step_only.training_step(batch)["loss"]) for batch in batches]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert all(torch.equal(full.model.state_dict()[k], v) for k, v in step_only.model.state_dict().items())
+    with pytest.raises(ValueError, match=r"Trainer.fit\(\) needs data and logger"):
+        step_only.fit()
+    no_logger = Trainer(model=TinyAE(), data=FakeData(), run=make_run(tmp_path / "nolog"), progress=False)
+    with pytest.raises(ValueError, match=r"Trainer.train_epoch\(\) needs logger:"):
+        no_logger.train_epoch()
