@@ -12,9 +12,14 @@ Each setting is an :class:`~model_zoo.diffusion.settings.InferenceSetting` passe
 setting applies to the reconstruction from L_r, the RePaint re-sampling is unchanged). Network evaluations are
 counted with a forward pre-hook on the UNet and must equal ``model.network_calls(setting)``.
 
-Metrics (``optim.metrics.pixel_auroc_auprc``): pixel AUROC / AUPRC pooled over all pixels of all pathological
-sets, inside the evaluation region (brain mask OR anomaly mask where the sets have brain masks), plus the mean
-over the sets of the per-set pooled values.
+Evaluation is the evaluation package's, as in a run: per setting and seed a fresh
+:class:`~core.evaluation.EvalContext` (each dataset with its own generator seeded with the seed) runs a
+:class:`SettingModel` (the model under that setting) through the registered tasks ``thresholding`` (5% pixel FPR
+on the healthy test set), ``segmentation`` and ``detection``. The table reports the segmentation task's pixel
+AUROC / AUPRC per set and their mean over sets, the pixel AUROC / AUPRC pooled over all pixels of all sets inside
+the same regions (:meth:`~core.evaluation.Inference.evaluation_region`: brain mask OR anomaly mask where the sets
+have brain masks), the detection task's image AUROC (all pathological sets against the healthy one) and the Dice at
+the healthy threshold.
 
 "Noise of the benchmark", per setting: every setting is compared with the full chain on the same images, so the
 noise of a difference has two parts: the generator (the standard deviation of the full chain's pooled AUROC /
@@ -45,7 +50,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,30 +58,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core.DataLoader import DatasetInfo
+from core.evaluation import DataSource, DownstreamEvaluator, EvalContext, Inference, run_tasks
+from core.evaluation.runner import cost_metrics
+from data.batch import Batch
+from model_zoo.base import AnomalyModel, AnomalyOutput
 from model_zoo.ddpm import DDPM
 from model_zoo.diffusion.settings import InferenceSetting, UNetSetting
-from optim.metrics import auroc, average_precision, pixel_auroc_auprc
+from optim.metrics import auroc, average_precision, segmentation
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS = (5, 10, 25, 50, 100)
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    """One pathological test set held in memory.
-
-    Attributes:
-        name: the set's name.
-        images: [N,1,H,W] in [0,1].
-        masks: [N,1,H,W] {0,1} anomaly masks.
-        region: [N,1,H,W] {0,1} evaluation region, or None (all pixels).
-    """
-
-    name: str
-    images: Tensor
-    masks: Tensor
-    region: Tensor | None
 
 
 @dataclass(frozen=True)
@@ -109,34 +102,32 @@ def default_settings(noise_level: int, *, steps: Sequence[int] = DEFAULT_STEPS, 
 
 
 # ------------------------------------------------------------------------------------------------ data
-def load_eval_sets(data: Any, names: Sequence[str] | None = None, *, max_images: int | None = None) -> list[EvalSet]:
-    """Read the pathological test sets with anomaly masks of a ``DataModule`` into memory.
+class FirstImages:
+    """A :class:`~core.evaluation.protocols.DataSource` that keeps the first ``max_images`` images of every set."""
 
-    Args:
-        data: a :class:`core.DataLoader.DataModule`.
-        names: test-set names (default: every test set with pixel anomaly masks).
-        max_images: keep at most this many images per set (the first ones).
-    """
-    if names is None:
-        names = [n for n in data.test_set_names if data.dataset_info(n).has_anomaly_mask]
-    if not names:
-        raise ValueError("no pathological test set with anomaly masks in the data config")
-    sets = []
-    for name in names:
-        images, masks, brains = [], [], []
-        for batch in data.eval_dataloader(name):
-            if batch.anomaly_mask is None:
-                raise ValueError(f"test set {name!r} has no anomaly masks")
-            images.append(batch.image)
-            masks.append(batch.anomaly_mask)
-            brains.append(batch.brain_mask)
-        image, mask = torch.cat(images), torch.cat(masks)
-        region = None if any(b is None for b in brains) else torch.cat(brains).clamp(0, 1).maximum(mask)
-        if max_images is not None:
-            image, mask = image[:max_images], mask[:max_images]
-            region = None if region is None else region[:max_images]
-        sets.append(EvalSet(name=name, images=image, masks=mask, region=region))
-    return sets
+    def __init__(self, data: DataSource, max_images: int) -> None:
+        if max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {max_images}")
+        self.data, self.max_images = data, max_images
+
+    @property
+    def test_set_names(self) -> list[str]:
+        return list(self.data.test_set_names)
+
+    def dataset_info(self, name: str) -> DatasetInfo:
+        return self.data.dataset_info(name)
+
+    def eval_dataloader(self, name: str) -> Iterator[Batch]:
+        left = self.max_images
+        for batch in self.data.eval_dataloader(name):
+            if left <= 0:
+                return
+            if len(batch) > left:
+                batch = replace(batch, image=batch.image[:left], label=batch.label[:left], path=batch.path[:left],
+                                anomaly_mask=None if batch.anomaly_mask is None else batch.anomaly_mask[:left],
+                                brain_mask=None if batch.brain_mask is None else batch.brain_mask[:left])
+            left -= len(batch)
+            yield batch
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -155,72 +146,123 @@ def count_network_calls(model: DDPM) -> Iterator[list[int]]:
         handle.remove()
 
 
-def run_setting(model: DDPM, sets: Sequence[EvalSet], setting: Setting, *, device: torch.device,
-                batch_size: int = 64) -> tuple[dict[str, Any], list[Tensor]]:
-    """Anomaly maps of every set under ``setting`` and its cost.
+class SettingModel(AnomalyModel):
+    """``model`` evaluated under one inference setting: what :class:`~core.evaluation.EvalContext` runs per setting.
+
+    ``get_anomaly(x, generator=g)`` is ``model.get_anomaly(x, generator=g, inference=setting)`` (the model is never
+    changed); the UNet calls of every call are recorded in :attr:`calls_per_batch`.
+    """
+
+    def __init__(self, model: DDPM, setting: InferenceSetting) -> None:
+        super().__init__()
+        self.model, self.setting = model, setting
+        self.calls_per_batch: list[int] = []
+
+    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
+        return self.model.training_losses(batch)
+
+    def get_anomaly(self, x: Tensor, *, generator: torch.Generator | None = None) -> AnomalyOutput:
+        """x: [B,1,H,W] in [0,1] -> the wrapped model's output under :attr:`setting`."""
+        with count_network_calls(self.model) as counter:
+            out = self.model.get_anomaly(x, generator=generator, inference=self.setting)
+        self.calls_per_batch.append(counter[0])
+        return out
+
+    def counted_network(self) -> torch.nn.Module:
+        return self.model.unet
+
+    def inference_label(self) -> str:
+        return self.model.inference_label(self.setting)
+
+    def provenance(self) -> dict[str, Any]:
+        return self.model.provenance()
+
+
+def evaluation_tasks(healthy: str, datasets: Sequence[str] | None = None) -> dict[str, DownstreamEvaluator]:
+    """The registered tasks of one setting: healthy thresholds (5% pixel FPR) on ``healthy``, ``segmentation``
+    (pixel AUROC/AUPRC, Dice at that threshold) on ``datasets`` (None: every set with anomaly masks) and
+    ``detection`` (image AUROC of each pathological set against ``healthy``)."""
+    return {"thresholds": DownstreamEvaluator(task="thresholding", dataset=healthy, fprs=[0.05]),
+            "segmentation": DownstreamEvaluator(task="segmentation", datasets=None if datasets is None
+                                                else list(datasets), fpr=0.05, n_examples=0),
+            "detection": DownstreamEvaluator(task="detection", datasets=None if datasets is None else list(datasets),
+                                             healthy=healthy)}
+
+
+def run_setting(model: DDPM, data: DataSource, setting: Setting, *, device: torch.device,
+                healthy: str = "healthy_test", datasets: Sequence[str] | None = None
+                ) -> tuple[dict[str, Any], list[Inference]]:
+    """Evaluate ``model`` under ``setting`` with the registered tasks in a fresh :class:`EvalContext` seeded with
+    ``setting.seed`` (each dataset its own generator, as in a run).
 
     Returns:
-        (row, maps): ``row`` has the setting, ``network_evals`` (UNet calls per batch), ``s_per_image`` and
-        ``n_images``; ``maps`` is one [N,1,H,W] CPU tensor per set.
+        (row, inferences): ``row`` has the setting, ``network_evals`` (UNet calls per batch, checked against
+        ``model.network_calls``), ``s_per_image`` (all sets the model ran on), ``n_images`` (pathological), the
+        pixel ``auroc``/``auprc`` pooled over the segmentation sets in the segmentation task's regions, their
+        means over sets, per-set ``auroc/<set>``, ``image_auroc`` (detection, all pathological sets pooled) and
+        ``dice`` (mean over sets of the pooled Dice at the healthy 5% FPR threshold); ``inferences`` are the segmentation sets'
+        :class:`Inference` (maps, masks, regions; on the CPU).
     """
-    generator = torch.Generator(device=device).manual_seed(setting.seed)
-    maps: list[Tensor] = []
-    n_images, calls_per_batch = 0, []
-    start = time.perf_counter()
-    with count_network_calls(model) as counter:
-        for eval_set in sets:
-            parts = []
-            for i in range(0, eval_set.images.shape[0], batch_size):
-                x = eval_set.images[i:i + batch_size].to(device)
-                before = counter[0]
-                out = model.get_anomaly(x, generator=generator, inference=setting.inference)
-                parts.append(out.anomaly_map.float().cpu())
-                calls_per_batch.append(counter[0] - before)
-                n_images += x.shape[0]
-            maps.append(torch.cat(parts))
-    elapsed = time.perf_counter() - start
-    if len(set(calls_per_batch)) != 1:
-        raise RuntimeError(f"{setting.label}: network calls differ between batches: {sorted(set(calls_per_batch))}")
-    if calls_per_batch[0] != model.network_calls(setting.inference):
-        raise RuntimeError(f"{setting.label}: {calls_per_batch[0]} network calls counted, the setting says "
-                           f"{model.network_calls(setting.inference)}")
+    import matplotlib.pyplot as plt
+
+    if healthy not in data.test_set_names:
+        raise ValueError(f"healthy set {healthy!r} is not a test set of the data ({', '.join(data.test_set_names)}); "
+                         "the sweep's thresholds and image AUROC need one")
+    adapter = SettingModel(model, setting.inference)
+    ctx = EvalContext(model=adapter, data=data, device=device, seed=setting.seed, progress=False)
+    metrics = {}
+    for name, result in run_tasks(evaluation_tasks(healthy, datasets), ctx):
+        for figure in result.figures.values():
+            plt.close(figure)
+        metrics[name] = result.metrics
+    seg = metrics["segmentation"]
+    if not seg:
+        raise ValueError("no test set with anomaly masks to sweep on")
+    expected = model.network_calls(setting.inference)
+    if len(set(adapter.calls_per_batch)) != 1:
+        raise RuntimeError(f"{setting.label}: network calls differ between batches: "
+                           f"{sorted(set(adapter.calls_per_batch))}")
+    if adapter.calls_per_batch[0] != expected or any(c["network_calls"] != expected for c in ctx.cost.values()):
+        raise RuntimeError(f"{setting.label}: {adapter.calls_per_batch[0]} network calls counted, the setting says "
+                           f"{expected}")
+    inferences = [ctx.inference(name) for name in seg]
+    pooled = segmentation.pixel_auroc_auprc(*_pooled(inferences))
     row = {"setting": setting.label, "method": setting.inference.sampler, "steps": setting.inference.steps,
-           "seed": setting.seed, "inference_label": model.inference_label(setting.inference),
-           "network_evals": calls_per_batch[0], "s_per_image": elapsed / n_images, "n_images": n_images}
-    return row, maps
+           "seed": setting.seed, "inference_label": adapter.inference_label(), "network_evals": expected,
+           "s_per_image": cost_metrics(ctx.cost)["all_datasets"]["s_per_image"],
+           "n_images": sum(len(inf) for inf in inferences),
+           "auroc": pooled["auroc_pooled"], "auprc": pooled["auprc_pooled"],
+           "auroc_mean_over_sets": statistics.fmean(m["auroc_pooled"] for m in seg.values()),
+           "auprc_mean_over_sets": statistics.fmean(m["auprc_pooled"] for m in seg.values()),
+           "image_auroc": metrics["detection"].get("all_pathological", {}).get("auroc", math.nan),
+           "dice": statistics.fmean(m["dice_pooled"] for m in seg.values()),
+           **{f"auroc/{name}": m["auroc_pooled"] for name, m in seg.items()}}
+    return row, inferences
 
 
-def pixel_metrics(sets: Sequence[EvalSet], maps: Sequence[Tensor]) -> dict[str, float]:
-    """Pixel AUROC / AUPRC pooled over every set's pixels, and the mean over sets of each set's pooled values."""
-    def region(s: EvalSet) -> Tensor:
-        return torch.ones_like(s.masks) if s.region is None else s.region
-
-    pooled = pixel_auroc_auprc(torch.cat(list(maps)), torch.cat([s.masks for s in sets]),
-                               torch.cat([region(s) for s in sets]))
-    per_set = [pixel_auroc_auprc(m, s.masks, region(s)) for s, m in zip(sets, maps, strict=True)]
-    return {"auroc": pooled["auroc_pooled"], "auprc": pooled["auprc_pooled"],
-            "auroc_mean_over_sets": float(np.mean([p["auroc_pooled"] for p in per_set])),
-            "auprc_mean_over_sets": float(np.mean([p["auprc_pooled"] for p in per_set])),
-            **{f"auroc/{s.name}": p["auroc_pooled"] for s, p in zip(sets, per_set, strict=True)}}
+def _pooled(inferences: Sequence[Inference]) -> tuple[Tensor, Tensor, Tensor]:
+    """Maps, anomaly masks and the segmentation task's regions (all ones where a set has none), concatenated."""
+    regions = [inf.evaluation_region() for inf in inferences]
+    return (torch.cat([inf.anomaly_map for inf in inferences]), torch.cat([inf.anomaly_mask for inf in inferences]),
+            torch.cat([torch.ones_like(inf.anomaly_mask) if r is None else r
+                       for inf, r in zip(inferences, regions, strict=True)]))
 
 
-def _per_image(sets: Sequence[EvalSet], maps: Sequence[Tensor]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per-image (scores, labels) of the pixels inside each image's region."""
-    scores, labels = [], []
-    for s, m in zip(sets, maps, strict=True):
-        keep = (torch.ones_like(s.masks) if s.region is None else s.region) > 0.5
-        for i in range(m.shape[0]):
-            scores.append(m[i][keep[i]].numpy().astype(np.float64))
-            labels.append(s.masks[i][keep[i]].numpy() > 0.5)
+def _per_image(inferences: Sequence[Inference]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per-image (scores, labels) of the pixels inside each image's evaluation region."""
+    maps, masks, regions = _pooled(inferences)
+    keep = regions > 0.5
+    scores = [maps[i][keep[i]].numpy().astype(np.float64) for i in range(maps.shape[0])]
+    labels = [masks[i][keep[i]].numpy() > 0.5 for i in range(maps.shape[0])]
     return scores, labels
 
 
-def paired_bootstrap_std(sets: Sequence[EvalSet], maps: Sequence[Tensor], reference_maps: Sequence[Tensor], *,
-                         n_boot: int = 200, seed: int = 0) -> dict[str, float]:
+def paired_bootstrap_std(inferences: Sequence[Inference], reference: Sequence[Inference], *, n_boot: int = 200,
+                         seed: int = 0) -> dict[str, float]:
     """Bootstrap (images resampled with replacement, all sets pooled, the same resample for both) standard deviation
-    of ``metric(maps) - metric(reference_maps)`` for the pooled pixel AUROC and AUPRC."""
-    scores, labels = _per_image(sets, maps)
-    ref_scores, _ = _per_image(sets, reference_maps)
+    of ``metric(inferences) - metric(reference)`` for the pooled pixel AUROC and AUPRC (same images and regions)."""
+    scores, labels = _per_image(inferences)
+    ref_scores, _ = _per_image(reference)
     rng = np.random.default_rng(seed)
     d_auroc, d_auprc = [], []
     for _ in range(n_boot):
@@ -235,28 +277,28 @@ def paired_bootstrap_std(sets: Sequence[EvalSet], maps: Sequence[Tensor], refere
     return {"auroc": float(np.std(d_auroc)) if d_auroc else 0.0, "auprc": float(np.std(d_auprc)) if d_auprc else 0.0}
 
 
-def sweep(model: DDPM, sets: Sequence[EvalSet], settings: Sequence[Setting], *, device: torch.device,
-          batch_size: int = 64, n_boot: int = 200) -> dict[str, Any]:
+def sweep(model: DDPM, data: DataSource, settings: Sequence[Setting], *, device: torch.device,
+          healthy: str = "healthy_test", datasets: Sequence[str] | None = None, n_boot: int = 200) -> dict[str, Any]:
     """Run every setting; return rows, the benchmark noise, the tolerance and the recommendation."""
     model.eval().to(device)
-    rows, all_maps = [], []
+    rows, all_inferences = [], []
     for setting in settings:
-        row, maps = run_setting(model, sets, setting, device=device, batch_size=batch_size)
-        row.update(pixel_metrics(sets, maps))
+        row, inferences = run_setting(model, data, setting, device=device, healthy=healthy, datasets=datasets)
         rows.append(row)
-        all_maps.append(maps)
-        logger.info("%-18s seed %d: %4d calls, %.3f s/image, AUROC %.4f, AUPRC %.4f", setting.label, setting.seed,
-                    row["network_evals"], row["s_per_image"], row["auroc"], row["auprc"])
+        all_inferences.append(inferences)
+        logger.info("%-18s seed %d: %4d calls, %.3f s/image, AUROC %.4f, AUPRC %.4f, image AUROC %.4f",
+                    setting.label, setting.seed, row["network_evals"], row["s_per_image"], row["auroc"], row["auprc"],
+                    row["image_auroc"])
     full = [r for r in rows if r["method"] == "ddpm"]
     if not full:
         raise ValueError("the settings must include the full chain ('ddpm') as the reference")
-    reference_maps = all_maps[rows.index(full[0])]
+    reference_inferences = all_inferences[rows.index(full[0])]
     noise = {"seed_std_auroc": _std([r["auroc"] for r in full]), "seed_std_auprc": _std([r["auprc"] for r in full]),
              "n_seeds": len(full), "n_boot": n_boot}
     reference = {k: statistics.fmean(r[k] for r in full) for k in ("auroc", "auprc")}
-    for row, maps in zip(rows, all_maps, strict=True):
-        paired = (paired_bootstrap_std(sets, maps, reference_maps, n_boot=n_boot) if n_boot > 0 and row is not full[0]
-                  else {"auroc": 0.0, "auprc": 0.0})
+    for row, inferences in zip(rows, all_inferences, strict=True):
+        paired = (paired_bootstrap_std(inferences, reference_inferences, n_boot=n_boot)
+                  if n_boot > 0 and row is not full[0] else {"auroc": 0.0, "auprc": 0.0})
         ok = True
         for key in ("auroc", "auprc"):
             row[f"paired_boot_std_{key}"] = paired[key]
@@ -267,8 +309,8 @@ def sweep(model: DDPM, sets: Sequence[EvalSet], settings: Sequence[Setting], *, 
     candidates = sorted((r for r in rows if r["within_noise"]), key=lambda r: (r["network_evals"], r["s_per_image"]))
     recommendation = candidates[0]["setting"] if candidates else "ddpm (full chain)"
     return {"rows": rows, "reference": reference, "noise": noise,
-            "recommendation": recommendation,
-            "n_images": sum(s.images.shape[0] for s in sets), "sets": [s.name for s in sets],
+            "recommendation": recommendation, "n_images": rows[0]["n_images"],
+            "sets": [inf.name for inf in reference_inferences], "healthy": healthy,
             "noise_level": model.inference.noise_level, "model": type(model).__name__}
 
 
@@ -277,23 +319,27 @@ def _std(values: Sequence[float]) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-COLUMNS = ("setting", "seed", "network_evals", "s_per_image", "auroc", "auprc", "delta_auroc", "delta_auprc",
+COLUMNS = ("setting", "seed", "network_evals", "s_per_image", "auroc", "auprc", "image_auroc", "dice",
+           "delta_auroc", "delta_auprc",
            "tolerance_auroc", "tolerance_auprc", "paired_boot_std_auroc", "paired_boot_std_auprc", "within_noise",
            "auroc_mean_over_sets", "auprc_mean_over_sets")
 
 
 def markdown_table(result: Mapping[str, Any]) -> str:
     """The sweep as a Markdown table followed by the noise, tolerance and recommendation."""
-    lines = ["| setting | seed | network evals | s / image | pixel AUROC | pixel AUPRC | dAUROC (tol) | dAUPRC (tol) "
-             "| within noise |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    lines = ["| setting | seed | network evals | s / image | pixel AUROC | pixel AUPRC | image AUROC | dAUROC (tol) "
+             "| dAUPRC (tol) | within noise |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['setting']} | {r['seed']} | {r['network_evals']} | {r['s_per_image']:.3f} | "
-                     f"{r['auroc']:.4f} | {r['auprc']:.4f} | {r['delta_auroc']:+.4f} ({r['tolerance_auroc']:.4f}) | "
+                     f"{r['auroc']:.4f} | {r['auprc']:.4f} | {r['image_auroc']:.4f} | "
+                     f"{r['delta_auroc']:+.4f} ({r['tolerance_auroc']:.4f}) | "
                      f"{r['delta_auprc']:+.4f} ({r['tolerance_auprc']:.4f}) | {'yes' if r['within_noise'] else 'no'} |")
     noise = result["noise"]
     lines += ["", f"Model {result['model']}, L = {result['noise_level']}, {result['n_images']} pathological images "
-              f"({', '.join(result['sets'])}); AUROC/AUPRC pooled over pixels in the brain-or-lesion region.",
+              f"({', '.join(result['sets'])}); pixel AUROC/AUPRC pooled over pixels in the segmentation task's region "
+              f"(brain or lesion); image AUROC: the detection task, every pathological image against "
+              f"'{result['healthy']}'.",
               f"Full chain over {noise['n_seeds']} seeds: AUROC {result['reference']['auroc']:.4f} "
               f"(seed std {noise['seed_std_auroc']:.4f}), AUPRC {result['reference']['auprc']:.4f} (seed std "
               f"{noise['seed_std_auprc']:.4f}). d = setting - full-chain mean; tol = 2 sqrt(seed std^2 + paired "
@@ -367,8 +413,10 @@ def embedded_data(*, size: int, n_train: int, n_per_class: int, batch_size: int,
     from data.embedded import CLASSES
 
     split = "$prepared/splits/"
-    test = {name: {"images": [f"{split}{name}.csv"], "labels": [f"{split}{name}_label.csv"],
-                   "masks": [f"{split}{name}_mask.csv"], "annotation": "pixel"} for name in CLASSES}
+    test = {"healthy_test": {"images": [f"{split}healthy_test.csv"], "masks": [f"{split}healthy_test_mask.csv"],
+                             "pathological": False},
+            **{name: {"images": [f"{split}{name}.csv"], "labels": [f"{split}{name}_label.csv"],
+                      "masks": [f"{split}{name}_mask.csv"], "annotation": "pixel"} for name in CLASSES}}
     prepare = {"module_name": "data.embedded", "class_name": "EmbeddedBenchmark",
                "params": {"seed": seed, "n_train": n_train, "n_val": 8, "n_test": 8, "n_per_class": n_per_class,
                           "size": size}}
@@ -396,7 +444,8 @@ def small_ddpm(*, channels: Sequence[int] = (16, 32, 32), noise_level: int | Non
 
 def train_small(model: DDPM, data: Any, *, seconds: float, max_steps: int, lr: float, device: torch.device,
                 seed: int = 0, ema_decay: float | None = None) -> dict[str, Any]:
-    """Train ``model`` with ``core.Trainer.Trainer.training_step`` for at most ``seconds`` / ``max_steps``.
+    """Train ``model`` with the step of a ``core.Trainer.Trainer`` built without data or logger (its
+    ``training_step``: AMP, clipping, EMA as in a run) for at most ``seconds`` / ``max_steps``.
 
     Returns:
         ``steps``, ``seconds``, ``last_loss`` (mean of the last 20 steps); the EMA weights (if any) are copied
@@ -405,15 +454,13 @@ def train_small(model: DDPM, data: Any, *, seconds: float, max_steps: int, lr: f
     """
     from core.Trainer import Trainer
     from dl_utils.run import RunContext
-    from tools.benchmark import NoData, NoLogger
 
     optimizer = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": lr}}
     losses: list[float] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="step_sweep_") as tmp:
         run = RunContext(run_dir=Path(tmp), device=device, seed=seed)
-        trainer = Trainer(model=model, data=NoData(), logger=NoLogger(), run=run, optimizer=optimizer,
-                          ema_decay=ema_decay, progress=False)
+        trainer = Trainer(model=model, run=run, optimizer=optimizer, ema_decay=ema_decay, progress=False)
         torch.manual_seed(seed)
         model.train()
         epoch = 0
@@ -450,6 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--channels", default="16,32,32", help="train mode: UNet widths")
     parser.add_argument("--n-per-class", type=int, default=6, help="train mode: pathological images per class")
     parser.add_argument("--max-images", type=int, default=None, help="use at most N images per set")
+    parser.add_argument("--healthy", default="healthy_test",
+                        help="healthy test set: the 5%% FPR threshold (Dice) and the image AUROC reference")
     parser.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)), help="k values for strided/ddim")
     parser.add_argument("--full-seeds", type=int, default=2, help="seeds of the full chain (noise estimate)")
     parser.add_argument("--method", choices=("anoddpm", "autoddpm", "both"), default=None,
@@ -486,7 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                         "config": {"channels": channels, "size": args.size}})
         provenance.update({"trained": training, "size": args.size, "channels": channels})
         logger.info("model: %s", training)
-    sets = load_eval_sets(data, max_images=args.max_images)
+    if args.max_images is not None:
+        data = FirstImages(data, args.max_images)
     steps = [int(k) for k in args.steps.split(",") if k]
     models: dict[str, DDPM] = {}
     if args.checkpoint is not None:
@@ -504,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             models["autoddpm"] = auto.to(device)
     for method, target in models.items():
         settings = default_settings(target.inference.noise_level, steps=steps, full_seeds=args.full_seeds)
-        result = sweep(target, sets, settings, device=device)
+        result = sweep(target, data, settings, device=device, healthy=args.healthy)
         result["provenance"] = provenance
         paths = write_outputs(result, args.out_dir / method)
         print(f"## {method}\n")

@@ -74,6 +74,13 @@ class Inference:
     def __len__(self) -> int:
         return self.image.shape[0]
 
+    def evaluation_region(self, region: Literal["brain", "all"] = "brain") -> Tensor | None:
+        """The pixels the segmentation metrics count: for ``'brain'``, brain mask OR anomaly mask ([N,1,H,W] in
+        {0,1}) when the set has both; otherwise None (every pixel)."""
+        if region == "brain" and self.brain_mask is not None and self.anomaly_mask is not None:
+            return ((self.brain_mask + self.anomaly_mask) > 0).float()
+        return None
+
     @property
     def healthy_tissue(self) -> Tensor:
         """Brain (or healthy-tissue) mask minus the anomaly mask; without a brain mask: everything but the anomaly."""

@@ -1,4 +1,5 @@
-"""The inference-step sweep on a tiny untrained DDPM: rows, network-call counts, table, CSV and plot."""
+"""The inference-step sweep on a tiny untrained DDPM: rows, network-call counts, the evaluation package's metrics,
+table, CSV and plot."""
 
 from __future__ import annotations
 
@@ -7,30 +8,18 @@ import csv
 import pytest
 import torch
 
-from data.batch import Batch
+from core.evaluation import DownstreamEvaluator, evaluate
 from dl_utils.reinit import randomize_zero_layers
-from model_zoo.diffusion.settings import InferenceSetting
+from model_zoo.diffusion.settings import InferenceSetting, UNetSetting
+from tests.core.evaluation.fakes import FakeData
 from tools import step_sweep as sw
 
 CPU = torch.device("cpu")
-
-
-def _sets(n: int = 2, size: int = 16) -> list[sw.EvalSet]:
-    generator = torch.Generator().manual_seed(0)
-    out = []
-    for name in ("bright", "dark"):
-        images = torch.rand(n, 1, size, size, generator=generator) * 0.5
-        masks = torch.zeros(n, 1, size, size)
-        masks[:, :, 4:8, 4:8] = 1
-        images = torch.where(masks > 0, torch.full_like(images, 1.0 if name == "bright" else 0.0), images)
-        region = torch.zeros_like(masks)
-        region[:, :, 1:-1, 1:-1] = 1
-        out.append(sw.EvalSet(name=name, images=images, masks=masks, region=region))
-    return out
+CHANNELS = (8, 16, 16)
 
 
 def _tiny_model(noise_level: int = 12) -> sw.DDPM:
-    model = sw.small_ddpm(channels=(8, 16, 16), noise_level=noise_level)
+    model = sw.small_ddpm(channels=CHANNELS, noise_level=noise_level)
     randomize_zero_layers(model)
     return model
 
@@ -39,12 +28,15 @@ def test_sweep_on_a_tiny_untrained_model_produces_the_table(tmp_path, one_thread
     model = _tiny_model()
     settings = sw.default_settings(model.inference.noise_level, steps=(3, 5, 50), full_seeds=2)
     assert [s.label for s in settings] == ["ddpm (full chain)"] * 2 + ["strided 3", "strided 5", "ddim 3", "ddim 5"]
-    result = sw.sweep(model, _sets(), settings, device=CPU, batch_size=3, n_boot=20)
+    result = sw.sweep(model, FakeData(), settings, device=CPU, n_boot=20)
     rows = result["rows"]
     assert [r["network_evals"] for r in rows] == [13, 13, 3, 5, 3, 5]  # counted by a hook on the UNet
     for row in rows:
         assert 0.0 <= row["auroc"] <= 1.0 and 0.0 <= row["auprc"] <= 1.0 and row["s_per_image"] > 0
-    assert result["n_images"] == 4
+        assert 0.0 <= row["image_auroc"] <= 1.0 and set(row) >= {"auroc/lesions", "auroc/boxes", "dice"}
+        assert row["auroc_mean_over_sets"] == pytest.approx((row["auroc/lesions"] + row["auroc/boxes"]) / 2)
+    assert result["sets"] == ["lesions", "boxes"] and result["n_images"] == 6 + 5
+    assert rows[0]["auroc"] != rows[1]["auroc"]  # the full chain's seeds differ: the seed noise is not vacuous
     assert result["noise"]["n_seeds"] == 2 and all(r["tolerance_auroc"] >= 0 for r in rows)
     assert result["recommendation"] in {r["setting"] for r in rows}
     within = [r for r in rows if r["within_noise"]]
@@ -64,48 +56,66 @@ def test_settings_are_passed_per_call_and_never_change_the_model(one_thread):
     model = _tiny_model(noise_level=6)
     before = model.inference
     strided = InferenceSetting(sampler="strided", noise_level=6, steps=3)
-    row, maps = sw.run_setting(model, _sets(n=1), sw.Setting(strided, seed=1), device=CPU)
+    data = FakeData()
+    row, inferences = sw.run_setting(model, data, sw.Setting(strided, seed=1), device=CPU, datasets=["lesions"])
     assert model.inference == before and row["network_evals"] == 3 and row["method"] == "strided"
-    x = _sets(n=1)[0].images
-    direct = model.get_anomaly(x, generator=torch.Generator().manual_seed(1), inference=strided).anomaly_map
-    assert torch.equal(maps[0], direct)
+    generator = torch.Generator().manual_seed(1)  # the dataset's own generator, seeded with the setting's seed
+    direct = torch.cat([model.get_anomaly(b.image, generator=generator, inference=strided).anomaly_map
+                        for b in data.eval_dataloader("lesions")])
+    assert [inf.name for inf in inferences] == ["lesions"] and torch.equal(inferences[0].anomaly_map, direct)
+    region = inferences[0].evaluation_region()
+    assert torch.equal(region, (inferences[0].brain_mask + inferences[0].anomaly_mask).clamp(max=1))
+    assert region[0, 0, 0, 0] == 0 and bool((region[inferences[0].anomaly_mask > 0] == 1).all())
     with pytest.raises(ValueError, match="steps=11"):
         sw.Setting(InferenceSetting(sampler="strided", noise_level=6, steps=11))
+    with pytest.raises(ValueError, match="healthy set 'nope' is not a test set"):
+        sw.run_setting(model, data, sw.Setting(strided), device=CPU, healthy="nope")
 
 
-def test_same_seed_gives_the_same_maps(one_thread):
+def test_same_seed_gives_the_same_maps_and_another_seed_other_maps(one_thread):
     model = _tiny_model(noise_level=6)
-    sets = _sets(n=1)
-    strided = sw.Setting(InferenceSetting(sampler="strided", noise_level=6, steps=3), seed=1)
-    _, first = sw.run_setting(model, sets, strided, device=CPU)
-    _, second = sw.run_setting(model, sets, strided, device=CPU)
-    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    strided = InferenceSetting(sampler="strided", noise_level=6, steps=3)
+    _, first = sw.run_setting(model, FakeData(), sw.Setting(strided, seed=1), device=CPU, datasets=["lesions"])
+    _, second = sw.run_setting(model, FakeData(), sw.Setting(strided, seed=1), device=CPU, datasets=["lesions"])
+    _, other = sw.run_setting(model, FakeData(), sw.Setting(strided, seed=2), device=CPU, datasets=["lesions"])
+    assert torch.equal(first[0].anomaly_map, second[0].anomaly_map)
+    assert not torch.equal(first[0].anomaly_map, other[0].anomaly_map)
 
 
-class _FakeInfo:
-    def __init__(self, has_mask: bool) -> None:
-        self.has_anomaly_mask = has_mask
+def test_sweep_metrics_equal_what_the_evaluation_package_reports_for_the_same_setting(one_thread):
+    model = _tiny_model(noise_level=6)
+    strided = InferenceSetting(sampler="strided", noise_level=6, steps=3)
+    row, _ = sw.run_setting(model, FakeData(), sw.Setting(strided, seed=2), device=CPU, datasets=["lesions"])
+    network = UNetSetting(channels=CHANNELS, attention_levels=(False, True, True), num_head_channels=CHANNELS[-1],
+                          norm_num_groups=8, use_flash_attention=True)
+    configured = sw.DDPM(network=network, inference=strided, val_inference=strided)  # the setting as configured
+    configured.load_state_dict(model.state_dict(), strict=True)
+    metrics = evaluate(configured, FakeData(), {
+        "segmentation": DownstreamEvaluator(task="segmentation", datasets=["lesions"], threshold=0.1),
+        "detection": DownstreamEvaluator(task="detection", datasets=["lesions"]),
+    }, device=CPU, seed=2)
+    seg = metrics["segmentation"]["lesions"]
+    assert 0.0 < seg["auroc_pooled"] < 1.0
+    assert row["auroc/lesions"] == seg["auroc_pooled"]
+    assert (row["auroc"], row["auprc"]) == (seg["auroc_pooled"], seg["auprc_pooled"])  # one set: pooled = per set
+    assert row["image_auroc"] == metrics["detection"]["all_pathological"]["auroc"]
 
 
-class _FakeData:
-    """DataModule stand-in: one healthy and two pathological sets of [1,1,8,8] images."""
-
-    test_set_names = ("healthy", "lesion_a", "lesion_b")
-
-    def dataset_info(self, name: str) -> _FakeInfo:
-        return _FakeInfo(name != "healthy")
-
-    def eval_dataloader(self, name: str) -> list[Batch]:
-        mask = torch.zeros(2, 1, 8, 8)
-        mask[:, :, 2:4, 2:4] = 1
-        brain = torch.zeros(2, 1, 8, 8)
-        brain[:, :, 1:7, 1:7] = 1
-        return [Batch(image=torch.rand(2, 1, 8, 8), anomaly_mask=mask, brain_mask=brain)] * 2
+def test_a_wrong_network_call_count_is_an_error(one_thread, monkeypatch):
+    model = _tiny_model(noise_level=6)
+    strided = InferenceSetting(sampler="strided", noise_level=6, steps=3)
+    monkeypatch.setattr(model, "network_calls", lambda inference=None: 4)
+    with pytest.raises(RuntimeError, match="strided 3: 3 network calls counted, the setting says 4"):
+        sw.run_setting(model, FakeData(), sw.Setting(strided), device=CPU, datasets=["lesions"])
 
 
-def test_load_eval_sets_keeps_pathological_sets_with_a_brain_or_lesion_region():
-    sets = sw.load_eval_sets(_FakeData(), max_images=3)
-    assert [s.name for s in sets] == ["lesion_a", "lesion_b"]
-    assert sets[0].images.shape == (3, 1, 8, 8)
-    assert torch.equal(sets[0].region, sets[0].region.maximum(sets[0].masks))
-    assert sets[0].region[0, 0, 0, 0] == 0 and sets[0].region[0, 0, 2, 2] == 1
+def test_first_images_keeps_the_first_images_of_every_set():
+    data = sw.FirstImages(FakeData(), 3)
+    batches = list(data.eval_dataloader("lesions"))
+    full = FakeData().eval_dataloader("lesions")[0]
+    assert [len(b) for b in batches] == [3] and data.test_set_names == FakeData().test_set_names
+    assert torch.equal(batches[0].image, full.image[:3]) and torch.equal(batches[0].anomaly_mask, full.anomaly_mask[:3])
+    assert torch.equal(batches[0].brain_mask, full.brain_mask[:3]) and list(batches[0].path) == list(full.path[:3])
+    assert [len(b) for b in sw.FirstImages(FakeData(), 5).eval_dataloader("lesions")] == [4, 1]
+    with pytest.raises(ValueError, match="max_images must be >= 1"):
+        sw.FirstImages(FakeData(), 0)

@@ -75,9 +75,7 @@ def segmentation_task(ctx: EvalContext, *, datasets: DatasetNames = None, thresh
         if not ctx.info(name).has_anomaly_mask:
             continue
         inf = ctx.inference(name)
-        roi = None
-        if region == "brain" and inf.brain_mask is not None:
-            roi = ((inf.brain_mask + inf.anomaly_mask) > 0).float()
+        roi = inf.evaluation_region(region)
         m = {"threshold": th, **segmentation.pixel_auroc_auprc(inf.anomaly_map, inf.anomaly_mask, roi),
              **segmentation.dice_at_threshold(inf.anomaly_map, inf.anomaly_mask, th, roi),
              **segmentation.best_dice(inf.anomaly_map, inf.anomaly_mask, roi)}
