@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
+import pytest
 import torch
 
 from dl_utils.reinit import randomize_zero_layers
@@ -106,3 +108,16 @@ def test_reference_size_is_the_methods_network():
         128, (128, 256, 256), (False, True, True), 256, 16)
     assert max(spec.infer_batches) >= 16 and min(spec.infer_batches) == 1
     assert bm.REFERENCE_CHAINS.anoddpm_calls == 251 and bm.REFERENCE_CHAINS.autoddpm_calls == 201 + 50 * 5
+
+
+def test_make_trainer_builds_a_step_only_trainer_whose_step_trains(tmp_path, one_thread):
+    spec, plain = bm.SIZES["tiny"], bm.path_settings("plain", CPU)
+    trainer, batch = bm.make_trainer(spec=spec, path=plain, device=CPU, run_dir=tmp_path)
+    assert trainer.data is None and trainer.exp_logger is None and trainer.model.training
+    assert batch.image.shape == (spec.train_batch, 1, spec.image, spec.image)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    terms = trainer.training_step(batch)
+    assert math.isfinite(float(terms["loss"])) and trainer.optimizer.state  # Adam took a step
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    with pytest.raises(ValueError, match="needs data and logger"):
+        trainer.fit()
