@@ -200,8 +200,8 @@ def run_setting(model: DDPM, data: DataSource, setting: Setting, *, device: torc
         ``model.network_calls``), ``s_per_image`` (all sets the model ran on), ``n_images`` (pathological), the
         pixel ``auroc``/``auprc`` pooled over the segmentation sets in the segmentation task's regions, their
         means over sets, per-set ``auroc/<set>``, ``image_auroc`` (detection, all pathological sets pooled) and
-        ``dice`` (mean over sets of the pooled Dice at the healthy 5% FPR threshold); ``inferences`` are the segmentation sets'
-        :class:`Inference` (maps, masks, regions; on the CPU).
+        ``dice`` (mean over sets of the pooled Dice at the healthy 5% FPR threshold); ``inferences`` are the
+        segmentation sets' :class:`Inference` (maps, masks, regions; on the CPU).
     """
     import matplotlib.pyplot as plt
 
