@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from data.batch import Batch
 
-if TYPE_CHECKING:
-    from core.optimizer_groups import StepContext
+
+class StepContext(Protocol):
+    """The handle a multi-optimizer model's :meth:`AnomalyModel.training_step` gets per batch (the trainer's
+    ``core.optimizer_groups.StepContext`` implements it; declared here so the library never imports ``core``).
+
+    Attributes:
+        step: global index of this batch (0-based); alternation is e.g. ``step % 5 == 0``.
+    """
+
+    step: int
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The trainer's AMP setting as a context manager."""
+
+    def frozen_except(self, *names: str) -> contextlib.AbstractContextManager:
+        """Gradients off for every optimizer group but ``names`` inside the block."""
+
+    def backward_step(self, name: str, loss: Tensor) -> None:
+        """Zero, back-propagate ``loss``, all-reduce, clip and step group ``name``."""
 
 
 @dataclass

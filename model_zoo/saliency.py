@@ -9,8 +9,8 @@ Everything works per image on the input's device (no statistic is taken over the
 * :func:`gaussian_blur`: separable Gaussian, reflect padding, radius ``ceil(4 sigma)`` (scipy's truncate 4).
 * :class:`LazyPerceptual`: the spatial perceptual distance (``optim.losses.perceptual.PerceptualDistance``,
   LPIPS-SqueezeNet with official weights from ``weights_path``/``$TORCH_HOME``, else ST-LPIPS) built on first
-  use from a YAML block, never a submodule (so never in a ``state_dict`` or an optimizer); ``None`` = the
-  documented "term off" fallback (saliency = 1).
+  use from a typed setting (``{net, backend, weights_path}``), never a submodule (so never in a ``state_dict``
+  or an optimizer); ``None`` = the documented "term off" fallback (saliency = 1).
 """
 
 from __future__ import annotations
@@ -21,17 +21,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from core.Configurator import build
+from optim.losses.perceptual import PerceptualSetting
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LPIPS: dict[str, Any] = {
-    "module_name": "optim.losses.perceptual",
-    "class_name": "PerceptualDistance",
-    "params": {"net": "squeeze", "backend": "auto"},
-}
+DEFAULT_LPIPS = PerceptualSetting(net="squeeze", backend="auto")
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -103,41 +99,38 @@ def _minmax(x: Tensor) -> Tensor:
 
 
 class LazyPerceptual:
-    """A spatial perceptual distance built from ``block`` on first use; ``block=None`` = saliency off (ones).
+    """A spatial perceptual distance built from ``setting`` on first use; ``setting=None`` = saliency off (ones).
 
     Not an ``nn.Module`` attribute of the host model (kept in a plain attribute), so it never enters the host's
     ``state_dict``, ``parameters()`` or an optimizer.
 
     Args:
-        block: ``{module_name, class_name, params}`` of a module with ``spatial(x, y) -> [B,1,H,W]`` (inputs in
-            [0,1]), or None.
+        setting: a :class:`optim.losses.perceptual.PerceptualSetting` (``{net, backend, weights_path}`` in YAML),
+            or None.
         yaml_path: the block's YAML path, for error messages.
     """
 
-    def __init__(self, block: dict[str, Any] | None, yaml_path: str) -> None:
-        if block is not None and not isinstance(block, dict):
-            raise ValueError(f"{yaml_path} must be a {{module_name, class_name, params}} mapping or null, "
-                             f"got {block!r}")
-        self.block, self.yaml_path = block, yaml_path
+    def __init__(self, setting: PerceptualSetting | None, yaml_path: str) -> None:
+        if setting is not None and not isinstance(setting, PerceptualSetting):
+            raise ValueError(f"{yaml_path} must be a {{net, backend, weights_path}} mapping or null, got {setting!r}")
+        self.setting, self.yaml_path = setting, yaml_path
         self.module: Any = None
 
     @property
     def description(self) -> str:
         """What the saliency is: the network's ``backend_name`` once built, or the fallback."""
-        if self.block is None:
+        if self.setting is None:
             return "off (saliency = 1; no perceptual network configured)"
         if self.module is None:
-            return f"not built yet ({self.block.get('class_name')} {self.block.get('params') or {}})"
+            return f"not built yet ({self.setting})"
         return str(getattr(self.module, "backend_name", type(self.module).__name__))
 
     def spatial(self, x: Tensor, y: Tensor) -> Tensor:
         """[B,1,H,W] perceptual distance map between x and y ([B,1,H,W] in [0,1]); ones when off."""
-        if self.block is None:
+        if self.setting is None:
             return torch.ones_like(x[:, :1])
         if self.module is None:
-            module = build(self.block, self.yaml_path, base=nn.Module)
-            if not hasattr(module, "spatial"):
-                raise ValueError(f"{self.yaml_path}: {type(module).__name__} has no spatial(x, y) method")
+            module = self.setting.build()
             module.eval().requires_grad_(False)
             self.module = module
             logger.info("%s: %s", self.yaml_path, self.description)

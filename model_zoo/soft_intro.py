@@ -41,6 +41,7 @@ from data.batch import Batch
 from model_zoo.base import AnomalyModel, AnomalyOutput
 from model_zoo.saliency import DEFAULT_LPIPS, LazyPerceptual, clahe, gaussian_blur
 from model_zoo.vae import gaussian_kl
+from optim.losses.perceptual import PerceptualSetting
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ class RA(SoftIntroVAE):
         Others: as :class:`SoftIntroVAE`.
     """
 
-    def __init__(self, *, embedding_weight: float = 0.005, perceptual: dict[str, Any] | None = DEFAULT_LPIPS,
+    def __init__(self, *, embedding_weight: float = 0.005, perceptual: PerceptualSetting | None = DEFAULT_LPIPS,
                  saliency_sigma: float = 2.0, clahe_clip_limit: float = 0.01, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if embedding_weight < 0 or saliency_sigma < 0 or clahe_clip_limit <= 0:

@@ -112,8 +112,7 @@ def _sivae_block() -> dict[str, Any]:
 
 def _ra_block() -> dict[str, Any]:
     block = _sivae_block()
-    perceptual = {"module_name": "optim.losses.perceptual", "class_name": "PerceptualDistance",
-                  "params": {"net": "squeeze", "backend": "random"}}
+    perceptual = {"net": "squeeze", "backend": "random"}
     return {**block, "class_name": "RA", "params": {**block["params"], "perceptual": perceptual}}
 
 

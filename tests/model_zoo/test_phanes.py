@@ -11,11 +11,11 @@ import torch
 from core.Trainer import Trainer
 from data.batch import Batch
 from model_zoo.phanes import PHANES, ellipse_masks, residual_masks
+from optim.losses.perceptual import PerceptualSetting
 from tests.core._trainer_fixtures import RecordingLogger, make_run
 from tests.model_zoo._learning import embedded_data, hypointense_auroc, train
 
-RANDOM_LPIPS = {"module_name": "optim.losses.perceptual", "class_name": "PerceptualDistance",
-                "params": {"net": "squeeze", "backend": "random"}}
+RANDOM_LPIPS = PerceptualSetting(net="squeeze", backend="random")
 TINY: dict[str, Any] = {"image_size": 32, "channels": (8, 16), "zdim": 8, "beta_neg": 8.0,
                         "inpaint_channels": (8, 16, 32), "aot_blocks": 1, "aot_rates": (1, 2),
                         "disc_channels": (8, 16, 32, 64), "n_ellipses": 5, "disc_blur_kernel": 35,

@@ -15,12 +15,12 @@ from core.Trainer import Trainer
 from data.batch import Batch
 from model_zoo.saliency import clahe, gaussian_blur
 from model_zoo.soft_intro import RA, SoftIntroVAE
+from optim.losses.perceptual import PerceptualSetting
 from tests.core._trainer_fixtures import RecordingLogger, make_run
 from tests.model_zoo._learning import embedded_data, hypointense_auroc, train
 
 TINY = {"image_size": 16, "channels": (4, 8), "zdim": 4, "beta_neg": 4.0}
-RANDOM_LPIPS = {"module_name": "optim.losses.perceptual", "class_name": "PerceptualDistance",
-                "params": {"net": "squeeze", "backend": "random"}}
+RANDOM_LPIPS = PerceptualSetting(net="squeeze", backend="random")
 
 
 class _Data:
