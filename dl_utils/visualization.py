@@ -99,6 +99,36 @@ def box_figure(values: Mapping[str, Any], *, ylabel: str, title: str = "") -> Fi
     return fig
 
 
+def intermediate_strip(images: Mapping[str, Any], indices: Sequence[int], *, title: str = "") -> Figure:
+    """Rows of a model's intermediate images for chosen images, one column per named [N,1,H,W] tensor.
+
+    Args:
+        images: ``{column name: [N,1,H,W] tensor}`` in plot order (e.g. input, AutoDDPM's ``x_rec``, ``c``,
+            ``mask``, ``stitched``, ``x_inp``, the anomaly map). Columns whose values lie in [0,1] are drawn in grey
+            on [0,1]; others (maps, statistics) with a per-column colour scale up to their 99.5th percentile.
+        indices: which images (rows).
+        title: figure title.
+    """
+    rows = max(len(indices), 1)
+    fig = Figure(figsize=(2.0 * max(len(images), 1), 2.0 * rows + 0.4))
+    axes = fig.subplots(rows, max(len(images), 1), squeeze=False)
+    for c, (name, tensor) in enumerate(images.items()):
+        values = _np(tensor[list(indices)]) if len(indices) else np.zeros((1, 1))
+        unit = values.min() >= 0.0 and values.max() <= 1.0 and name not in ("anomaly map", "c")
+        style = {"cmap": "gray", "vmin": 0, "vmax": 1} if unit else \
+            {"cmap": "inferno", "vmin": 0, "vmax": max(float(np.percentile(values, 99.5)), 1e-8)}
+        for r, index in enumerate(indices):
+            axes[r, c].imshow(_np(tensor[index]), **style)
+            if r == 0:
+                axes[r, c].set_title(name, fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def per_class_bars(values: Mapping[str, Mapping[str, float]], *, title: str = "",
                    ylim: tuple[float, float] | None = (0, 1)) -> Figure:
     """Grouped bars: one group per class (or model), one bar per metric (``class -> {metric: value}``)."""

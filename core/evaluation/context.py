@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -58,6 +58,8 @@ class Inference:
         name: dataset name; info: its ``data.dataset_info``.
         image: inputs in [0,1]; anomaly_map: >= 0; anomaly_score: [N]; reconstruction: in [0,1] or None;
         anomaly_mask, brain_mask: {0,1} or None; label: [N] long; path: N source paths.
+        extras: the model's per-image intermediates (``AnomalyOutput.extras`` with a leading batch dimension, e.g.
+            AutoDDPM's ``x_rec``, ``c``, ``mask``, ``stitched``, ``x_inp``), concatenated, float32.
     """
 
     name: str
@@ -70,6 +72,7 @@ class Inference:
     label: Tensor
     path: list[str]
     info: DatasetInfo | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.image.shape[0]
@@ -163,6 +166,7 @@ class EvalContext:
 
         hook = None if counted is None else counted.register_forward_pre_hook(count)
         seconds, image_calls, n_images = 0.0, 0, 0
+        extras: dict[str, list[Tensor]] = {}
         try:
             for batch in tqdm(loader, desc=f"{what} {name}", disable=not self.progress, leave=False):
                 for key in ("image", "anomaly_mask", "brain_mask", "label"):
@@ -184,6 +188,9 @@ class EvalContext:
                 parts["anomaly_score"].append(out.anomaly_score.detach().float().cpu())
                 rec = out.reconstruction
                 parts["reconstruction"].append(None if rec is None else rec.detach().float().cpu())
+                for key, value in out.extras.items():
+                    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == x.shape[0]:
+                        extras.setdefault(key, []).append(value.detach().float().cpu())
         finally:
             if hook is not None:
                 hook.remove()
@@ -197,7 +204,8 @@ class EvalContext:
         return Inference(name=name, image=torch.cat(parts["image"]).float(), anomaly_map=_cat(parts["anomaly_map"]),
                          anomaly_score=_cat(parts["anomaly_score"]), reconstruction=_cat(parts["reconstruction"]),
                          anomaly_mask=_cat(parts["anomaly_mask"]), brain_mask=_cat(parts["brain_mask"]),
-                         label=torch.cat(parts["label"]), path=parts["path"], info=info)
+                         label=torch.cat(parts["label"]), path=parts["path"], info=info,
+                         extras={k: torch.cat(v) for k, v in extras.items() if len(v) == len(parts["image"])})
 
     def inference(self, name: str) -> Inference:
         """Model outputs on a dataset (``'train'``, ``'val'`` or a test set), computed once and cached.

@@ -1,11 +1,12 @@
 """The registered evaluation tasks, one module per family (importing this package registers them all).
 
 - :mod:`.calibration`: a model's internal mask threshold at a healthy FPR (AutoDDPM's tau).
+- :mod:`.intermediates`: the model's intermediate images (figures; arrays with ``save_intermediates``).
 - :mod:`.thresholding`: healthy operating points (:class:`core.evaluation.thresholds.Thresholds`).
 - :mod:`.lesions`: detection (image level), segmentation (pixel level), localization (object level).
 - :mod:`.normative`: RQI, AHI, CACI (restoration quality, distribution shift, conservation and correction).
 """
 
-from core.evaluation.tasks import calibration, lesions, normative, thresholding
+from core.evaluation.tasks import calibration, intermediates, lesions, normative, thresholding
 
-__all__ = ["calibration", "lesions", "normative", "thresholding"]
+__all__ = ["calibration", "intermediates", "lesions", "normative", "thresholding"]
