@@ -221,7 +221,15 @@ class AutoDDPM(DDPM):
         built = self._perceptual
         perceptual = getattr(built, "backend_name", type(built).__name__) if built is not None \
             else f"not built yet ({self.perceptual_setting})"
-        return {"perceptual": perceptual, "mask_threshold": dict(self.mask_threshold_provenance)}
+        source = self.mask_threshold_provenance
+        if source.get("rule") == "calibrated":
+            threshold = (f"calibrated: {source.get('value', float('nan')):.4g} at FPR {source.get('target_fpr')} on "
+                         f"'{source.get('dataset')}' ({source.get('n_images')} images)")
+        elif self.tau == "calibrated":
+            threshold = "calibrated: not set yet"
+        else:
+            threshold = ", ".join(f"{k}={v}" for k, v in source.items())
+        return {"perceptual": perceptual, "mask_threshold": threshold}
 
     @property
     def perceptual(self) -> Any:

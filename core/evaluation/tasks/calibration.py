@@ -87,7 +87,7 @@ def mask_calibration(ctx: EvalContext, *, dataset: DatasetName = "val", fpr: Fpr
     c, brain = _statistics(ctx, model, dataset)
     keep = brain if use_brain_mask else None
     point = segmentation.threshold_at_fpr(c, fpr, keep)
-    model_info = {k: str(v) for k, v in getattr(model, "provenance", lambda: {})().items()}
+    model_info = {k: str(v) for k, v in getattr(model, "provenance", lambda: {})().items() if k != "mask_threshold"}
     calibration = MaskCalibration(value=float(point.threshold), target_fpr=point.target_fpr,
                                   achieved_fpr=point.achieved_fpr, dataset=dataset, n_images=point.n_images,
                                   n_pixels=point.n_pixels, region=point.region, model=model_info,
