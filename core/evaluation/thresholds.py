@@ -27,6 +27,14 @@ from optim.metrics.segmentation import ThresholdResult
 RULE = "pixel anomalous iff map > threshold; FPR = mean over images of the pixel FPR"
 
 
+def _write_json(path: str | Path, content: Mapping[str, Any]) -> str:
+    """Write ``content`` as indented JSON (creating the folder); returns the path as a string."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=2))
+    return str(path)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Thresholds:
     """Thresholds at target mean pixel FPRs on a healthy set, with their provenance.
@@ -107,10 +115,7 @@ class Thresholds:
 
     def save(self, path: str | Path) -> Thresholds:
         """Write the JSON file (creating its folder); returns the same thresholds with ``source`` = ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=2))
-        return replace(self, source=str(path))
+        return replace(self, source=_write_json(path, self.to_json()))
 
     @classmethod
     def load(cls, path: str | Path) -> Thresholds:
@@ -179,10 +184,8 @@ class MaskCalibration:
                 "region": self.region, "rule": self.rule, "model": dict(self.model), "created": self.created}
 
     def save(self, path: str | Path) -> MaskCalibration:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=2))
-        return replace(self, source=str(path))
+        """Write the JSON file (creating its folder); returns the same calibration with ``source`` = ``path``."""
+        return replace(self, source=_write_json(path, self.to_json()))
 
     @classmethod
     def load(cls, path: str | Path) -> MaskCalibration:

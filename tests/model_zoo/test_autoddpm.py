@@ -4,7 +4,6 @@ formulas, the calibrated mask threshold, per-image masks and smoothing, perceptu
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,13 +22,7 @@ from model_zoo.diffusion.settings import InferenceSetting, RepaintSetting, UNetS
 TINY_NET = UNetSetting(channels=(8, 16, 16), num_head_channels=8, norm_num_groups=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: intra-op threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 class StandInPerceptual(nn.Module):

@@ -4,7 +4,6 @@ determinism, configs."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +31,7 @@ def setting(sampler: str = "ddpm", level: int = 6, steps: int | None = None, eta
     return InferenceSetting(sampler=sampler, noise_level=level, steps=steps, eta=eta)  # type: ignore[arg-type]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: intra-op threads only add contention on a shared 2-core machine (10x slower when loaded).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def tiny_ddpm(**overrides: Any) -> DDPM:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
 from types import ModuleType
 
 import numpy as np
@@ -24,13 +23,7 @@ def _init(opensimplex: ModuleType, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return importlib.import_module(f"{opensimplex.__name__}.internals")._init(seed)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: intra-op threads only add contention on a shared 2-core machine (10x slower when loaded).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def reference_field(opensimplex: ModuleType, seed: int, size: int, t: float, octaves: int = 6,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +33,7 @@ TINY_NET = UNetSetting(channels=(8, 16, 16), attention_levels=(False, True, True
 GAUSSIAN = DiffusionNoise(noise_type="gaussian")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def tiny_pddpm(**overrides: Any) -> PatchedDDPM:
