@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 
 from data.batch import Batch
-from model_zoo.base import AnomalyOutput
 from model_zoo.ddpm import DDPM
 from model_zoo.diffusion.noise import DiffusionNoise
 from model_zoo.diffusion.procedures import EpsModel, denoise, noise_to, q_sample
@@ -258,20 +257,4 @@ class PatchedDDPM(DDPM):
             restored = self.patch_pass(x, k, field, generator=generator, inference=setting)
             total = total + torch.where(self.boxes[k], restored, 0.0)
         return (total / self.coverage).clamp(0.0, 1.0)
-
-    @torch.no_grad()
-    def get_anomaly(
-        self, x: Tensor, *, generator: torch.Generator | None = None, inference: InferenceSetting | None = None
-    ) -> AnomalyOutput:
-        """Map ``|x - x_rec|`` and score (its mean), x_rec from :meth:`reconstruct`.
-
-        Args:
-            x: [B,1,H,W] in [0,1].
-            generator: random source on x's device.
-            inference: the per-box setting of this call (None: the configured ``inference``).
-        """
-        x_rec = self.reconstruct(x, generator=generator, inference=inference)
-        anomaly_map = (x - x_rec).abs()
-        return AnomalyOutput(anomaly_map=anomaly_map, anomaly_score=anomaly_map.mean(dim=(1, 2, 3)),
-                             reconstruction=x_rec)
 

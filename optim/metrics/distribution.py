@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 
-def _features(values: Any, name: str) -> np.ndarray:
+def as_features(values: Any, name: str) -> np.ndarray:
+    """[n, d] tensor or array -> float64 numpy [n, d] (raises ValueError naming ``name`` otherwise)."""
     if hasattr(values, "detach"):
         values = values.detach().cpu().numpy()
     array = np.asarray(values, dtype=np.float64)
@@ -50,7 +51,7 @@ class GaussianStats:
     @classmethod
     def from_features(cls, features: Any) -> GaussianStats:
         """Statistics of ``features`` [n, d]; n >= 2 is needed for a covariance."""
-        f = _features(features, "features")
+        f = as_features(features, "features")
         if f.shape[0] < 2:
             raise ValueError(f"GaussianStats: need at least 2 feature vectors, got {f.shape[0]}")
         return cls(mu=f.mean(axis=0), sigma=np.cov(f, rowvar=False), n=int(f.shape[0]))
@@ -97,7 +98,7 @@ def kernel_inception_distance(a: Any, b: Any, degree: int = 3, coef0: float = 1.
     Returns:
         KID (can be slightly negative: it is an unbiased estimate); NaN with a warning when a set has < 2 rows.
     """
-    x, y = _features(a, "a"), _features(b, "b")
+    x, y = as_features(a, "a"), as_features(b, "b")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"kernel_inception_distance: feature sizes differ ({x.shape[1]} vs {y.shape[1]})")
     m, n = x.shape[0], y.shape[0]

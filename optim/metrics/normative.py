@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from skimage.metrics import structural_similarity
 
-from optim.metrics.distribution import GaussianStats, frechet_distance, kernel_inception_distance
+from optim.metrics.distribution import GaussianStats, as_features, frechet_distance, kernel_inception_distance
 from optim.metrics.segmentation import per_image
 
 SSIM_DATA_RANGE = 1.0
@@ -123,16 +123,6 @@ def ahi(fid_pathological: float, fid_restored: float, fid_healthy: float) -> flo
     return float(np.clip((float(fid_pathological) - float(fid_restored)) / gap, 0.0, 1.0))
 
 
-def _matrix(values: Any, name: str) -> np.ndarray:
-    """[n, d] tensor or array -> float64 numpy [n, d]."""
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
-    array = np.asarray(values, dtype=np.float64)
-    if array.ndim != 2:
-        raise ValueError(f"ahi_equal_n: {name} features must be [n, d], got shape {array.shape}")
-    return array
-
-
 def ahi_equal_n(reference: Any, healthy: Any, pathological: Any, restored: Any, *, draws: int = 5, seed: int = 0,
                 reference_stats: GaussianStats | None = None) -> dict[str, float]:
     """AHI with FID(U,N), FID(P,N) and FID(R(P),N) all computed at the same sample size n.
@@ -157,8 +147,9 @@ def ahi_equal_n(reference: Any, healthy: Any, pathological: Any, restored: Any, 
         ``ahi``, ``fid_u``, ``fid_p``, ``fid_rp`` (means over draws) with ``n_fid`` (the common n) and
         ``draws``; ``kid_u``, ``kid_p``, ``kid_rp`` on the full sets with ``n_u``, ``n_p``, ``n_reference``.
     """
-    n_feat, u_feat = _matrix(reference, "reference"), _matrix(healthy, "healthy")
-    p_feat, r_feat = _matrix(pathological, "pathological"), _matrix(restored, "restored")
+    n_feat, u_feat = as_features(reference, "ahi_equal_n: reference"), as_features(healthy, "ahi_equal_n: healthy")
+    p_feat, r_feat = as_features(pathological, "ahi_equal_n: pathological"), \
+        as_features(restored, "ahi_equal_n: restored")
     if p_feat.shape != r_feat.shape:
         raise ValueError(f"ahi_equal_n: restored {r_feat.shape} must be row-aligned with pathological {p_feat.shape}")
     if draws < 1:
