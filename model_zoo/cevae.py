@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from data.batch import Batch
 from model_zoo.ae import check_choice
 from model_zoo.base import AnomalyModel, AnomalyOutput
-from model_zoo.vae import gaussian_kl
+from model_zoo.vae import encoder_bottom, gaussian_kl
 
 logger = logging.getLogger(__name__)
 
@@ -125,13 +125,7 @@ class CeVAE(AnomalyModel):
         super().__init__()
         check_choice("loss_balance", loss_balance, get_args(LossBalance))
         channels = list(channels)
-        if not channels or min(channels) < 1 or latent_dim < 1 or in_channels < 1:
-            raise ValueError(f"channels={channels!r}, latent_dim={latent_dim} and in_channels={in_channels} must be "
-                             "positive (channels non-empty)")
-        bottom = image_size // 2 ** len(channels)
-        if bottom < 1 or bottom * 2 ** len(channels) != image_size:
-            raise ValueError(f"image_size={image_size} must be a positive multiple of 2**len(channels) = "
-                             f"{2 ** len(channels)} (channels={channels!r})")
+        bottom = encoder_bottom(channels, latent_dim=latent_dim, in_channels=in_channels, image_size=image_size)
         box_min, box_max = (int(v) for v in box_size)
         if not 1 <= box_min < box_max or image_size - 1 - (box_max - 1) - box_min < 1:
             raise ValueError(f"box_size={list(box_size)!r} must be (min, max) with 1 <= min < max and leave room for "

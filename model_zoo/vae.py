@@ -50,6 +50,22 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
     return kl.flatten(1).sum(dim=1)
 
 
+def encoder_bottom(channels: Sequence[int], *, latent_dim: int, in_channels: int, image_size: int) -> int:
+    """Side of the feature map after ``len(channels)`` stride-2 stages; checks the sizes fit.
+
+    Raises:
+        ValueError: a non-positive size, empty ``channels``, or ``image_size`` not a multiple of 2**len(channels).
+    """
+    if not channels or min(channels) < 1 or latent_dim < 1 or in_channels < 1:
+        raise ValueError(f"channels={list(channels)!r}, latent_dim={latent_dim} and in_channels={in_channels} must "
+                         "be positive (channels non-empty)")
+    bottom = image_size // 2 ** len(channels)
+    if bottom < 1 or bottom * 2 ** len(channels) != image_size:
+        raise ValueError(f"image_size={image_size} must be a positive multiple of 2**len(channels) = "
+                         f"{2 ** len(channels)} (channels={list(channels)!r})")
+    return bottom
+
+
 class VAE(AnomalyModel):
     """Convolutional VAE with a dense latent vector.
 
@@ -88,13 +104,7 @@ class VAE(AnomalyModel):
         check_choice("act", act, get_args(Act))
         check_choice("recon_loss", recon_loss, get_args(ReconLoss))
         channels = list(channels)
-        if not channels or min(channels) < 1 or latent_dim < 1 or in_channels < 1:
-            raise ValueError(f"channels={channels!r}, latent_dim={latent_dim} and in_channels={in_channels} must be "
-                             "positive (channels non-empty)")
-        bottom = image_size // 2 ** len(channels)
-        if bottom < 1 or bottom * 2 ** len(channels) != image_size:
-            raise ValueError(f"image_size={image_size} must be a positive multiple of 2**len(channels) = "
-                             f"{2 ** len(channels)} (channels={channels!r})")
+        bottom = encoder_bottom(channels, latent_dim=latent_dim, in_channels=in_channels, image_size=image_size)
         if beta <= 0:
             raise ValueError(f"beta={beta} must be > 0")
         self.image_size = image_size
