@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from data.batch import Batch
-from model_zoo.base import AnomalyOutput
+from model_zoo.base import AnomalyOutput, StepContext
 from model_zoo.saliency import clahe, gaussian_blur
 from model_zoo.soft_intro import RA
 from optim.losses.vgg19 import Backend as VGGBackend
@@ -293,16 +293,10 @@ class PHANES(RA):
         return {"encoder": encoder_loss, "decoder": decoder_loss, "inpainter": generator_loss,
                 "discriminator": self._discriminator_loss(x, x_c, m_syn)}
 
-    def training_step(self, batch: Batch, ctx: Any) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         """RA's encoder and decoder steps, then the inpainter and discriminator steps on the same batch."""
         x = batch.image
-        eps = torch.randn(x.shape[0], self.zdim, device=x.device)
-        with ctx.frozen_except("encoder"), ctx.autocast():
-            encoder_loss, z, terms = self._encoder_loss(x, eps)
-        ctx.backward_step("encoder", encoder_loss)
-        with ctx.frozen_except("decoder"), ctx.autocast():
-            decoder_loss, x_r = self._decoder_loss(x, eps, z)
-        ctx.backward_step("decoder", decoder_loss)
+        terms, x_r = self._intro_steps(x, ctx)
         m_syn, m = self._training_masks(x, x_r)
         with ctx.frozen_except("inpainter"), ctx.autocast():
             generator_loss, x_c, inpaint_terms = self._inpainter_losses(x, m_syn, m)
@@ -310,8 +304,7 @@ class PHANES(RA):
             discriminator_loss = self._discriminator_loss(x, x_c, m_syn)
         ctx.backward_step("inpainter", generator_loss)
         ctx.backward_step("discriminator", discriminator_loss)
-        return {"encoder_loss": encoder_loss.detach(), "decoder_loss": decoder_loss.detach(), **terms,
-                "inpainter_loss": generator_loss.detach(), **inpaint_terms,
+        return {**terms, "inpainter_loss": generator_loss.detach(), **inpaint_terms,
                 "discriminator_loss": discriminator_loss.detach(), "mask_fraction": m.mean().detach()}
 
     # ------------------------------------------------------------------------------------------ inference

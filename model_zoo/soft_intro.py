@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data.batch import Batch
-from model_zoo.base import AnomalyModel, AnomalyOutput
+from model_zoo.base import AnomalyModel, AnomalyOutput, StepContext
 from model_zoo.saliency import DEFAULT_LPIPS, LazyPerceptual, clahe, gaussian_blur
 from model_zoo.vae import gaussian_kl
 from optim.losses.perceptual import PerceptualSetting
@@ -212,17 +212,20 @@ class SoftIntroVAE(AnomalyModel):
         encoder_loss, z, _ = self._encoder_loss(x, eps)
         return {"encoder": encoder_loss, "decoder": self._decoder_loss(x, eps, z)[0]}
 
-    def training_step(self, batch: Batch, ctx: Any) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         """Encoder step (decoder frozen), then decoder step (encoder frozen) with the same eps and z."""
-        x = batch.image
+        return self._intro_steps(batch.image, ctx)[0]
+
+    def _intro_steps(self, x: Tensor, ctx: StepContext) -> tuple[dict[str, Tensor], Tensor]:
+        """The encoder and decoder sub-steps of one batch; returns their logged terms and the reconstruction."""
         eps = torch.randn(x.shape[0], self.zdim, device=x.device)
         with ctx.frozen_except("encoder"), ctx.autocast():
             encoder_loss, z, terms = self._encoder_loss(x, eps)
         ctx.backward_step("encoder", encoder_loss)
         with ctx.frozen_except("decoder"), ctx.autocast():
-            decoder_loss, _ = self._decoder_loss(x, eps, z)
+            decoder_loss, x_r = self._decoder_loss(x, eps, z)
         ctx.backward_step("decoder", decoder_loss)
-        return {"encoder_loss": encoder_loss.detach(), "decoder_loss": decoder_loss.detach(), **terms}
+        return {"encoder_loss": encoder_loss.detach(), "decoder_loss": decoder_loss.detach(), **terms}, x_r
 
     # ------------------------------------------------------------------------------------------ inference
     def reconstruct(self, x: Tensor, generator: torch.Generator | None = None, *, sample: bool = False) -> Tensor:
