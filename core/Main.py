@@ -37,7 +37,6 @@ import os
 import random
 import signal
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +50,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from core.Configurator import ConfigError, build, check_keys, check_params, load_config  # noqa: E402
-from dl_utils.errors import RunFolderError, RunInterrupted, UserError  # noqa: E402
+from dl_utils.errors import RunInterrupted, UserError  # noqa: E402
 from dl_utils.run import set_status  # noqa: E402
 
 if TYPE_CHECKING:
@@ -173,18 +172,7 @@ def shared_run_dir(experiment: ExperimentSettings, name: str, world_size: int, r
         if experiment.resume:
             path = Path(experiment.resume)
         else:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            for attempt in range(100):  # two runs started in the same second get distinct folders
-                try:
-                    path = make_run_dir(experiment.output_dir, experiment.name, name,
-                                        stamp if attempt == 0 else f"{stamp}-{attempt}")
-                    break
-                except FileExistsError:
-                    continue
-                except OSError as err:
-                    where = err.filename or Path(experiment.output_dir) / experiment.name / name
-                    raise RunFolderError(f"cannot create the run folder under experiment.output_dir "
-                                         f"{experiment.output_dir!r}: {where}: {err.strerror or err}") from err
+            path = make_run_dir(experiment.output_dir, experiment.name, name)
     if world_size > 1:
         holder = [str(path) if path else None]
         torch.distributed.broadcast_object_list(holder, src=0)

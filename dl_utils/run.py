@@ -18,6 +18,8 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from dl_utils.errors import RunFolderError
+
 
 @dataclass(frozen=True)
 class RunContext:
@@ -57,11 +59,27 @@ MANIFEST_PACKAGES = (
 )
 
 
-def make_run_dir(output_dir: str | Path, experiment: str, name: str, timestamp: str) -> Path:
-    """``<output_dir>/<experiment>/<name>/<timestamp>/`` (relative output_dir: against the working directory)."""
-    run_dir = Path(output_dir) / experiment / name / timestamp
-    run_dir.mkdir(parents=True, exist_ok=False)
-    return run_dir
+def make_run_dir(output_dir: str | Path, experiment: str, name: str) -> Path:
+    """A new ``<output_dir>/<experiment>/<name>/<timestamp>/`` (relative output_dir: against the working directory).
+
+    Two runs started in the same second get distinct folders (``<timestamp>-1``, ...).
+
+    Raises:
+        RunFolderError: the folder cannot be created (naming ``experiment.output_dir`` and the path).
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    parent = Path(output_dir) / experiment / name
+    for attempt in range(100):
+        run_dir = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise RunFolderError(f"cannot create the run folder under experiment.output_dir {str(output_dir)!r}: "
+                                 f"{err.filename or parent}: {err.strerror or err}") from err
+    raise RunFolderError(f"no free run folder for {stamp} under {parent}")
 
 
 def git_state(root: Path = REPO_ROOT) -> dict[str, Any]:

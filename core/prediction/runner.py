@@ -80,16 +80,7 @@ def _run_folder(experiment: Any, name: str, config: dict[str, Any], config_path:
                 device: torch.device) -> Path:
     from dl_utils.run import device_description, git_state, make_run_dir, package_versions
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for attempt in range(100):  # two runs started in the same second get distinct folders
-        try:
-            run_dir = make_run_dir(experiment.output_dir, experiment.name, name,
-                                   stamp if attempt == 0 else f"{stamp}-{attempt}")
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise FileExistsError(f"no free run folder for {stamp} under {experiment.output_dir}")
+    run_dir = make_run_dir(experiment.output_dir, experiment.name, name)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (run_dir / "manifest.json").write_text(json.dumps({
         "config_path": str(config_path), "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
