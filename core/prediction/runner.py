@@ -168,6 +168,9 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
             log.update_manifest(predict_mask_threshold=calibration.to_json())
         exit_code = predict_all(model, pairs, settings, thresholds, prep, out_dir=out_dir, device=dist.device,
                                 seed=experiment.seed, log=log)
+        label = getattr(model, "inference_label", None)
+        log.update_manifest(predict_model={**{k: str(v) for k, v in model.provenance().items()},
+                                           **({"inference": str(label())} if callable(label) else {})})
         log.update_manifest(predict_weights={"path": str(weights), "which": loaded}, predict_output=str(out_dir),
                             predict_thresholds=[asdict(t) for t in thresholds],
                             predict_preprocessing={"target_size": list(prep.target_size), "intensity": prep.intensity})

@@ -1,6 +1,7 @@
 """``experiment.task: predict``: geometry round trips, the training run's thresholds, bad inputs, 2-D files."""
 
 import csv
+import json
 import logging
 from pathlib import Path
 
@@ -118,6 +119,8 @@ def test_3d_volume_maps_and_masks_keep_shape_affine_and_training_thresholds(run,
     out = run["root"] / "out"
     anomaly = nib.load(out / "scan_anomaly_map.nii.gz")
     assert anomaly.shape == volume.shape and np.allclose(anomaly.affine, AFFINE)
+    (manifest_path,) = (run["root"] / "runs").rglob("manifest.json")
+    assert json.loads(manifest_path.read_text())["predict_model"] == {}  # the AE uses no substitutable backend
     values = np.asarray(anomaly.dataobj)
     assert not values[:, :3].any() and not values[:, 16:].any() and values[:, 3:16].any()  # only the range
     for name, threshold in run["thresholds"].items():
