@@ -89,6 +89,8 @@ class TrainLogger(Protocol):
 
     def log_val(self, metrics: Mapping[str, float | Tensor], *, step: int) -> None: ...
 
+    def log_scalars(self, values: Mapping[str, float], *, step: int | None = None) -> None: ...
+
 
 def _check_choice(name: str, value: str, options: Any) -> None:
     choices = get_args(options)
@@ -189,6 +191,8 @@ class Trainer:
                              "(call dl_utils.distributed.init_distributed first)")
 
         self.data, self.exp_logger, self.run = data, logger, run
+        self._train_seconds_before: float = 0.0
+        self._fit_start: float | None = None
         self.device = torch.device(run.device)
         self.max_epochs, self.max_steps = max_epochs, max_steps
         self.lr_scheduler_interval = lr_scheduler_interval
@@ -290,6 +294,7 @@ class Trainer:
             dl_utils.checkpoint.CheckpointError: ``run.resume_from`` is missing, corrupt or does not fit.
         """
         self._require_loop("fit")
+        self._fit_start = time.perf_counter()
         pending_rng = self._resume(self.run.resume_from) if self.run.resume_from is not None else None
         val_loader = self.data.val_dataloader()
         logger.info("training %s for up to %d epochs%s from epoch %d, step %d on %s (world size %d)",
@@ -314,8 +319,16 @@ class Trainer:
             logger.info("no validation loader: best.pt holds the final weights")
             self.best_weights = ckpt.clone_state_dict(self._eval_model()) if self.run.is_main else None
             self._save("best.pt")
+        # training wall time (validation and checkpoints included; summed over resumed runs), for cost tables
+        self.exp_logger.log_scalars({"train/wall_s": self.train_seconds}, step=self.step)
         barrier()
         return self.run.checkpoint_dir / "best.pt"
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds spent in :meth:`fit` so far, including those of the runs this one resumed."""
+        start = self._fit_start
+        return self._train_seconds_before + (0.0 if start is None else time.perf_counter() - start)
 
     def train_epoch(self, pending_rng: Mapping[str, Any] | None = None) -> bool:
         """Run the rest of the current epoch; return True when the epoch was completed (not cut by max_steps)."""
@@ -582,7 +595,8 @@ class Trainer:
             "rng": rng,
             "config": self.run.config,
             "trainer": {"batch_in_epoch": self.batch_in_epoch, "bad_validations": self.bad_validations,
-                        "world_size": self.run.world_size, "monitor": self.monitor},
+                        "world_size": self.run.world_size, "monitor": self.monitor,
+                        "train_seconds": self.train_seconds},
         }
 
     def _save(self, name: str) -> None:
@@ -625,6 +639,8 @@ class Trainer:
         self.epoch, self.step, self.best_metric = int(state["epoch"]), int(state["step"]), state["best_metric"]
         self.batch_in_epoch = int(state["trainer"]["batch_in_epoch"])
         self.bad_validations = int(state["trainer"]["bad_validations"])
+        self._train_seconds_before = float(state["trainer"].get("train_seconds", 0.0))
+        self._fit_start = time.perf_counter()
         self._reset_step_stats()
         rngs = state["rng"]
         if len(rngs) != self.run.world_size:

@@ -66,6 +66,8 @@ def test_fit_logs_every_term_and_writes_loadable_checkpoints(tmp_path: Path) -> 
     assert [step for step, _ in log.train] == [2, 4, 6, 8, 10, 12]  # 6 batches of 4 per epoch
     assert all(set(values) == {"loss", "mse", "l1", "lr"} for _, values in log.train)
     assert all(math.isclose(v["loss"], v["mse"] + v["l1"], rel_tol=1e-5) for _, v in log.train)
+    (step, timing), = [(step, v) for step, v in log.scalars if "train/wall_s" in v]  # the training time, once
+    assert step == 12 and timing["train/wall_s"] > 0
     assert [step for step, _ in log.val] == [6, 12]
     assert trainer.data.seeds == [7, 8]  # train loader seeded with run.seed + epoch
     for name in ("best.pt", "latest.pt"):
@@ -230,3 +232,16 @@ def test_training_step_needs_neither_data_nor_logger_and_fit_refuses_without_the
     no_logger = Trainer(model=TinyAE(), data=FakeData(), run=make_run(tmp_path / "nolog"), progress=False)
     with pytest.raises(ValueError, match=r"Trainer.train_epoch\(\) needs logger:"):
         no_logger.train_epoch()
+
+
+def test_training_time_is_checkpointed_and_summed_over_a_resume(tmp_path: Path) -> None:
+    first, _ = make_trainer(tmp_path, max_epochs=1)
+    first.fit()
+    spent = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)["trainer"]["train_seconds"]
+    assert spent > 0
+    second = build({**TRAINER_BLOCK, "params": {"max_epochs": 2, "progress": False}}, "trainer", base=Trainer,
+                   model=TinyAE(), data=FakeData(), logger=(log := RecordingLogger()),
+                   run=make_run(tmp_path, resume_from=tmp_path / "checkpoints" / "latest.pt"))
+    second.fit()
+    (_, timing), = [(step, v) for step, v in log.scalars if "train/wall_s" in v]
+    assert timing["train/wall_s"] > spent  # the first run's seconds plus the resumed epoch's

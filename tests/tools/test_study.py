@@ -115,3 +115,40 @@ def test_readme_block_is_replaced_between_markers(tmp_path):
     assert readme.read_text() == "intro\n<!-- study:s:begin -->\n| new |\n<!-- study:s:end -->\noutro\n"
     with pytest.raises(ConfigError, match="markers"):
         st.update_readme(readme, "other", "x")
+
+
+def test_a_second_stage_gets_its_first_stage_checkpoint_and_wall_time(tmp_path, monkeypatch):
+    study = st.load_study(_study_yaml(
+        tmp_path, f"  - {{config: {CONFIGS / 'vqvae_cpu.yaml'}, name: s1}}\n"
+                  f"  - {{config: {CONFIGS / 'ltm_cpu.yaml'}, name: s2, "
+                  "stage1: {from: s1, set: model.params.vqvae_checkpoint, checkpoint: best.pt}}\n"))
+    calls = []
+
+    def fake_run(command, **_):
+        calls.append(command)
+        name = next(c.split("=", 1)[1] for c in command if c.startswith("name="))
+        metrics = {} if name == "s1" else _metrics(0.9, 0.8, 0.7, 0.6)  # stage 1: no downstream evaluation
+        _fake_run(study.output_dir, name, "20260101-000000", status="finished", metrics=metrics)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(st.subprocess, "run", fake_run)
+    state: dict = {}
+    s1 = st.run_method(study, study.methods[0], state)
+    st.run_method(study, study.methods[1], state)
+    assert f"model.params.vqvae_checkpoint={s1 / 'checkpoints' / 'best.pt'}" in calls[1]
+    state["s1"]["wall_s"], state["s2"]["wall_s"] = 100.0, 20.0
+    rows = st.comparison_inputs(study, state)
+    assert [r.method for r in rows] == ["s2"] and rows[0].cost["wall_s"] == 120.0
+
+
+@pytest.mark.parametrize(("stage1", "message"), [
+    ("{from: later, set: model.params.x}", "stage1.from: 'later' is not a method"),
+    ("{from: ae_cpu, set: trainer.params.x}", "must be a model.params.* key"),
+    ("{from: ae_cpu, set: model.params.x, checkpoint: last.pt}", "must be 'latest.pt' or 'best.pt'"),
+    ("{from: ae_cpu}", "set"),
+])
+def test_bad_stage1_entries_name_the_key(tmp_path, stage1, message):
+    methods = f"  - {{config: {CONFIGS / 'ae_cpu.yaml'}}}\n  - {{config: {CONFIGS / 'ltm_cpu.yaml'}, stage1: {stage1}}}\n"
+    with pytest.raises(ConfigError, match="methods\\[1\\]") as err:
+        st.load_study(_study_yaml(tmp_path, methods))
+    assert message in str(err.value)
