@@ -1,6 +1,7 @@
 """tools.study: parsing, skip/resume decisions, the comparison table and the README block."""
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -108,6 +109,91 @@ def test_comparison_table_reads_the_right_keys_and_normalises(tmp_path):
     assert rows[0]["wall s"] == 12.0
 
 
+NAN = float("nan")
+CLASSES = ("mass_effect", "all_pathological", "hypointense_lesion")  # all_pathological not first in the flat row
+
+
+def _flat_table() -> list[dict]:
+    """Two methods with a distinct number in every cell; all_pathological pixel AUROC and AHI empty for both."""
+    rows = []
+    for k, method in enumerate(("ae", "vae")):
+        row: dict = {"method": method}
+        for j, c in enumerate(CLASSES):
+            row[f"{c} image AUROC"] = 0.101 + 0.01 * j + 0.5 * k
+            row[f"{c} pixel AUROC"] = NAN if c == "all_pathological" else 0.201 + 0.01 * j + 0.5 * k
+        row.update({"RQI": 0.301 + k, "AHI": NAN, "CACI": 0.311 + k, "RQI (norm)": 0.321 + k, "AHI (norm)": NAN,
+                    "CACI (norm)": 0.331 + k, "combined": NAN, "wall s": 0.341 + k,
+                    "train s": NAN if method == "vae" else 0.351,  # partly empty (evaluation-only vae): kept
+                    "network calls / image": 0.361 + k, "test s / image": 0.371 + k})
+        rows.append(row)
+    return rows
+
+
+def _parse(text: str) -> dict[str, list[list[str]]]:
+    """Bold title -> table lines split into cells (header first, the |---| line left out)."""
+    tables: dict[str, list[list[str]]] = {}
+    title = None
+    for line in text.splitlines():
+        if line.startswith("**") and line.endswith("**"):
+            title = line.strip("*")
+            tables[title] = []
+        elif line.startswith("| ") and title is not None:
+            tables[title].append([cell.strip() for cell in line.strip("|").split("|")])
+    return tables
+
+
+def test_markdown_splits_the_comparison_into_three_tables():
+    text = st.markdown(_flat_table())
+    tables = _parse(text)
+    assert list(tables) == ["Detection (image AUROC)", "Segmentation (pixel AUROC, pooled over the evaluation region)",
+                            "Normative learning and cost"]
+    detection, segmentation, normative = tables.values()
+    assert detection[0] == ["method", "all pathological", "mass effect", "hypointense lesion"]
+    assert detection[1:] == [["ae", "0.111", "0.101", "0.121"], ["vae", "0.611", "0.601", "0.621"]]
+    assert segmentation[0] == ["method", "mass effect", "hypointense lesion"]  # the empty all_pathological column out
+    assert segmentation[1:] == [["ae", "0.201", "0.221"], ["vae", "0.701", "0.721"]]
+    assert normative[0] == ["method", "RQI", "CACI", "RQI (norm)", "CACI (norm)", "wall s", "train s",
+                            "network calls / image", "test s / image"]  # AHI, AHI (norm), combined out
+    assert normative[1:] == [["ae", "0.301", "0.311", "0.321", "0.331", "0.341", "0.351", "0.361", "0.371"],
+                             ["vae", "1.301", "1.311", "1.321", "1.331", "1.341", "–", "1.361", "1.371"]]
+    note = text.split("Normative learning and cost")[1]
+    for column in ("all_pathological pixel AUROC", "AHI", "AHI (norm)", "combined"):
+        assert f"`{column}`" in note
+    assert "`train s`" not in note
+
+
+def test_every_number_of_the_flat_row_lands_in_exactly_one_table():
+    table = _flat_table()
+    cells = [cell for rows in _parse(st.markdown(table)).values() for row in rows[1:] for cell in row[1:]]
+    numbers = [f"{v:.3f}" for row in table for k, v in row.items() if k != "method" and not math.isnan(v)]
+    assert sorted(cells) == sorted([*numbers, "–"])  # the one "–" is vae's train s
+
+
+def test_sections_skip_a_table_with_no_values_and_keep_a_single_method():
+    table = [{k: v for k, v in _flat_table()[0].items() if "pixel" not in k}]
+    assert [s.title for s in st.sections(table)] == ["Detection (image AUROC)", "Normative learning and cost"]
+    assert st.empty_columns(table) == ["AHI", "AHI (norm)", "combined"]
+    assert st.markdown([]) == "(no finished runs)\n"
+
+
+def test_write_comparison_keeps_the_flat_csv_and_writes_the_tables(tmp_path):
+    a = _fake_run(tmp_path, "a", "1", status="finished", metrics=_metrics(0.9, 0.8, 0.7, 0.6))
+    b = _fake_run(tmp_path, "b", "1", status="finished", metrics=_metrics(0.5, 0.4, 0.3, 0.2))
+    rows = [st.read_row("a", a, 12.0), st.read_row("b", b, None)]
+    study = st.Study(name="s", experiment="exp", output_dir=tmp_path / "runs", overrides=(), methods=(),
+                     source=tmp_path / "s.yaml")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- study:s:begin -->\n<!-- study:s:end -->\n")
+    paths = st.write_comparison(study, rows, readme=readme)
+    header = paths["csv"].read_text().splitlines()[0].split(",")
+    assert header == list(st.comparison_rows(rows)[0])
+    assert "AHI" in header and "train s" in header  # empty for every method, still in the CSV
+    md = paths["markdown"].read_text()
+    assert "command: `python -m tools.study" in md and "**Detection (image AUROC)**" in md
+    assert "| method | hypointense lesion |" in md and "`AHI`" in md
+    assert st.markdown(st.comparison_rows(rows)).strip() in readme.read_text()
+
+
 def test_readme_block_is_replaced_between_markers(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- study:s:begin -->\nold table\n<!-- study:s:end -->\noutro\n")
@@ -148,7 +234,8 @@ def test_a_second_stage_gets_its_first_stage_checkpoint_and_wall_time(tmp_path, 
     ("{from: ae_cpu}", "set"),
 ])
 def test_bad_stage1_entries_name_the_key(tmp_path, stage1, message):
-    methods = f"  - {{config: {CONFIGS / 'ae_cpu.yaml'}}}\n  - {{config: {CONFIGS / 'ltm_cpu.yaml'}, stage1: {stage1}}}\n"
+    methods = (f"  - {{config: {CONFIGS / 'ae_cpu.yaml'}}}\n"
+               f"  - {{config: {CONFIGS / 'ltm_cpu.yaml'}, stage1: {stage1}}}\n")
     with pytest.raises(ConfigError, match="methods\\[1\\]") as err:
         st.load_study(_study_yaml(tmp_path, methods))
     assert message in str(err.value)
