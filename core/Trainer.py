@@ -130,6 +130,8 @@ class Trainer:
             only for fp16); ``'off'``.
         ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.999), used for
             validation and saved as ``'ema'`` in the checkpoints (which ``load_model_weights`` prefers).
+        ema_warmup: ramp the EMA decay up as ``min(ema_decay, (1 + step) / (10 + step))`` (for short runs, whose
+            average would otherwise keep the initial weights for ~1 / (1 - ema_decay) steps).
         val_interval: validate every this many epochs (and after the last step).
         val_max_batches: use only the first batches of the val loader; null = all.
         monitor: key of ``model.validation_losses`` to monitor (logged as ``val/<monitor>``); lower is better.
@@ -161,6 +163,7 @@ class Trainer:
         grad_clip_norm: float | None = None,
         amp: AmpMode = "auto",
         ema_decay: float | None = None,
+        ema_warmup: bool = False,
         val_interval: int = 1,
         val_max_batches: int | None = None,
         monitor: str = "recon_mae",
@@ -212,7 +215,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
         self.model = model.to(self.device)
-        self.ema = EMA(self.model, decay=ema_decay) if ema_decay is not None else None
+        if ema_warmup and ema_decay is None:
+            raise ValueError("ema_warmup=true needs an ema_decay")
+        self.ema = EMA(self.model, decay=ema_decay, warmup=ema_warmup) if ema_decay is not None else None
         self.groups: OptimizerGroups | None = None
         self.optimizer: Optimizer | None = None
         self.scheduler: LRScheduler | None = None
@@ -402,7 +407,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.model, step=self.step)
         if self._scheduler_steps("step"):
             self.scheduler.step()
         return {"loss": loss.detach(), **{name: value.detach() for name, value in terms.items()}}
@@ -412,7 +417,7 @@ class Trainer:
         ctx = self.groups.context(self.step)
         terms = self.model.training_step(batch, ctx)
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.model, step=self.step)
         if self._term_names is None:
             reserved = sorted(set(terms) & set(RESERVED_TERMS))
             if reserved:

@@ -217,18 +217,26 @@ class DDPM(AnomalyModel):
     def reconstruct(
         self, x: Tensor, *, generator: torch.Generator | None = None, inference: InferenceSetting | None = None
     ) -> Tensor:
-        """Partial-diffusion reconstruction, clamped to [0,1].
+        """Partial-diffusion reconstruction, clamped to [0,1]; the mean of ``inference.draws`` of them.
 
         Args:
             x: [B,C,H,W] in [0,1].
-            generator: random source on x's device (None: the global RNG).
+            generator: random source on x's device (None: the global RNG); the draws take it in turn.
             inference: the setting of this call (None: the configured ``inference``).
 
         Returns:
             [B,C,H,W] pseudo-healthy reconstruction in [0,1].
         """
-        x_rec = partial_diffusion(self.eps, x, setting=self._setting(inference), schedule=self.schedule,
-                                  noise=self.noise, generator=generator, clip=self.x0_clip)
+        setting = self._setting(inference)
+        total = self._reconstruct_once(x, generator=generator, setting=setting)
+        for _ in range(setting.draws - 1):
+            total = total + self._reconstruct_once(x, generator=generator, setting=setting)
+        return total / setting.draws
+
+    def _reconstruct_once(self, x: Tensor, *, generator: torch.Generator | None, setting: InferenceSetting) -> Tensor:
+        """One partial-diffusion reconstruction [B,C,H,W] in [0,1] (fresh noise from ``generator``)."""
+        x_rec = partial_diffusion(self.eps, x, setting=setting, schedule=self.schedule, noise=self.noise,
+                                  generator=generator, clip=self.x0_clip)
         return x_rec.clamp(0.0, 1.0)
 
     @torch.no_grad()

@@ -234,22 +234,19 @@ class PatchedDDPM(DDPM):
                            clip=self.x0_clip, eta=setting.eta)
         return torch.where(box, (restored + 1.0) / 2.0, x)
 
-    @torch.no_grad()
-    def reconstruct(
-        self, x: Tensor, *, generator: torch.Generator | None = None, inference: InferenceSetting | None = None
-    ) -> Tensor:
-        """The grid of patch passes stitched into one reconstruction, clamped to [0,1].
+    def _reconstruct_once(self, x: Tensor, *, generator: torch.Generator | None, setting: InferenceSetting) -> Tensor:
+        """The grid of patch passes stitched into one reconstruction, clamped to [0,1] (``reconstruct`` averages
+        ``setting.draws`` of them).
 
         Args:
             x: [B,1,H,W] in [0,1], H = W = ``image_size``.
             generator: random source on x's device: first the noise field (one per image, shared by the boxes),
                 then the reverse steps' noise of each pass in box order.
-            inference: the setting of this call (None: the configured ``inference``).
+            setting: the checked inference setting of this call.
 
         Returns:
             [B,1,H,W] in [0,1]; each pixel the mean of the passes whose box covers it.
         """
-        setting = self._setting(inference)
         self._check_size(x)
         field = self.noise.sample(x, setting.noise_level, generator=generator)
         total = torch.zeros_like(x)

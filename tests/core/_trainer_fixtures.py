@@ -123,9 +123,11 @@ def make_run(run_dir: Path, **kwargs: Any) -> RunContext:
 
 
 def resume_params() -> dict[str, Any]:
-    """Trainer params for the SIGKILL/resume test: EMA, per-step scheduler, clipping, mid-epoch checkpoints."""
+    """Trainer params for the SIGKILL/resume test: EMA (with warm-up, whose decay follows the restored step),
+    per-step scheduler, clipping, mid-epoch checkpoints."""
     return {
-        "max_epochs": 3, "checkpoint_every_steps": 4, "log_interval": 3, "ema_decay": 0.9, "grad_clip_norm": 1.0,
+        "max_epochs": 3, "checkpoint_every_steps": 4, "log_interval": 3, "ema_decay": 0.9, "ema_warmup": True,
+        "grad_clip_norm": 1.0,
         "optimizer": {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": 0.01}},
         "lr_scheduler": {"module_name": "torch.optim.lr_scheduler", "class_name": "StepLR",
                          "params": {"step_size": 5, "gamma": 0.7}},

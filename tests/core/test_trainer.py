@@ -89,6 +89,8 @@ def test_yaml_options_are_validated(tmp_path: Path) -> None:
                 lr_scheduler_interval="batch")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="trainer.params.optimizer.class_name: torch.optim has no class 'Adamm'"):
         make_trainer(tmp_path, optimizer={"module_name": "torch.optim", "class_name": "Adamm"})
+    with pytest.raises(ConfigError, match="ema_warmup=true needs an ema_decay"):
+        make_trainer(tmp_path, ema_warmup=True)
 
 
 def test_loss_weights_weight_the_sum_and_unknown_names_fail(tmp_path: Path) -> None:

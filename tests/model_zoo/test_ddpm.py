@@ -152,6 +152,8 @@ def test_inference_setting_timesteps_calls_and_label() -> None:
     ({"sampler": "euler", "noise_level": 5}, "'euler' is not one of"),
     ({"sampler": "strided", "noise_level": 5, "steps": 2, "eta": 0.5}, "eta=0.5"),
     ({"noise_level": -1}, "noise_level=-1"),
+    ({"noise_level": 5, "draws": 0}, "draws=0 must be an integer >= 1"),
+    ({"noise_level": 5, "draws": True}, "draws=True must be an integer"),
 ])
 def test_inference_setting_is_validated(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -167,6 +169,26 @@ def test_network_calls_equal_the_unet_forward_calls(inference: InferenceSetting)
     model.get_anomaly(torch.rand(2, 1, 16, 16), generator=torch.Generator().manual_seed(0), inference=inference)
     assert len(calls) == inference.network_calls == model.network_calls(inference)
     assert calls == inference.timesteps
+
+
+def test_draws_average_independent_reconstructions_and_multiply_the_calls() -> None:
+    model = tiny_ddpm()
+    one = InferenceSetting(sampler="strided", noise_level=6, steps=3)
+    four = InferenceSetting(sampler="strided", noise_level=6, steps=3, draws=4)
+    assert four.network_calls == 12 == model.network_calls(four)
+    assert "mean of 4 reconstructions, 12 network calls" in model.inference_label(four)
+    calls = count_unet_calls(model)
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    out = model.get_anomaly(x, generator=torch.Generator().manual_seed(0), inference=four)
+    assert calls == [6, 3, 0] * 4
+    torch.testing.assert_close(out.anomaly_map, (x - out.reconstruction).abs())  # the map of the mean
+    # the averaged reconstruction varies less from seed to seed than one draw (about 1/sqrt(4) of the spread)
+    spread = {}
+    for name, inference in (("one", one), ("four", four)):
+        recs = torch.stack([model.reconstruct(x, inference=inference, generator=torch.Generator().manual_seed(s))
+                            for s in range(12)])
+        spread[name] = recs.std(dim=0).mean().item()
+    assert spread["four"] < 0.7 * spread["one"], spread
 
 
 @pytest.mark.parametrize(("inference", "expected"), [
