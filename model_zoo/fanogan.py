@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from data.batch import Batch
 from model_zoo.ae import check_choice
-from model_zoo.base import AnomalyModel, AnomalyOutput
+from model_zoo.base import AnomalyModel, AnomalyOutput, StepContext
 from model_zoo.stages import keep_frozen_in_eval, load_frozen_stage
 from optim.losses.adversarial import gradient_penalty
 
@@ -196,7 +196,7 @@ class WGANGP(_GANSpace):
         terms = self._critic_terms(batch.image, z)
         return {"critic": terms["critic"], "generator": -self.critic(self.generator(z)).mean()}
 
-    def training_step(self, batch: Batch, ctx: Any) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         """Critic step every batch, generator step every ``n_critic``-th batch (``ctx.step % n_critic == 0``).
 
         Returns ``critic``, ``gp``, ``wasserstein`` (the critic's estimate before its step) and ``generator``

@@ -1,0 +1,89 @@
+"""Guards of the shipped ``_cpu`` configs of AE, VAE, DDPM, AnoDDPM-simplex and AutoDDPM: each still learns.
+
+Every case loads the shipped YAML (data size, network, optimizer and learning rate, EMA and its warm-up,
+inference setting) and changes only the length of training: ``trainer.params.max_steps`` is cut to the
+``steps`` below (the shipped runs are 570 steps for AE, 3800 for VAE and 1500 for the diffusion models), and
+validation is skipped. The model is trained with the project's Trainer and evaluated like a run (EMA weights
+when the config keeps an EMA). The thresholds are what these shortened runs must reach on the embedded
+benchmark's hypointense lesions (pixel AUROC inside brain OR lesion); the shipped runs reach more (the
+README's CPU study table, ``python -m tools.study projects/normative_eval/studies/cpu_study.yaml``).
+
+A config change that stops learning (a learning rate off by 10x, an EMA that never leaves its initial
+weights, an inference from a noise level the model cannot restore, a broken map) fails here.
+Slow: about five minutes on one CPU thread in all.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.Configurator import build, load_config
+from core.DataLoader import DataModule
+from core.evaluation import DownstreamEvaluator, evaluate
+from core.Trainer import Trainer
+from dl_utils.checkpoint import load_model_weights
+from model_zoo.autoddpm import AutoDDPM
+from model_zoo.base import AnomalyModel
+from tests.core._trainer_fixtures import RecordingLogger, make_run
+from tests.model_zoo._learning import hypointense_auroc
+
+CONFIGS = Path(__file__).resolve().parents[2] / "projects" / "normative_eval" / "configs"
+logger = logging.getLogger(__name__)
+
+
+class _NoValidation:
+    """The config's data module without a validation loader (the shortened run skips validation)."""
+
+    def __init__(self, data: DataModule) -> None:
+        self.data = data
+
+    def train_dataloader(self, **kwargs: object) -> object:
+        return self.data.train_dataloader(**kwargs)
+
+    def val_dataloader(self) -> None:
+        return None
+
+
+def train_shipped(name: str, steps: int, run_dir: Path) -> tuple[AnomalyModel, DataModule, Path]:
+    """Build ``<name>.yaml`` as shipped, train it for ``steps`` optimizer steps; return the model holding the
+    weights a run evaluates (EMA when kept), its data, and its ``best.pt``."""
+    torch.manual_seed(0)
+    config = load_config(CONFIGS / f"{name}.yaml", [f"trainer.params.max_steps={steps}",
+                                                      "trainer.params.max_epochs=10000"])
+    data = build(config["data"], "data", base=DataModule)
+    model = build(config["model"], "model", base=AnomalyModel)
+    trainer = build(config["trainer"], "trainer", base=Trainer, model=model, data=_NoValidation(data),
+                    logger=RecordingLogger(), run=make_run(run_dir))
+    trainer.fit()
+    best = run_dir / "checkpoints" / "best.pt"
+    load_model_weights(model, best)
+    return model.eval(), data, best
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "steps", "min_auroc"), [
+    ("ae_cpu", 300, 0.75),
+    ("vae_cpu", 600, 0.75),
+    ("ddpm_cpu", 400, 0.75),
+    ("anoddpm_simplex_cpu", 400, 0.7),
+])
+def test_shortened_cpu_config_separates_hypointense_lesions(name: str, steps: int, min_auroc: float,
+                                                            tmp_path: Path, one_thread: None) -> None:
+    model, data, best = train_shipped(name, steps, tmp_path)
+    auroc = hypointense_auroc(model, data)
+    logger.warning("%s after %d steps: hypointense pixel AUROC %.3f", name, steps, auroc)
+    assert auroc > min_auroc
+    if name == "ddpm_cpu":  # AutoDDPM's _cpu config evaluates these weights, as the CPU study does
+        config = load_config(CONFIGS / "autoddpm_cpu.yaml")
+        auto = build(config["model"], "model", base=AnomalyModel)
+        assert isinstance(auto, AutoDDPM)
+        load_model_weights(auto, best)
+        evaluate(auto, data, {"calibration": DownstreamEvaluator(task="mask_calibration")})  # tau as in a run
+        assert not auto.needs_calibration
+        auto_auroc = hypointense_auroc(auto, data)
+        logger.warning("autoddpm_cpu on those weights: hypointense pixel AUROC %.3f", auto_auroc)
+        assert auto_auroc > min_auroc
