@@ -50,8 +50,10 @@ import csv
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -233,16 +235,47 @@ def run_method(study: Study, method: Method, state: dict[str, dict[str, object]]
     command = _command(study, method, extra)
     logger.info("%s: %s (log: %s)", method.name, " ".join(command[1:]), log_path)
     start = time.perf_counter()
-    with log_path.open("a", encoding="utf-8") as log:
+    with log_path.open("a", encoding="utf-8") as log, LoadSampler() as load:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd(), check=False).returncode
     wall = time.perf_counter() - start
     done = finished_run(study, method)
     if code != 0 or done is None:
         logger.error("%s: failed (exit %d) after %.0f s; see %s", method.name, code, wall, log_path)
         return None
-    state[method.name] = {"run": str(done), "wall_s": wall, "resumed": bool(extra and "resume" in extra[0])}
-    logger.info("%s: finished in %.0f s (%s)", method.name, wall, done)
+    state[method.name] = {"run": str(done), "wall_s": wall, "resumed": bool(extra and "resume" in extra[0]),
+                          "load_average": load.mean, "cpus": os.cpu_count()}
+    logger.info("%s: finished in %.0f s (mean 1-minute load average %.2f on %s CPUs) (%s)", method.name, wall,
+                load.mean, os.cpu_count(), done)
     return done
+
+
+class LoadSampler:
+    """Samples the 1-minute load average every ``interval`` seconds while a run is in progress (a context
+    manager); ``mean`` is their mean (the load at exit when the run was shorter than one interval), so a wall
+    time can be read against how busy the machine was."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval, self.samples = interval, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if not self.samples:
+            self.samples.append(os.getloadavg()[0])
+
+    @property
+    def mean(self) -> float:
+        return sum(self.samples) / len(self.samples)
 
 
 # ------------------------------------------------------------------------------------------------ comparison
@@ -270,7 +303,7 @@ def _first(metrics: Mapping[str, object], suffix: str, dataset: str | None = Non
     return float("nan")
 
 
-def read_row(method: str, run_dir: Path, wall_s: float | None) -> Row:
+def read_row(method: str, run_dir: Path, wall_s: float | None, load_average: float | None = None) -> Row:
     """Detection/segmentation per class, the indices and the cost of one finished run folder."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     row = Row(method=method, run=run_dir)
@@ -287,6 +320,7 @@ def read_row(method: str, run_dir: Path, wall_s: float | None) -> Row:
                    "caci": _first(metrics, "/caci", "all_annotated")}
     row.cost = {"wall_s": float("nan") if wall_s is None else wall_s,
                 "train_s": _num(metrics.get("train/wall_s")),
+                "load_average": _num(load_average),
                 "network_calls": _first(metrics, "/network_calls"),
                 "s_per_image": _first(metrics, "/s_per_image")}
     return row
@@ -313,6 +347,7 @@ def comparison_rows(rows: Sequence[Row]) -> list[dict[str, object]]:
         entry["combined"] = combined_score(use["rqi"], use["ahi"], use["caci"])
         entry["wall s"] = r.cost["wall_s"]
         entry["train s"] = r.cost["train_s"]
+        entry["load avg"] = r.cost["load_average"]
         entry["network calls / image"] = r.cost["network_calls"]
         entry["test s / image"] = r.cost["s_per_image"]
         table.append(entry)
@@ -394,7 +429,8 @@ def markdown(table: Sequence[Mapping[str, object]]) -> str:
     return "\n".join(parts)
 
 
-def write_comparison(study: Study, rows: Sequence[Row], *, readme: Path | None = None) -> dict[str, Path]:
+def write_comparison(study: Study, rows: Sequence[Row], *, readme: Path | None = None,
+                     total_wall_s: float | None = None) -> dict[str, Path]:
     """study.md, study.csv and figures in the study folder; optionally the README block."""
     from dl_utils.visualization import per_class_bars
 
@@ -411,6 +447,9 @@ def write_comparison(study: Study, rows: Sequence[Row], *, readme: Path | None =
               "Image AUROC: detection; pixel AUROC: segmentation, pooled over the brain. Indices min-max normalised "
               "across the methods run; combined = ((harmonic mean of RQI and CACI) + AHI) / 2 on the normalised "
               "values.\n")
+    if total_wall_s is not None and not math.isnan(total_wall_s):
+        header += (f"Total wall time of the runs: {total_wall_s / 60:.1f} min on {os.cpu_count()} CPUs (sum over the "
+                   "methods, stage 1 included); load avg: the mean 1-minute load average during each run.\n")
     body = markdown(table)
     runs = "\n".join(f"- {r.method}: `{r.run}`" for r in rows)
     paths["markdown"].write_text(f"# {study.name}\n\n{header}\n{body}\nRun folders:\n{runs}\n", encoding="utf-8")
@@ -461,8 +500,21 @@ def comparison_inputs(study: Study, state: Mapping[str, Mapping[str, object]]) -
             logger.info("%s: a training-only stage (no evaluation), counted in its second stage's wall time",
                         method.name)
             continue
-        rows.append(read_row(method.name, done, None if math.isnan(wall) else wall))
+        load = entry.get("load_average") if entry.get("run") == str(done) else None
+        rows.append(read_row(method.name, done, None if math.isnan(wall) else wall,
+                             None if load is None else float(load)))  # type: ignore[arg-type]
     return rows
+
+
+def total_wall(study: Study, state: Mapping[str, Mapping[str, object]]) -> float:
+    """Sum of the recorded wall times of every method's finished run (NaN if one is unknown)."""
+    total = 0.0
+    for method in study.methods:
+        done = finished_run(study, method)
+        entry = state.get(method.name, {})
+        recorded = done is not None and entry.get("run") == str(done)
+        total += float(entry["wall_s"]) if recorded else float("nan")  # type: ignore[arg-type]
+    return total
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -493,7 +545,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run_method(study, method, state) is None:
             failed.append(method.name)
         state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
-    paths = write_comparison(study, comparison_inputs(study, state), readme=Path(args.readme) if args.readme else None)
+    paths = write_comparison(study, comparison_inputs(study, state), readme=Path(args.readme) if args.readme else None,
+                             total_wall_s=total_wall(study, state))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     if failed:

@@ -3,6 +3,7 @@
 import json
 import math
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,25 @@ def test_bad_stage1_entries_name_the_key(tmp_path, stage1, message):
     with pytest.raises(ConfigError, match="methods\\[1\\]") as err:
         st.load_study(_study_yaml(tmp_path, methods))
     assert message in str(err.value)
+
+
+def test_the_load_average_is_sampled_during_a_run_and_reaches_the_table(tmp_path, monkeypatch):
+    study = st.load_study(_study_yaml(tmp_path, f"  - {{config: {CONFIGS / 'ae_cpu.yaml'}}}\n"))
+    loads = iter([1.0, 3.0] + [3.0] * 100)
+    monkeypatch.setattr(st.os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+
+    def fake_run(command, **_):
+        time.sleep(0.35)  # long enough for the sampler (interval 0.1 s below) to take several samples
+        _fake_run(study.output_dir, "ae_cpu", "20260101-000000", status="finished",
+                  metrics=_metrics(0.9, 0.8, 0.7, 0.6))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(st.subprocess, "run", fake_run)
+    original = st.LoadSampler.__init__
+    monkeypatch.setattr(st.LoadSampler, "__init__", lambda self, interval=0.1: original(self, interval))
+    state: dict = {}
+    st.run_method(study, study.methods[0], state)
+    assert 1.0 < state["ae_cpu"]["load_average"] <= 3.0  # the mean of the samples: 1.0, then 3.0s
+    rows = st.comparison_rows(st.comparison_inputs(study, state))
+    assert rows[0]["load avg"] == state["ae_cpu"]["load_average"]
+    assert st.total_wall(study, state) == state["ae_cpu"]["wall_s"]
