@@ -148,3 +148,84 @@ def per_class_bars(values: Mapping[str, Mapping[str, float]], *, title: str = ""
         ax.legend(fontsize=8)
     ax.set_title(title)
     return fig
+
+
+MISSING = "–"
+
+
+def _text_colour(rgba: Sequence[float]) -> str:
+    """Black on light cells, white on dark ones (relative luminance of the cell colour)."""
+    luminance = 0.2126 * rgba[0] + 0.7152 * rgba[1] + 0.0722 * rgba[2]
+    return "black" if luminance > 0.5 else "white"
+
+
+def heatmap(values: Mapping[str, Mapping[str, float]], *, title: str, vmin: float = 0.0, vmax: float = 1.0,
+            fmt: str = ".2f", cmap: str = "viridis") -> Figure:
+    """An annotated table of numbers: one row per outer key (e.g. method), one column per inner key (e.g. class).
+
+    Args:
+        values: ``{row: {column: value}}``; rows in the mapping's order, columns the union of the inner keys in
+            first-seen order. A missing or NaN cell is drawn grey and annotated "–".
+        title: figure title.
+        vmin, vmax: the colour scale's range (values outside it take the end colours; the annotation is exact).
+        fmt: format spec of the cell annotations (``format(value, fmt)``).
+        cmap: a matplotlib colormap name.
+
+    The size grows with the number of rows and columns, capped at 14 x 10 inches.
+    """
+    rows = list(values)
+    columns = list(dict.fromkeys(c for v in values.values() for c in v))
+    data = np.array([[float(values[r].get(c, np.nan)) for c in columns] for r in rows],
+                    dtype=np.float64).reshape(len(rows), len(columns))
+    width = min(14.0, max(5.0, 2.5 + 0.9 * len(columns)))
+    height = min(10.0, max(2.5, 1.4 + 0.35 * len(rows)))
+    fig = Figure(figsize=(width, height))
+    ax = fig.subplots()
+    ax.set_title(title)
+    if data.size == 0:
+        ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+        ax.axis("off")
+        return fig
+    colours = matplotlib.colormaps[cmap].with_extremes(bad="0.85")
+    image = ax.imshow(np.ma.masked_invalid(data), cmap=colours, vmin=vmin, vmax=vmax, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            value = data[i, j]
+            if np.isfinite(value):
+                ax.text(j, i, format(value, fmt), ha="center", va="center", fontsize=8,
+                        color=_text_colour(colours(image.norm(value))))
+            else:
+                ax.text(j, i, MISSING, ha="center", va="center", fontsize=8, color="black")
+    ax.set_xticks(np.arange(len(columns)), columns, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(np.arange(len(rows)), rows, fontsize=8)
+    ax.tick_params(length=0)
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    fig.tight_layout()
+    return fig
+
+
+def cost_vs_quality(points: Mapping[str, tuple[float, float]], *, xlabel: str, ylabel: str, title: str,
+                    logx: bool = True) -> Figure:
+    """A scatter of one point per entry ``name -> (x, y)`` (e.g. wall seconds, image AUROC), each labelled.
+
+    A point with a NaN (or infinite) coordinate, or with x <= 0 on a log x axis, cannot be drawn: it is left
+    out and the title says how many were.
+    """
+    kept = {name: (float(x), float(y)) for name, (x, y) in points.items()
+            if np.isfinite(x) and np.isfinite(y) and (not logx or x > 0)}
+    left_out = len(points) - len(kept)
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
+    if kept:
+        xs, ys = zip(*kept.values(), strict=True)
+        ax.scatter(xs, ys, s=25)
+    for name, (x, y) in kept.items():
+        ax.annotate(name, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.grid(True, alpha=0.3)
+    reason = "NaN or x <= 0" if logx else "NaN"
+    ax.set_title(title + (f" ({left_out} of {len(points)} left out: {reason})" if left_out else ""))
+    fig.tight_layout()
+    return fig

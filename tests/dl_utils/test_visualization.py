@@ -6,7 +6,14 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from dl_utils.visualization import box_figure, example_strip, per_class_bars, roc_pr_figure
+from dl_utils.visualization import (
+    box_figure,
+    cost_vs_quality,
+    example_strip,
+    heatmap,
+    per_class_bars,
+    roc_pr_figure,
+)
 
 
 def _png(fig: Figure, tmp_path, name: str) -> int:
@@ -47,3 +54,59 @@ def test_box_and_bar_figures(tmp_path):
     heights = sorted(round(p.get_height(), 3) for p in bars.axes[0].patches)
     assert heights == [0.0, 0.2, 0.5, 0.75]  # missing 'detected' for mass drawn as 0
     assert _png(bars, tmp_path, "bars") > 1000
+
+
+def _cells(ax) -> dict[tuple[int, int], str]:
+    """Annotation text per (row, column) cell, read from the text positions (x = column, y = row)."""
+    return {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+
+
+def test_heatmap_annotates_every_cell_in_row_and_column_order(tmp_path):
+    values = {"ae": {"all": 0.912, "edema": 0.5}, "vae": {"edema": 0.25, "all": float("nan"), "mass": 0.0751},
+              "ddpm": {"mass": 1.0}}
+    fig = heatmap(values, title="image AUROC", fmt=".3f")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["ae", "vae", "ddpm"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["all", "edema", "mass"]  # union, first seen
+    assert _cells(ax) == {(0, 0): "0.912", (0, 1): "0.500", (0, 2): "–",
+                          (1, 0): "–", (1, 1): "0.250", (1, 2): "0.075",
+                          (2, 0): "–", (2, 1): "–", (2, 2): "1.000"}
+    assert len(ax.texts) == 9 and ax.get_title() == "image AUROC"
+    assert len(fig.axes) == 2  # the heatmap and its colour bar
+    assert _png(fig, tmp_path, "heatmap") > 1000
+
+
+def test_heatmap_text_is_readable_and_missing_cells_are_grey():
+    fig = heatmap({"m": {"low": 0.0, "high": 1.0, "none": float("nan")}}, title="t", cmap="gray")
+    ax = fig.axes[0]
+    colours = {t.get_text(): t.get_color() for t in ax.texts}
+    assert colours == {"0.00": "white", "1.00": "black", "–": "black"}  # white on black, black on white
+    cell = ax.images[0].to_rgba(ax.images[0].get_array())[0]
+    assert np.allclose(cell[2, :3], 0.85)  # the NaN cell: light grey, not a colour of the scale
+
+
+def test_heatmap_size_grows_with_the_table_and_is_capped():
+    small = heatmap({"a": {"x": 0.5}}, title="t").get_size_inches()
+    wide = {f"m{i}": {f"class {j}": 0.5 for j in range(8)} for i in range(16)}
+    medium = heatmap(wide, title="t").get_size_inches()
+    huge = heatmap({f"m{i}": {f"c{j}": 0.5 for j in range(60)} for i in range(80)}, title="t").get_size_inches()
+    assert small[0] < medium[0] <= 14 and small[1] < medium[1] <= 10
+    assert tuple(huge) == (14, 10)
+    empty = heatmap({}, title="nothing")
+    assert [t.get_text() for t in empty.axes[0].texts] == ["no values"]
+
+
+def test_cost_vs_quality_labels_each_drawn_point_and_counts_the_left_out(tmp_path):
+    points = {"ae": (120.0, 0.7), "ddpm": (3600.0, 0.9), "broken": (float("nan"), 0.5),
+              "no_eval": (50.0, float("nan"))}
+    fig = cost_vs_quality(points, xlabel="wall s", ylabel="AUROC", title="cost")
+    ax = fig.axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == ["ae", "ddpm"]
+    assert {t.get_text(): tuple(t.xy) for t in ax.texts} == {"ae": (120.0, 0.7), "ddpm": (3600.0, 0.9)}
+    assert np.allclose(ax.collections[0].get_offsets(), [[120.0, 0.7], [3600.0, 0.9]])
+    assert ax.get_xscale() == "log" and ax.get_title() == "cost (2 of 4 left out: NaN or x <= 0)"
+    assert _png(fig, tmp_path, "scatter") > 1000
+    linear = cost_vs_quality({"a": (0.0, 0.5)}, xlabel="x", ylabel="y", title="t", logx=False).axes[0]
+    assert [t.get_text() for t in linear.texts] == ["a"] and linear.get_title() == "t"
+    logx = cost_vs_quality({"a": (0.0, 0.5), "b": (1.0, float("nan"))}, xlabel="x", ylabel="y", title="t").axes[0]
+    assert len(logx.texts) == 0 and logx.get_title() == "t (2 of 2 left out: NaN or x <= 0)"  # 0 on a log axis
