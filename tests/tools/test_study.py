@@ -193,6 +193,39 @@ def test_write_comparison_keeps_the_flat_csv_and_writes_the_tables(tmp_path):
     assert "command: `python -m tools.study" in md and "**Detection (image AUROC)**" in md
     assert "| method | hypointense lesion |" in md and "`AHI`" in md
     assert st.markdown(st.comparison_rows(rows)).strip() in readme.read_text()
+    figures = {"image AUROC": "image_auroc.png", "pixel AUROC": "pixel_auroc.png", "indices": "indices.png",
+               "cost vs detection": "cost_vs_detection.png"}
+    for kind, name in figures.items():
+        assert paths[kind] == study.folder / "figures" / name
+        assert paths[kind].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[kind].stat().st_size > 1000
+
+
+def test_figures_show_the_non_empty_columns_of_their_tables(tmp_path, monkeypatch):
+    from dl_utils import visualization
+
+    drawn: dict = {}
+
+    def spy(name):
+        real = getattr(visualization, name)
+
+        def record(values, **kwargs):
+            drawn.setdefault(name, []).append(values)
+            return real(values, **kwargs)
+        return record
+
+    monkeypatch.setattr(visualization, "heatmap", spy("heatmap"))
+    monkeypatch.setattr(visualization, "cost_vs_quality", spy("cost_vs_quality"))
+    table = _flat_table()
+    table[1]["wall s"] = NAN
+    paths = st.write_figures(tmp_path, table)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())
+    image, pixel, indices = drawn["heatmap"]
+    assert list(image) == ["ae", "vae"]
+    assert image["vae"] == {"all pathological": 0.611, "mass effect": 0.601, "hypointense lesion": 0.621}
+    assert pixel["ae"] == {"mass effect": 0.201, "hypointense lesion": 0.221}  # all-NaN all_pathological out
+    assert indices["vae"] == {"RQI": 1.301, "CACI": 1.311, "RQI (norm)": 1.321, "CACI (norm)": 1.331}  # no cost
+    (points,) = drawn["cost_vs_quality"]
+    assert points["ae"] == (0.341, 0.111) and math.isnan(points["vae"][0]) and points["vae"][1] == 0.611
 
 
 def test_readme_block_is_replaced_between_markers(tmp_path):
