@@ -112,10 +112,6 @@ class AutoDDPM(DDPM):
         percentile: the per-image percentile (in %) used to normalise r and as the adaptive threshold (95).
         map_formula: ``'study'`` (default; the study's three-term product) or ``'paper'`` (``|x - x_inp| * c``).
         smoothing_sigma: sigma (pixels) of the Gaussian applied to the LPIPS map in the ``'study'`` formula (2).
-        perceptual_size: None (default, the reference): the perceptual network sees the images at their own size.
-            An int S: x and x_rec are resized (bilinear) to S x S for it and its map is resized back (area
-            average). LPIPS backbones downsample by 16-32, so on small slices (32x32) their map is a few coarse
-            cells; at the study's 128 it resolves lesions again. Labelled in the inference label.
         perceptual: the perceptual network with ``.spatial(x, y) -> [B,1,H,W]`` for x, y in [0,1], built on first
             use (default: SqueezeNet LPIPS, backend ``'auto'``); :meth:`set_perceptual` injects another one.
         **ddpm: the DDPM's options (``network``, ``schedule``, ``noise``, ``inference``, ``val_inference``, ...),
@@ -131,7 +127,6 @@ class AutoDDPM(DDPM):
         percentile: float = 95.0,
         map_formula: MapFormula = "study",
         smoothing_sigma: float = 2.0,
-        perceptual_size: int | None = None,
         perceptual: PerceptualSetting = SQUEEZE_LPIPS,
         **ddpm: Any,
     ) -> None:
@@ -145,9 +140,6 @@ class AutoDDPM(DDPM):
             raise ValueError(f"map_formula={map_formula!r} is not one of {', '.join(map(repr, get_args(MapFormula)))}")
         if smoothing_sigma <= 0:
             raise ValueError(f"smoothing_sigma={smoothing_sigma} must be > 0")
-        if perceptual_size is not None and (isinstance(perceptual_size, bool) or not isinstance(perceptual_size, int)
-                                            or perceptual_size < 16):
-            raise ValueError(f"perceptual_size={perceptual_size!r} must be null or an integer >= 16")
         if not isinstance(perceptual, PerceptualSetting):
             raise ValueError(f"perceptual must be a PerceptualSetting ({{net, backend, weights_path}}), "
                              f"got {perceptual!r}")
@@ -156,7 +148,6 @@ class AutoDDPM(DDPM):
         self.percentile = percentile
         self.map_formula = map_formula
         self.smoothing_sigma = smoothing_sigma
-        self.perceptual_size = perceptual_size
         self.perceptual_setting = perceptual
         self._mask_threshold: float | None = None if tau == "calibrated" else float(tau)
         self._threshold_provenance: dict[str, Any] = (
@@ -177,9 +168,7 @@ class AutoDDPM(DDPM):
             threshold = "uncalibrated" if self._mask_threshold is None else f"{self._mask_threshold:g}"
         return (f"{super().inference_label(inference)}; {self.repaint.label}; "
                 f"{self.network_calls(inference)} network calls in all; tau={self.tau} ({threshold}); "
-                f"map={self.map_formula}"
-                + ("" if self.perceptual_size is None else f"; perceptual map at {self.perceptual_size}x"
-                   f"{self.perceptual_size}"))
+                f"map={self.map_formula}")
 
     # ----------------------------------------------------------------------------------------- mask threshold
     @property
@@ -264,20 +253,11 @@ class AutoDDPM(DDPM):
         if isinstance(perceptual, nn.Module):
             perceptual = perceptual.to(x.device)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            p = self._perceptual_map(perceptual, x.float(), x_rec.float())
+            p = perceptual.spatial(x.float(), x_rec.float())
         if p.shape != r.shape:
             raise ValueError(f"perceptual network {type(perceptual).__name__}.spatial returned {tuple(p.shape)}, "
                              f"expected {tuple(r.shape)}")
         return x_rec, p, p * r
-
-    def _perceptual_map(self, perceptual: Any, x: Tensor, x_rec: Tensor) -> Tensor:
-        """p [B,1,H,W]: the perceptual network's spatial map, at ``perceptual_size`` and back when it is set."""
-        if self.perceptual_size is None:
-            return perceptual.spatial(x, x_rec)
-        size = (self.perceptual_size, self.perceptual_size)
-        p = perceptual.spatial(F.interpolate(x, size=size, mode="bilinear", align_corners=False),
-                               F.interpolate(x_rec, size=size, mode="bilinear", align_corners=False))
-        return F.interpolate(p, size=x.shape[-2:], mode="area")
 
     @torch.no_grad()
     def mask_statistic(

@@ -63,6 +63,10 @@ class PerceptualDistance(nn.Module):
         backend: ``'auto'``, ``'lpips'``, ``'stlpips'`` or ``'random'`` (see the module docstring).
         weights_path: the official torchvision backbone file for ``backend`` ``'lpips'``/``'auto'``; ``None`` means
             ``<torch.hub.get_dir()>/checkpoints/<official file name>``. A path given here must exist.
+        spatial_size: ``None`` (default): :meth:`spatial` runs on the images as given. An int S: :meth:`spatial`
+            resizes both images (bilinear) to S x S, and its map back to the input size (area average). The
+            backbones downsample by 16-32, so on small slices (32x32, 64x64) their deepest maps are one or a few
+            cells; at 128 (the study's size) they resolve lesions again. Part of ``backend_name``.
 
     Attributes:
         backend_name: what is actually computed, e.g. ``"lpips/squeeze (official weights from /path)"``; put it
@@ -74,8 +78,12 @@ class PerceptualDistance(nn.Module):
         FileNotFoundError: ``backend='lpips'`` (or an explicit ``weights_path``) and the file does not exist.
     """
 
-    def __init__(self, *, net: Net = "alex", backend: Backend = "auto", weights_path: str | None = None) -> None:
+    def __init__(self, *, net: Net = "alex", backend: Backend = "auto", weights_path: str | None = None,
+                 spatial_size: int | None = None) -> None:
         super().__init__()
+        if spatial_size is not None and (isinstance(spatial_size, bool) or not isinstance(spatial_size, int)
+                                         or spatial_size < 32):
+            raise ValueError(f"spatial_size={spatial_size!r} must be null or an integer >= 32")
         if net not in get_args(Net):
             raise ValueError(f"net={net!r} is not one of {', '.join(map(repr, get_args(Net)))}")
         if backend not in get_args(Backend):
@@ -104,6 +112,9 @@ class PerceptualDistance(nn.Module):
             substitute = "" if st_net == net else f", standing in for {net!r} which ST-LPIPS does not ship"
             self.backend_name = (f"stlpips/{st_net} shift-tolerant{substitute} (offline fallback; a different metric "
                                  f"from LPIPS)")
+        if spatial_size is not None:
+            self.backend_name += f"; spatial map computed at {spatial_size}x{spatial_size}"
+        self.spatial_size = spatial_size
         _freeze_as_buffers(model)
         self.model = model
         self._normalize = normalize
@@ -135,11 +146,18 @@ class PerceptualDistance(nn.Module):
             y: same shape as ``x``, in [0,1].
 
         Returns:
-            [B,1,H,W] map, >= 0, bilinearly upsampled (align_corners=False) to the input size.
+            [B,1,H,W] map, >= 0, bilinearly upsampled (align_corners=False) to the input size, or with
+            ``spatial_size`` S: computed on the images resized to S x S and area-resized back to H x W.
         """
         size = x.shape[-2:]
-        maps = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in self._layer_maps(x, y)]
-        return torch.stack(maps).sum(dim=0)
+        if self.spatial_size is not None:
+            work = (self.spatial_size, self.spatial_size)
+            x = F.interpolate(x, size=work, mode="bilinear", align_corners=False)
+            y = F.interpolate(y, size=work, mode="bilinear", align_corners=False)
+        maps = [F.interpolate(m, size=x.shape[-2:], mode="bilinear", align_corners=False)
+                for m in self._layer_maps(x, y)]
+        out = torch.stack(maps).sum(dim=0)
+        return out if out.shape[-2:] == size else F.interpolate(out, size=size, mode="area")
 
     def _layer_maps(self, x: Tensor, y: Tensor) -> list[Tensor]:
         """Per-layer weighted squared differences of unit-normalised features, each [B,1,h_l,w_l]."""
@@ -167,16 +185,18 @@ class PerceptualSetting:
     out of the model's ``state_dict``; another network can be injected instead.
 
     Attributes:
-        net, backend, weights_path: as :class:`PerceptualDistance`.
+        net, backend, weights_path, spatial_size: as :class:`PerceptualDistance`.
     """
 
     net: Net = "alex"
     backend: Backend = "auto"
     weights_path: str | None = None
+    spatial_size: int | None = None
 
     def build(self) -> PerceptualDistance:
         """A new frozen :class:`PerceptualDistance` (on the CPU)."""
-        return PerceptualDistance(net=self.net, backend=self.backend, weights_path=self.weights_path)
+        return PerceptualDistance(net=self.net, backend=self.backend, weights_path=self.weights_path,
+                                  spatial_size=self.spatial_size)
 
 
 def _build_lpips(net: Net, *, backbone: Path | None) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:

@@ -136,3 +136,20 @@ def test_bad_arguments_are_refused(tmp_path: Path, monkeypatch) -> None:
         PerceptualDistance(net="alex", backend="auto", weights_path=str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="not used by backend 'random'"):
         PerceptualDistance(backend="random", weights_path=str(tmp_path))
+
+
+def test_spatial_size_computes_the_map_on_resized_images(squeeze: PerceptualDistance, images) -> None:
+    x, noise = images  # 32x32
+    y = (x + 0.2 * noise).clamp(0, 1)
+    resized = PerceptualDistance(net="squeeze", backend="random", spatial_size=128)
+    assert resized.backend_name.endswith("spatial map computed at 128x128")
+    up = torch.nn.functional.interpolate
+    at_128 = squeeze.spatial(up(x, size=(128, 128), mode="bilinear"), up(y, size=(128, 128), mode="bilinear"))
+    expected = up(at_128, size=(32, 32), mode="area")  # the map of the same network at 128, averaged back
+    out = resized.spatial(x, y)
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out, squeeze.spatial(x, y), atol=1e-3)  # a different map from the native one
+    torch.testing.assert_close(resized(x, y), squeeze(x, y))  # the per-image distance is unchanged
+    for size in (16, 64.0, True):
+        with pytest.raises(ValueError, match="spatial_size=.* must be null or an integer >= 32"):
+            PerceptualDistance(net="squeeze", backend="random", spatial_size=size)
