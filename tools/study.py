@@ -365,10 +365,16 @@ def comparison_rows(rows: Sequence[Row]) -> list[dict[str, object]]:
 
 
 def _fmt(value: object) -> str:
+    """Metrics in [0, 1] with 3 decimals; values >= 10 and whole counts > 1 as integers; small costs with 2 significant
+    digits (0.00033 s, not 0.000); NaN as "–"."""
     if isinstance(value, float):
         if math.isnan(value):
             return "–"
-        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3f}"
+        if abs(value) >= 10 or (value.is_integer() and abs(value) > 1):
+            return f"{value:.0f}"
+        if 0 < abs(value) < 0.01:
+            return f"{value:.2g}"
+        return f"{value:.3f}"
     return str(value)
 
 

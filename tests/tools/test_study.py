@@ -295,3 +295,10 @@ def test_the_load_average_is_sampled_during_a_run_and_reaches_the_table(tmp_path
     rows = st.comparison_rows(st.comparison_inputs(study, state))
     assert rows[0]["load avg"] == state["ae_cpu"]["load_average"]
     assert st.total_wall(study, state) == state["ae_cpu"]["wall_s"]
+
+
+@pytest.mark.parametrize(("value", "text"), [(0.7213, "0.721"), (23.599, "24"), (441.2, "441"), (30.0, "30"),
+                                             (0.00033, "0.00033"), (0.0, "0.000"), (1.0, "1.000"), (9.0, "9"),
+                                             (float("nan"), "–")])
+def test_numbers_are_formatted_for_reading(value, text):
+    assert st._fmt(value) == text
