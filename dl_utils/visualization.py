@@ -13,6 +13,7 @@ from typing import Any
 
 import matplotlib
 import numpy as np
+from matplotlib import ticker
 from matplotlib.figure import Figure
 
 from optim.metrics.classification import pr_curve, roc_curve
@@ -223,6 +224,10 @@ def cost_vs_quality(points: Mapping[str, tuple[float, float]], *, xlabel: str, y
         ax.annotate(name, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
     if logx:
         ax.set_xscale("log")
+        # plain numbers at 1, 2 and 5 per decade, no labels on the other ticks (they collide: "3x10^1 4x10^1")
+        ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.grid(True, alpha=0.3)
     reason = "NaN or x <= 0" if logx else "NaN"

@@ -106,6 +106,9 @@ def test_cost_vs_quality_labels_each_drawn_point_and_counts_the_left_out(tmp_pat
     assert np.allclose(ax.collections[0].get_offsets(), [[120.0, 0.7], [3600.0, 0.9]])
     assert ax.get_xscale() == "log" and ax.get_title() == "cost (2 of 4 left out: NaN or x <= 0)"
     assert _png(fig, tmp_path, "scatter") > 1000
+    fig.canvas.draw()  # the log axis is labelled with plain numbers at 1, 2, 5 per decade, none colliding
+    shown = [t.get_text() for t in ax.get_xticklabels() if ax.get_xlim()[0] <= t.get_position()[0] <= ax.get_xlim()[1]]
+    assert shown == ["200", "500", "1000", "2000"], shown
     linear = cost_vs_quality({"a": (0.0, 0.5)}, xlabel="x", ylabel="y", title="t", logx=False).axes[0]
     assert [t.get_text() for t in linear.texts] == ["a"] and linear.get_title() == "t"
     logx = cost_vs_quality({"a": (0.0, 0.5), "b": (1.0, float("nan"))}, xlabel="x", ylabel="y", title="t").axes[0]
