@@ -34,9 +34,11 @@ class _Data:
         return None
 
 
-def test_each_sub_step_updates_only_its_own_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("warmup", [0, 1], ids=["introspective", "vae_warmup"])
+def test_each_sub_step_updates_only_its_own_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    warmup: int) -> None:
     torch.manual_seed(0)
-    model = SoftIntroVAE(**TINY)
+    model = SoftIntroVAE(**TINY, vae_warmup_steps=warmup)
     trainer = Trainer(model=model, data=_Data(), logger=RecordingLogger(), run=make_run(tmp_path), max_steps=1,
                       progress=False)
     seen: list[tuple[str, bool, bool]] = []
@@ -57,6 +59,28 @@ def test_each_sub_step_updates_only_its_own_network(tmp_path: Path, monkeypatch:
     assert changed == {"encoder", "decoder"}
     logged = trainer.exp_logger.train[-1][1]
     assert {"encoder_loss", "decoder_loss", "rec", "kl", "exp_elbo_real", "exp_elbo_fake"} <= set(logged)
+
+
+def test_vae_warmup_trains_the_plain_elbo_then_turns_introspective(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = RA(**TINY, perceptual=None, vae_warmup_steps=2)
+    calls: list[int] = []
+    original = model._encoder_loss
+    model._encoder_loss = lambda *a, **k: (calls.append(1), original(*a, **k))[1]  # the introspective loss
+    trainer = Trainer(model=model, data=_Data(), logger=RecordingLogger(), run=make_run(tmp_path), max_steps=4,
+                      log_interval=1, progress=False)
+    trainer.fit()
+    logged = [values for _, values in trainer.exp_logger.train]
+    assert len(calls) == 2  # batches 3 and 4 only
+    assert all(v["exp_elbo_real"] == 0 == v["exp_elbo_fake"] for v in logged[:2])
+    assert all(v["exp_elbo_real"] > 0 and v["exp_elbo_fake"] > 0 for v in logged[2:])
+    assert all(v["embedding"] > 0 for v in logged)  # RA's extra encoder term is trained in the warm-up too
+    s = model.scale  # the warm-up encoder loss is the ELBO (+ RA's embedding term), nothing else
+    for v in logged[:2]:
+        assert v["encoder_loss"] == pytest.approx(s * (model.beta_rec * v["rec"] + model.beta_kl * v["kl"])
+                                                  + v["embedding"], rel=1e-5)
+    with pytest.raises(ValueError, match="vae_warmup_steps=-1 must be an integer >= 0"):
+        SoftIntroVAE(**TINY, vae_warmup_steps=-1)
 
 
 def test_ra_embedding_loss_hand_computed() -> None:
