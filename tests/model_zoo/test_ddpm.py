@@ -361,10 +361,15 @@ def test_configs_build(name: str) -> None:
     size = config["data"]["params"]["target_size"]
     assert size == ([32, 32] if cpu else [128, 128])
     assert model.noise.noise_type == ("simplex" if "simplex" in name else "gaussian")
-    level = 200 if name.startswith("autoddpm") else 250  # AutoDDPM's L_r
-    # the CPU variants: strided inference with 25 calls, DDIM validation with 10
-    assert model.inference == (setting("strided", level, 25) if cpu else setting("ddpm", level))
-    assert model.val_inference == setting("ddim", level, 10 if cpu else 25)
+    if cpu:  # issue 17's retuning: 10 strided steps x 3 draws from L = 100 (simplex: 150), EMA warm-up
+        assert config["trainer"]["params"]["ema_warmup"] is True
+        level = 150 if "simplex" in name else 100
+        assert model.inference == InferenceSetting(sampler="strided", noise_level=level, steps=10, draws=3)
+        assert model.val_inference == setting("ddim", level, 10)
+    else:
+        level = 200 if name.startswith("autoddpm") else 250  # AutoDDPM's L_r
+        assert model.inference == setting("ddpm", level)
+        assert model.val_inference == setting("ddim", level, 25)
 
 
 def test_inference_is_labelled_and_copies_drop_the_compiled_unet() -> None:

@@ -442,8 +442,11 @@ def case_sigint_then_resume_never_duplicates_history(tmp: Path) -> None:
     config["data"]["params"]["batch_size"] = 2
     path = write_config(tmp / "long.yaml", config)
     proc = start_main(path)
+    # latest.pt is written every 3 steps and at every epoch end (8 batches of 2): wait for a logged step that is
+    # neither, so rows after the last checkpoint exist when the signal lands
     wait_for(lambda: bool(run_dirs(tmp)) and (run_dirs(tmp)[0] / "checkpoints" / "latest.pt").exists()
-             and len(history_steps(run_dirs(tmp)[0])) >= 5 and history_steps(run_dirs(tmp)[0])[-1] % 3 != 0,
+             and len(history_steps(run_dirs(tmp)[0])) >= 5 and history_steps(run_dirs(tmp)[0])[-1] % 3 != 0
+             and history_steps(run_dirs(tmp)[0])[-1] % 8 != 0,
              proc, "a checkpoint and steps after it")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
