@@ -26,17 +26,22 @@ def embedded_data(size: int, batch_size: int = 16) -> DataModule:
     return build(config["data"], "data", base=DataModule)
 
 
+class WithoutValidation:
+    """A data module's training loader without its validation loader (short learning runs skip validation)."""
+
+    def __init__(self, data: DataModule) -> None:
+        self.data = data
+
+    def train_dataloader(self, **kwargs: Any) -> Any:
+        return self.data.train_dataloader(**kwargs)
+
+    def val_dataloader(self) -> None:
+        return None
+
+
 def train(model: AnomalyModel, data: DataModule, run_dir: Path, *, steps: int, **params: Any) -> Trainer:
     """``steps`` optimizer batches with the project's Trainer (no validation loader), returning the trainer."""
-
-    class NoVal:
-        def train_dataloader(self, **kwargs: Any) -> Any:
-            return data.train_dataloader(**kwargs)
-
-        def val_dataloader(self) -> None:
-            return None
-
-    trainer = Trainer(model=model, data=NoVal(), logger=RecordingLogger(), run=make_run(run_dir),
+    trainer = Trainer(model=model, data=WithoutValidation(data), logger=RecordingLogger(), run=make_run(run_dir),
                       max_epochs=10_000, max_steps=steps, log_interval=10, progress=False, **params)
     trainer.fit()
     return trainer

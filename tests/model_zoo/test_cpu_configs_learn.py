@@ -29,23 +29,10 @@ from dl_utils.checkpoint import load_model_weights
 from model_zoo.autoddpm import AutoDDPM
 from model_zoo.base import AnomalyModel
 from tests.core._trainer_fixtures import RecordingLogger, make_run
-from tests.model_zoo._learning import hypointense_auroc
+from tests.model_zoo._learning import WithoutValidation, hypointense_auroc
 
 CONFIGS = Path(__file__).resolve().parents[2] / "projects" / "normative_eval" / "configs"
 logger = logging.getLogger(__name__)
-
-
-class _NoValidation:
-    """The config's data module without a validation loader (the shortened run skips validation)."""
-
-    def __init__(self, data: DataModule) -> None:
-        self.data = data
-
-    def train_dataloader(self, **kwargs: object) -> object:
-        return self.data.train_dataloader(**kwargs)
-
-    def val_dataloader(self) -> None:
-        return None
 
 
 def train_shipped(name: str, steps: int, run_dir: Path) -> tuple[AnomalyModel, DataModule, Path]:
@@ -56,7 +43,7 @@ def train_shipped(name: str, steps: int, run_dir: Path) -> tuple[AnomalyModel, D
                                                       "trainer.params.max_epochs=10000"])
     data = build(config["data"], "data", base=DataModule)
     model = build(config["model"], "model", base=AnomalyModel)
-    trainer = build(config["trainer"], "trainer", base=Trainer, model=model, data=_NoValidation(data),
+    trainer = build(config["trainer"], "trainer", base=Trainer, model=model, data=WithoutValidation(data),
                     logger=RecordingLogger(), run=make_run(run_dir))
     trainer.fit()
     best = run_dir / "checkpoints" / "best.pt"
