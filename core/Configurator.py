@@ -16,6 +16,12 @@ written twice in one mapping (file and line), reads ``1e-3`` as a float (YAML 1.
 ``_base_`` files (paths relative to the including file, merged in order, the including file last) and
 applies ``--set a.b.c=value`` overrides. The loaded config is a fresh nested ``dict``; builders never
 mutate it (they work on deep copies).
+
+Every YAML document (a file or a ``--set`` value) is bounded before it is built: at most
+:data:`MAX_DOCUMENT_BYTES` bytes, :data:`MAX_DOCUMENT_VALUES` values once every alias is expanded (an "alias
+bomb", anchors that repeat anchors, would otherwise expand to billions of values and hang every later copy
+or comparison) and :data:`MAX_DOCUMENT_DEPTH` levels of nesting. The check reads the parser's event stream
+once, so it costs a fraction of the load itself and never expands anything.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ import yaml
 
 BLOCK_KEYS = ("module_name", "class_name", "params", "enabled")
 MERGE_MARKERS = ("<<<<<<<", "=======", ">>>>>>>", "|||||||")
+# Bounds of one YAML document; the shipped configs are below 6 kB, 250 values and 6 levels.
+MAX_DOCUMENT_BYTES = 1 << 20
+MAX_DOCUMENT_VALUES = 100_000
+MAX_DOCUMENT_DEPTH = 64
 
 
 class ConfigError(Exception):
@@ -78,14 +88,70 @@ _SafeTupleLoader.add_implicit_resolver("tag:yaml.org,2002:float", _SCIENTIFIC_FL
 
 
 # --------------------------------------------------------------------------------------------- loading
+def check_document_bounds(text: str, where: str) -> None:
+    """Refuse a YAML document that is too large, too deeply nested or expands too far through its aliases.
+
+    Reads the parser's events once (nothing is composed or expanded): each scalar, collection and alias counts
+    as the number of values it stands for, an alias as the size of what its anchor marks.
+
+    Args:
+        text: the YAML document; where: names it in the message (file path or ``--set ...``).
+
+    Raises:
+        ConfigError: naming ``where`` (and the line) and the bound exceeded.
+    """
+    if len(text.encode("utf-8")) > MAX_DOCUMENT_BYTES:
+        raise ConfigError(f"{where}: {len(text.encode('utf-8'))} bytes, more than a config may hold "
+                          f"({MAX_DOCUMENT_BYTES} bytes)")
+    sizes: dict[str, int] = {}  # anchor -> number of values it stands for
+    open_at: list[tuple[str | None, int]] = []  # (anchor, values counted before it) of each open collection
+    total = 0
+    try:
+        for event in yaml.parse(text, Loader=_SafeTupleLoader):
+            if isinstance(event, yaml.CollectionEndEvent):
+                anchor, before = open_at.pop()
+                if anchor is not None:
+                    sizes[anchor] = total - before
+                continue
+            if isinstance(event, yaml.AliasEvent):
+                total += sizes.get(event.anchor, 1)  # an unknown anchor: the loader reports it
+            elif isinstance(event, yaml.ScalarEvent | yaml.CollectionStartEvent):
+                if isinstance(event, yaml.CollectionStartEvent):
+                    open_at.append((event.anchor, total))
+                    if len(open_at) > MAX_DOCUMENT_DEPTH:
+                        raise ConfigError(f"{where}:{event.start_mark.line + 1}: nested more than "
+                                          f"{MAX_DOCUMENT_DEPTH} levels deep")
+                elif event.anchor is not None:
+                    sizes[event.anchor] = 1
+                total += 1
+            else:
+                continue
+            if total > MAX_DOCUMENT_VALUES:
+                alias = f" (YAML alias *{event.anchor} repeats what its anchor marks)" if isinstance(
+                    event, yaml.AliasEvent) else ""
+                raise ConfigError(f"{where}:{event.start_mark.line + 1}: the document expands to more than "
+                                  f"{MAX_DOCUMENT_VALUES} values{alias}; a config is far smaller")
+    except yaml.YAMLError:
+        return  # malformed YAML: the loader raises the error with its position
+
+
+def _load_bounded(text: str, where: str) -> Any:
+    check_document_bounds(text, where)
+    return yaml.load(text, Loader=_SafeTupleLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read one YAML file (no composition) into a dict.
 
-    Refuses merge-conflict markers and duplicate keys (naming the file and line); ``1e-3`` is a float.
+    Refuses merge-conflict markers, duplicate keys (naming the file and line) and documents beyond the bounds of
+    :func:`check_document_bounds`; ``1e-3`` is a float.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.stat().st_size > MAX_DOCUMENT_BYTES:  # before reading it into memory
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes, more than a config may hold "
+                          f"({MAX_DOCUMENT_BYTES} bytes)")
     text = path.read_text(encoding="utf-8")
     for lineno, line in enumerate(text.splitlines(), start=1):
         if line.startswith(MERGE_MARKERS):
@@ -93,7 +159,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
                 f"{path}:{lineno}: merge-conflict marker {line[:7]!r}; resolve the conflict before running"
             )
     try:
-        data = yaml.load(text, Loader=_SafeTupleLoader)  # noqa: S506 - a SafeLoader subclass
+        data = _load_bounded(text, str(path))
     except DuplicateKeyError as err:
         raise ConfigError(f"{path}:{err.problem_mark.line + 1}: {err.problem}") from err
     except yaml.YAMLError as err:
@@ -159,7 +225,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(keys):
         raise ConfigError(f"--set {text!r}: empty key in {key!r}")
     try:
-        value = yaml.load(raw, Loader=_SafeTupleLoader) if raw.strip() else None  # noqa: S506
+        value = _load_bounded(raw, f"--set {key.strip()}") if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {text!r}: value is not valid YAML: {err}") from err
     return keys, value

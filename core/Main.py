@@ -361,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
             print_summary(run_dir, log)
     except BaseException as err:
         if is_main and run_dir is not None:
-            record_failure(run_dir, err)
+            record_failure(run_dir, err, task=experiment.task)
         raise
     finally:
         cleanup()
@@ -406,10 +406,15 @@ def print_summary(run_dir: Path, log: ExperimentLogger) -> None:
     print("\n".join(lines))
 
 
-def record_failure(run_dir: Path, err: BaseException) -> None:
-    """Record ``interrupted`` (SIGINT/SIGTERM) or ``failed`` with the one-line error in the run's manifest."""
+def record_failure(run_dir: Path, err: BaseException, *, task: str = "train") -> None:
+    """Record ``interrupted`` (SIGINT/SIGTERM) or ``failed`` with the one-line error in the run's manifest.
+
+    An interruption also learns what it left behind (``err.outcome``), for the one line :func:`main` logs.
+    """
     if isinstance(err, RunInterrupted):
         set_status(run_dir, "interrupted", error=f"interrupted by {err.signal_name}")
+        again = f"resume with --set experiment.resume={run_dir}" if task == "train" else "run it again"
+        err.outcome = f"{run_dir / 'manifest.json'} says 'interrupted' ({again})"
     else:
         set_status(run_dir, "failed", error=f"{type(err).__name__}: {one_line(err)}")
 
@@ -465,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                      err.strerror or err, exc_info=debug)
         return 1
     except RunInterrupted as err:
-        logger.error("interrupted by %s; the run's manifest says 'interrupted' (resume with "
-                     "--set experiment.resume=<run folder>)", err.signal_name, exc_info=debug)
+        logger.error("interrupted by %s; %s", err.signal_name,
+                     err.outcome or "no run folder had been created, nothing was written", exc_info=debug)
         return 128 + int(signal.Signals[err.signal_name])
 
 

@@ -37,8 +37,14 @@ class RunInterrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt, not
     """SIGINT or SIGTERM arrived; raised by the signal handler ``core/Main.py`` installs.
 
     A ``BaseException`` (like ``KeyboardInterrupt``) so no ``except Exception`` on the way swallows it.
+
+    Attributes:
+        signal_name: ``'SIGINT'`` or ``'SIGTERM'``.
+        outcome: what the interrupted command left behind (the run folder and its state), set by the code that
+            owns the run folder on the way out; None when no run folder had been created.
     """
 
     def __init__(self, signal_name: str) -> None:
         super().__init__(signal_name)
         self.signal_name = signal_name
+        self.outcome: str | None = None

@@ -23,6 +23,7 @@ from core.prediction.scans import BadInput, expand, output_stem, read_scan
 from core.prediction.settings import PredictSettings, parse_predict
 from core.prediction.thresholds import Threshold, select_thresholds
 from data.dataset import resolve
+from dl_utils.errors import RunInterrupted
 
 if TYPE_CHECKING:
     from model_zoo.base import AnomalyModel
@@ -174,6 +175,9 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
         log.update_manifest(predict_weights={"path": str(weights), "which": loaded}, predict_output=str(out_dir),
                             predict_thresholds=[asdict(t) for t in thresholds],
                             predict_preprocessing={"target_size": list(prep.target_size), "intensity": prep.intensity})
+    except RunInterrupted as err:
+        err.outcome = f"the prediction in {run_dir} stopped early (outputs written so far are in {out_dir})"
+        raise
     finally:
         log.close(exit_code=exit_code)
     logger.info("predict: run folder %s, outputs in %s", run_dir, out_dir)

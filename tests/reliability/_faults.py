@@ -1,9 +1,10 @@
-"""Faults the reliability suite injects: a model whose loss turns NaN, and a disk that fills up.
+"""Faults the reliability suite injects: a model whose loss turns NaN, a disk that fills up, a slow config load.
 
 ``python -m tests.reliability._faults --enospc history.jsonl -- <core/Main.py arguments>`` runs
 ``core.Main.main`` with every ``Path.open``/``Path.write_text`` of a file of that name failing with
 ``OSError(ENOSPC)``, as a full disk makes it fail (a full disk cannot be made without root on a shared
-machine).
+machine). ``--slow-loading MARKER`` makes the config load write ``MARKER`` and then wait two minutes, so a
+signal can be sent while the config is being loaded (before any run folder exists).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import errno
 import os
 import pathlib
 import sys
+import time
 
 import torch
 from torch import Tensor
@@ -62,12 +64,29 @@ def _fail_on(name: str) -> None:
     pathlib.Path.write_text = fake_write  # type: ignore[method-assign]
 
 
+def _slow_loading(marker: str) -> None:
+    import core.Main
+
+    real_load = core.Main.load_config
+
+    def slow_load(*args: object, **kwargs: object) -> object:
+        pathlib.Path(marker).write_text("loading\n")
+        time.sleep(120)
+        return real_load(*args, **kwargs)
+
+    core.Main.load_config = slow_load
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--enospc", required=True, help="file name whose writes fail with ENOSPC")
+    parser.add_argument("--enospc", help="file name whose writes fail with ENOSPC")
+    parser.add_argument("--slow-loading", metavar="MARKER", help="the config load writes MARKER, then waits")
     parser.add_argument("main_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
-    _fail_on(args.enospc)
+    if args.enospc:
+        _fail_on(args.enospc)
+    if args.slow_loading:
+        _slow_loading(args.slow_loading)
     from core.Main import main as run_main
 
     return run_main([a for a in args.main_args if a != "--"])

@@ -82,6 +82,19 @@ def case_duplicate_nested_key(tmp: Path) -> None:
 
 
 @case
+def case_yaml_alias_bomb_fails_fast(tmp: Path) -> None:
+    path = _config(tmp)
+    lines = ["vars:", "  a0: &a0 [x, x, x, x, x, x, x, x, x]"]  # 9 levels of 9 aliases: 9**10 values expanded
+    lines += [f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path.write_text(path.read_text() + "\n".join(lines) + "\n")
+    result = run_main(path, "--dry-run")  # hung before the bound (the suite's timeout would end it)
+    line = result.one_error()
+    assert result.rc == 2 and f"config error: {path}:" in line
+    assert "the document expands to more than 100000 values (YAML alias *a" in line
+    _no_run_folder(tmp)
+
+
+@case
 def case_scientific_notation_lr_is_a_number(tmp: Path) -> None:
     path = _config(tmp)
     path.write_text(path.read_text().replace("lr: 0.001", "lr: 1e-3"))
@@ -480,9 +493,30 @@ def case_sigterm_marks_the_run_interrupted(tmp: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert "interrupted by SIGTERM" in err and "Traceback" not in err
     run_dir = the_run(tmp)
+    assert (f"interrupted by SIGTERM; {run_dir / 'manifest.json'} says 'interrupted' (resume with "
+            f"--set experiment.resume={run_dir})") in err and "Traceback" not in err
     assert manifest(run_dir)["status"] == "interrupted" and not (run_dir / "metrics.json").exists()
+
+
+@case
+def case_interrupt_while_loading_names_no_run_folder(tmp: Path) -> None:
+    from tests.reliability.conftest import env
+
+    path = _config(tmp)
+    marker = tmp / "loading"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.reliability._faults", "--slow-loading", str(marker), "--",
+                             "--config_path", str(path)], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(marker.exists, proc, "the config load")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    errors = [line for line in err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert "interrupted by SIGINT; no run folder had been created, nothing was written" in errors[0]
+    assert "manifest" not in err
+    _no_run_folder(tmp)
 
 
 # ------------------------------------------------------------------------------------------------ lifecycle
