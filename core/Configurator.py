@@ -17,6 +17,12 @@ written twice in one mapping (file and line), reads ``1e-3`` as a float (YAML 1.
 applies ``--set a.b.c=value`` overrides. The loaded config is a fresh nested ``dict``; builders never
 mutate it (they work on deep copies).
 
+Imports are limited (:func:`import_problem`): a block's ``module_name`` must lie inside the project's own
+packages (:data:`PROJECT_PACKAGES`), be one of the few libraries the shipped configs build from
+(:data:`LIBRARY_MODULES`) or be listed by the config's own ``allow_imports:`` (:func:`allow_imports`); anything
+else is refused before it is imported, since importing a module runs its code. A config read from a checkpoint
+gets no allow-list of its own.
+
 Every YAML document (a file or a ``--set`` value) is bounded before it is built: at most
 :data:`MAX_DOCUMENT_BYTES` bytes, :data:`MAX_DOCUMENT_VALUES` values once every alias is expanded (an "alias
 bomb", anchors that repeat anchors, would otherwise expand to billions of values and hang every later copy
@@ -31,6 +37,7 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import inspect
 import re
 import types
@@ -42,6 +49,13 @@ import yaml
 
 BLOCK_KEYS = ("module_name", "class_name", "params", "enabled")
 MERGE_MARKERS = ("<<<<<<<", "=======", ">>>>>>>", "|||||||")
+# The repository's top-level packages: a config may import any module inside them.
+PROJECT_PACKAGES = ("core", "data", "dl_utils", "model_zoo", "optim", "projects", "tests", "tools")
+# Modules outside the project that the shipped configs build from (exactly these, not their submodules).
+LIBRARY_MODULES = ("torch.optim", "torch.optim.lr_scheduler")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_allowed_by_config: tuple[str, ...] = ()  # the running config's allow_imports (set by allow_imports())
 # Bounds of one YAML document; the shipped configs are below 6 kB, 250 values and 6 levels.
 MAX_DOCUMENT_BYTES = 1 << 20
 MAX_DOCUMENT_VALUES = 100_000
@@ -133,6 +147,29 @@ def check_document_bounds(text: str, where: str) -> None:
                                   f"{MAX_DOCUMENT_VALUES} values{alias}; a config is far smaller")
     except yaml.YAMLError:
         return  # malformed YAML: the loader raises the error with its position
+
+
+def check_value_bounds(value: Any, where: str) -> None:
+    """The bounds of :func:`check_document_bounds` for a config that did not come from YAML (a checkpoint's).
+
+    Shared sub-objects count once per place they appear (as an alias does), and the walk stops at the bound.
+
+    Raises:
+        ConfigError: naming ``where`` and the bound exceeded.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    count = 0
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if count > MAX_DOCUMENT_VALUES:
+            raise ConfigError(f"{where}: expands to more than {MAX_DOCUMENT_VALUES} values; a config is far smaller")
+        if depth > MAX_DOCUMENT_DEPTH:
+            raise ConfigError(f"{where}: nested more than {MAX_DOCUMENT_DEPTH} levels deep")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for pair in item.items() for v in pair)
+        elif isinstance(item, list | tuple):
+            stack.extend((v, depth + 1) for v in item)
 
 
 def _load_bounded(text: str, where: str) -> Any:
@@ -295,6 +332,73 @@ def is_enabled(block: Any) -> bool:
     return not (isinstance(block, dict) and block.get("enabled", True) is False)
 
 
+def allow_imports(entries: Any, path: str = "allow_imports") -> tuple[str, ...]:
+    """Make ``entries`` (the config's ``allow_imports:`` list; None = none) importable besides the project.
+
+    Each entry allows that module and every module below it (``my_lab.models`` allows
+    ``my_lab.models.unet``). The list replaces the previous one: a command sets it once from the config the user
+    gave, never from a config stored in a checkpoint.
+
+    Returns:
+        The allowed entries.
+
+    Raises:
+        ConfigError: naming ``path`` when ``entries`` is not a list of dotted module names.
+    """
+    global _allowed_by_config
+    if entries is None:
+        entries = []
+    if not isinstance(entries, list) or not all(isinstance(e, str) and _MODULE_NAME.match(e) for e in entries):
+        raise ConfigError(f"{path}: expected a list of module names (e.g. [my_lab.models]), got {entries!r}")
+    _allowed_by_config = tuple(entries)
+    return _allowed_by_config
+
+
+def _within(module_name: str, package: str) -> bool:
+    return module_name == package or module_name.startswith(package + ".")
+
+
+def import_problem(module_name: str) -> str | None:
+    """Why a config may not import ``module_name`` (a sentence), or None if it may. Imports nothing.
+
+    Allowed: modules inside :data:`PROJECT_PACKAGES` (whose top-level package must be this repository's),
+    exactly the modules of :data:`LIBRARY_MODULES`, and modules inside the entries given to :func:`allow_imports`.
+    """
+    if not _MODULE_NAME.match(module_name):
+        return f"{module_name!r} is not a module name"
+    if module_name in LIBRARY_MODULES or any(_within(module_name, e) for e in _allowed_by_config):
+        return None
+    top = module_name.split(".")[0]
+    if top in PROJECT_PACKAGES:
+        spec = importlib.util.find_spec(top)  # a top-level name: locating it imports nothing
+        origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+        if origin is not None and origin.is_relative_to(REPO_ROOT):
+            return None
+        return f"{top!r} is not this repository's package (found at {origin})"
+    allowed = ", ".join((*PROJECT_PACKAGES, *LIBRARY_MODULES, *_allowed_by_config))
+    return (f"{module_name!r} is outside this project, and importing a module runs its code: a config may import "
+            f"only from {allowed} (add a package of your own to the config's allow_imports list)")
+
+
+def check_imports(value: Any, path: str) -> None:
+    """Check every ``module_name`` of the blocks inside ``value`` (a config or a part of it) without importing.
+
+    Raises:
+        ConfigError: naming the block's YAML path below ``path`` (``model.params.network.module_name``).
+    """
+    if isinstance(value, dict):
+        name = value.get("module_name")
+        if isinstance(name, str) and "class_name" in value:
+            problem = import_problem(name)
+            if problem:
+                raise ConfigError(f"{path}.module_name: {problem}")
+        for key, item in value.items():
+            check_imports(item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            check_imports(item, f"{path}[{i}]")
+
+
 def resolve_class(block: Any, path: str, base: type | None = None) -> type:
     """Validate a block's shape and import its class (without constructing it)."""
     if not isinstance(block, dict):
@@ -310,6 +414,9 @@ def resolve_class(block: Any, path: str, base: type | None = None) -> type:
     if not isinstance(block.get("enabled", True), bool):
         raise ConfigError(f"{path}.enabled: must be true or false, got {block['enabled']!r}")
     module_name, class_name = block["module_name"], block["class_name"]
+    problem = import_problem(module_name)
+    if problem:
+        raise ConfigError(f"{path}.module_name: {problem}")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:

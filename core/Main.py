@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from core.Configurator import ConfigError, build, check_keys, check_params, load_config  # noqa: E402
+from core.Configurator import ConfigError, allow_imports, build, check_keys, check_params, load_config  # noqa: E402
 from dl_utils.errors import RunInterrupted, UserError  # noqa: E402
 from dl_utils.run import set_status  # noqa: E402
 
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("core.Main")
 
 TOP_LEVEL_KEYS = ("name", "experiment", "wandb", "data", "model", "trainer", "downstream_tasks", "predict", "vars",
-                  "overrides")
+                  "overrides", "allow_imports")
 # YAML paths (and everything below them) a resumed run may change: how long, how it logs, what it evaluates.
 RESUME_MAY_CHANGE = (
     "experiment.resume", "experiment.output_dir", "wandb", "downstream_tasks", "overrides",
@@ -275,6 +275,7 @@ def build_objects(config: dict[str, Any]) -> tuple[DataModule, AnomalyModel]:
 def run(args: argparse.Namespace) -> int:
     """Build, check, then train and/or evaluate in a run folder whose manifest tracks the run's status."""
     config = load_config(args.config_path, args.overrides)
+    allow_imports(config.get("allow_imports"))  # before anything is built; never from a checkpoint's config
     experiment, wandb_settings = validate(config)
     name = config.get("name") or Path(args.config_path).stem
     if experiment.task == "predict":  # needs neither the trainer nor the evaluation modules

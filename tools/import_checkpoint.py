@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.Configurator import ConfigError, build, load_config
+from core.Configurator import ConfigError, allow_imports, build, load_config
 from dl_utils.checkpoint import CheckpointError, load_state_strict, save_checkpoint
 from model_zoo.base import AnomalyModel
 
@@ -140,6 +140,7 @@ def import_checkpoint(src: str | Path, out: str | Path, config_path: str | Path,
     """
     src, out = Path(src), Path(out)
     config = load_config(config_path, overrides)
+    allow_imports(config.get("allow_imports"))
     if "model" not in config:
         raise ConfigError(f"{config_path}: no 'model' block")
     model = build(config["model"], "model", base=AnomalyModel)

@@ -396,11 +396,12 @@ def plot(result: Mapping[str, Any], path: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ models
 def load_from_checkpoint(config_path: str, checkpoint: str, overrides: Sequence[str] = ()) -> tuple[DDPM, Any]:
     """Build the config's model and data (the project's builder) and load the checkpoint's weights strictly."""
-    from core.Configurator import build, load_config
+    from core.Configurator import allow_imports, build, load_config
     from core.DataLoader import DataModule
     from dl_utils.checkpoint import load_model_weights
 
     config = load_config(config_path, list(overrides))
+    allow_imports(config.get("allow_imports"))
     model = build(config["model"], "model", base=DDPM)
     logger.info("%s", load_model_weights(model, checkpoint))
     data = build(config["data"], "data", base=DataModule)

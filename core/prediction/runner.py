@@ -15,7 +15,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from core.Configurator import ConfigError, build
+from core.Configurator import ConfigError, build, check_imports, check_value_bounds
 from core.evaluation.thresholds import MaskCalibration
 from core.prediction.inference import Preprocessing, predict_scan
 from core.prediction.outputs import score_rows, write_maps, write_overlays
@@ -134,8 +134,13 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
     settings = parse_predict(config.get("predict"))
     weights = Path(experiment.weights)
     stored = load_checkpoint(weights).get("config")
+    if stored is not None:  # data from elsewhere: bounded, and nothing it names is imported unchecked
+        check_value_bounds(stored, f"experiment.weights: the config stored in {weights}")
     prep = preprocessing_of(stored, config, settings.intensity)
-    model_block = stored["model"] if isinstance(stored, dict) and "model" in stored else config["model"]
+    model_block = config["model"]
+    if isinstance(stored, dict) and "model" in stored:
+        model_block = stored["model"]
+        check_imports(model_block, f"experiment.weights: the config stored in {weights}: model")
     if model_block != config.get("model"):
         logger.warning("predict: the model block of %s's stored config differs from the given config's; "
                        "using the stored one", weights)

@@ -1,15 +1,24 @@
-"""The strict builder and the YAML loader."""
+"""The strict builder, the YAML loader and the modules a config may import."""
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 import torch
 
+import core.Configurator as configurator
 from core.Configurator import (
+    LIBRARY_MODULES,
+    PROJECT_PACKAGES,
     ConfigError,
+    allow_imports,
     apply_overrides,
     build,
+    check_imports,
+    check_value_bounds,
+    import_problem,
     load_config,
     read_yaml,
     to_dataclass,
@@ -219,3 +228,98 @@ def test_to_dataclass_and_type_problem_understand_dataclasses():
     assert type_problem({"level": 1}, Knob) is None
     assert type_problem({"level": 1, "inner": {"mode": "q"}}, Knob).startswith("inner.mode: 'q' is not one of")
     assert type_problem(None, Knob | None) is None
+
+
+# ------------------------------------------------------------------------------------------------ imports
+@pytest.fixture()
+def fresh_allow_list():
+    """Leaves the allow_imports list empty after the test."""
+    yield
+    allow_imports(None)
+
+
+@pytest.fixture()
+def side_effect_module(tmp_path, monkeypatch, fresh_allow_list):
+    """A module outside the project whose import writes a marker file; returns (name, marker)."""
+    name = "h28_side_effect"
+    (tmp_path / f"{name}.py").write_text("from pathlib import Path\n\nPath(__file__).with_suffix('.imported')"
+                                         ".write_text('ran')\n\n\nclass Thing:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name, tmp_path / f"{name}.imported"
+    sys.modules.pop(name, None)
+
+
+def test_a_module_outside_the_project_is_refused_before_it_is_imported(side_effect_module):
+    name, marker = side_effect_module
+    spec = {"module_name": name, "class_name": "Thing"}
+    with pytest.raises(ConfigError, match=rf"model\.module_name: '{name}' is outside this project, and importing a "
+                                          r"module runs its code: .*add a package of your own to the config's "
+                                          r"allow_imports list"):
+        build(spec, "model")
+    assert not marker.exists() and name not in sys.modules
+    assert allow_imports([name]) == (name,)
+    assert type(build(spec, "model")).__name__ == "Thing" and marker.exists()  # allowed: really imported
+
+
+def test_this_and_other_libraries_are_refused_but_the_shipped_ones_are_not():
+    if "this" in sys.modules:
+        pytest.skip("'this' was imported by something else")
+    with pytest.raises(ConfigError, match=r"model\.module_name: 'this' is outside this project"):
+        build({"module_name": "this", "class_name": "Zen"}, "model")
+    assert "this" not in sys.modules  # its import prints the Zen of Python: it never ran
+    with pytest.raises(ConfigError, match="'subprocess' is outside this project"):
+        build({"module_name": "subprocess", "class_name": "Popen"}, "model", base=torch.nn.Module)
+    for name in ("torch", "torch.nn", "torch.optim.swa_utils", "core_extra", "os.path", "tests_x"):
+        assert import_problem(name) is not None, name
+    for name in (*LIBRARY_MODULES, "model_zoo.ae", "core.Trainer", "projects.normative_eval", "tests.core"):
+        assert import_problem(name) is None, name
+    assert build({"module_name": "torch.optim.lr_scheduler", "class_name": "StepLR",
+                  "params": {"step_size": 1}}, "s", optimizer=torch.optim.SGD([torch.zeros(1)], lr=0.1)).step_size == 1
+
+
+def test_allow_imports_allows_a_package_and_what_is_below_it(fresh_allow_list):
+    allow_imports(["my_lab.models"])
+    assert import_problem("my_lab.models") is None and import_problem("my_lab.models.unet") is None
+    assert import_problem("my_lab") is not None and import_problem("my_lab.modelsx") is not None
+    allow_imports(None)
+    assert import_problem("my_lab.models") is not None
+    for bad in ("my_lab", ["my lab"], [1], {"a": 1}):
+        with pytest.raises(ConfigError, match=r"allow_imports: expected a list of module names"):
+            allow_imports(bad)
+
+
+def test_project_packages_are_the_repository_top_level_packages():
+    repo = Path(configurator.__file__).resolve().parents[1]
+    assert sorted(PROJECT_PACKAGES) == sorted(p.name for p in repo.iterdir() if (p / "__init__.py").is_file())
+
+
+def test_a_project_package_name_found_outside_the_repository_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "h28_shadow").mkdir()
+    (tmp_path / "h28_shadow" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(configurator, "PROJECT_PACKAGES", (*PROJECT_PACKAGES, "h28_shadow"))
+    assert "is not this repository's package (found at" in import_problem("h28_shadow.models")
+    assert "h28_shadow" not in sys.modules
+
+
+def test_check_imports_names_the_nested_block():
+    config = {"model": {"module_name": "model_zoo.ae", "class_name": "AutoEncoder",
+                        "params": {"blocks": [{"module_name": "model_zoo.ae", "class_name": "X"},
+                                              {"module_name": "os", "class_name": "X"}]}}}
+    with pytest.raises(ConfigError, match=r"^cfg\.model\.params\.blocks\[1\]\.module_name: 'os' is outside"):
+        check_imports(config, "cfg")
+    check_imports({"model": {"module_name": "model_zoo.ae", "class_name": "AutoEncoder"}}, "cfg")
+
+
+def test_check_value_bounds_stops_a_shared_reference_bomb_and_deep_nesting():
+    bomb: list = ["x"] * 9
+    for _ in range(9):
+        bomb = [bomb] * 9  # one object per level, 9**10 values when walked as a tree
+    with pytest.raises(ConfigError, match=r"^ckpt: expands to more than 100000 values"):
+        check_value_bounds({"vars": bomb}, "ckpt")
+    deep: list = []
+    for _ in range(70):
+        deep = [deep]
+    with pytest.raises(ConfigError, match=r"^ckpt: nested more than 64 levels deep"):
+        check_value_bounds(deep, "ckpt")
+    check_value_bounds({"model": {"params": {"channels": [4, 8]}}}, "ckpt")

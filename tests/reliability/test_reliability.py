@@ -359,6 +359,53 @@ def case_weights_of_another_architecture_for_training(tmp: Path) -> None:
     _no_run_folder(tmp)
 
 
+# ------------------------------------------------------------------------------------------------ imports
+def _marker_module(tmp: Path) -> tuple[Path, Path]:
+    """A module outside the project whose import writes a marker: (its folder for PYTHONPATH, the marker)."""
+    folder = tmp / "modules"
+    folder.mkdir()
+    (folder / "h28_marker.py").write_text("from pathlib import Path\n\nPath(__file__).with_name('imported')"
+                                          ".write_text('ran')\n\n\nclass Thing:\n    pass\n")
+    return folder, folder / "imported"
+
+
+@case
+def case_config_imports_only_the_project_and_its_allow_list(tmp: Path) -> None:
+    folder, marker = _marker_module(tmp)
+    path = _config(tmp, model={"module_name": "h28_marker", "class_name": "Thing"})
+    result = run_main(path, PYTHONPATH=f"{REPO}:{folder}")
+    line = result.one_error()
+    assert result.rc == 2 and "config error: model.module_name: 'h28_marker' is outside this project" in line
+    assert "allow_imports" in line and not marker.exists()
+    _no_run_folder(tmp)
+    allowed = write_config(tmp / "allowed.yaml", yaml.safe_load(path.read_text()), allow_imports=["h28_marker"])
+    result = run_main(allowed, PYTHONPATH=f"{REPO}:{folder}")  # the user's own list: imported, then refused
+    assert result.rc == 2 and "h28_marker.Thing is not a subclass of AnomalyModel" in result.one_error()
+    assert marker.exists()
+    _no_run_folder(tmp)
+
+
+@case
+def case_checkpoint_config_imports_nothing(tmp: Path) -> None:
+    run_dir, _, config = trained_run(tmp)
+    folder, marker = _marker_module(tmp)
+    state = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    state["config"]["model"] = {"module_name": "h28_marker", "class_name": "Thing"}
+    planted = tmp / "planted.pt"
+    torch.save(state, planted)
+    before = snapshot(tmp / "runs")
+    path = write_config(tmp / "predict.yaml", config, **{
+        "experiment.task": "predict", "experiment.weights": str(planted),
+        "predict": {"inputs": [str(Path(config["data"]["params"]["val"]["images"][0]).parent / "val0.png")],
+                    "threshold_values": [0.1], "output_dir": str(tmp / "out")}})
+    result = run_main(path, PYTHONPATH=f"{REPO}:{folder}")
+    line = result.one_error()
+    assert result.rc == 2 and f"experiment.weights: the config stored in {planted}: model.module_name: " in line
+    assert "'h28_marker' is outside this project" in line
+    assert not marker.exists(), "the checkpoint's module was imported"
+    assert snapshot(tmp / "runs") == before and not (tmp / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------------ resume
 def _resume_config(tmp: Path, config: dict, run_dir: Path, **changes: object) -> Path:
     return write_config(tmp / "resume.yaml", config, **{"experiment.resume": str(run_dir), **changes})
