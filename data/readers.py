@@ -19,11 +19,20 @@ Supported formats (chosen by the file name's extension, case-insensitive):
 Every reader returns a finite 2-D float32 array with the file's raw values (no scaling: that is
 :mod:`data.preprocess`'s job). Any failure raises :class:`DataReadError` naming the file (and, when the
 caller passes it, the CSV and row the file came from). There is never a fallback sample.
+
+Which failures are the file's: the readers' own checks (no pixel data, no fastMRI dataset, not 2-D, NaN) and
+*any* exception raised inside a format library (:data:`FORMAT_LIBRARIES`) while it decodes the file, whatever
+its type: pydicom reports a missing element as ``AttributeError``, PIL a decompression bomb as its own
+``Exception`` subclass, NumPy a bad header as ``ValueError``. An exception raised by this repository's own code
+(a ``TypeError`` in a reader, an ``IndexError`` in the slicing) is a bug and keeps its type and traceback
+(:func:`raised_by_format_library` tells them apart by the frame that raised).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import types
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +46,10 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 HDF5_SUFFIXES = (".h5", ".hdf5")
 SUPPORTED_SUFFIXES = (*IMAGE_SUFFIXES, ".npy", *NIFTI_SUFFIXES, ".dcm", *HDF5_SUFFIXES)
 FASTMRI_KEY = "reconstruction_rss"
+# The libraries that decode the files: what they raise while reading one is that file's problem.
+FORMAT_LIBRARIES = ("PIL", "numpy", "nibabel", "pydicom", "h5py")
+_REPO_ROOT = str(Path(__file__).resolve().parents[1]) + os.sep
+_DICOM_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 class DataReadError(DataError):
@@ -107,6 +120,9 @@ def _read_dicom(path: Path) -> np.ndarray:
     import pydicom
 
     ds = pydicom.dcmread(path)
+    if not any(keyword in ds for keyword in _DICOM_PIXEL_KEYWORDS):
+        kind = getattr(ds.get("SOPClassUID"), "name", None) or "no SOP class"
+        raise DataReadError(f"{path}: a DICOM without pixel data ({kind}): not an image")
     pixels = ds.pixel_array.astype(np.float32)
     if pixels.ndim == 3 and int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
         pixels = pixels[pixels.shape[0] // 2]
@@ -122,6 +138,8 @@ def _read_hdf5(path: Path) -> np.ndarray:
         if FASTMRI_KEY not in f:
             raise DataReadError(f"{path}: no {FASTMRI_KEY!r} dataset (keys: {', '.join(f.keys()) or 'none'})")
         dset = f[FASTMRI_KEY]
+        if not isinstance(dset, h5py.Dataset):
+            raise DataReadError(f"{path}: {FASTMRI_KEY!r} is a {type(dset).__name__}, not a dataset")
         if dset.ndim == 3:
             return np.asarray(dset[dset.shape[0] // 2])
         return np.asarray(dset[()])
@@ -131,16 +149,34 @@ _READERS = {"image": _read_image, "npy": _read_npy, "nifti": _read_nifti, "dicom
             "hdf5": _read_hdf5}
 
 
-def _read_errors() -> tuple[type[BaseException], ...]:
-    """The exception types the format libraries raise for unreadable files (not programming errors)."""
-    import zlib
+def _frames(tb: types.TracebackType | None) -> list[types.FrameType]:
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    return frames
 
-    import nibabel.filebasedimages
-    import pydicom.errors
 
-    errors: list[type[BaseException]] = [OSError, ValueError, KeyError, EOFError, zlib.error,
-                                         nibabel.filebasedimages.ImageFileError, pydicom.errors.InvalidDicomError]
-    return tuple(errors)
+def _is_ours(filename: str) -> bool:
+    """A file of this repository (a virtual environment kept inside it holds libraries, not our code)."""
+    return filename.startswith(_REPO_ROOT) and not any(
+        f"{os.sep}{folder}{os.sep}" in filename for folder in ("site-packages", "dist-packages"))
+
+
+def raised_by_format_library(err: BaseException) -> bool:
+    """Whether ``err`` came out of a format library (:data:`FORMAT_LIBRARIES`) that this repository called.
+
+    The traceback runs from the frame that caught ``err`` down to the one that raised it; the call that left this
+    repository's code last decides: a call into a format library (whatever that library called in turn, e.g.
+    ``gzip``) means the library failed on its input, while an exception raised in this repository's own frame, or
+    inside any other library, is not a reading failure.
+    """
+    frames = _frames(err.__traceback__)
+    ours = [i for i, frame in enumerate(frames) if _is_ours(frame.f_code.co_filename)]
+    if not ours or ours[-1] + 1 >= len(frames):
+        return False
+    callee = str(frames[ours[-1] + 1].f_globals.get("__name__", ""))
+    return callee.split(".")[0] in FORMAT_LIBRARIES
 
 
 def read_slice(path: str | Path, *, source: str | None = None) -> np.ndarray:
@@ -165,7 +201,9 @@ def read_slice(path: str | Path, *, source: str | None = None) -> np.ndarray:
         array = _squeeze_2d(_READERS[kind](path), path)
     except DataReadError as err:
         raise DataReadError(f"{err}{where}") from err
-    except _read_errors() as err:
+    except Exception as err:  # the per-file boundary: the library's failure is the file's, anything else a bug
+        if not raised_by_format_library(err):
+            raise
         raise DataReadError(f"{path}: cannot read as {kind}{where}: {type(err).__name__}: {err}") from err
     array = array.astype(np.float32, copy=False)
     if not np.isfinite(array).all():

@@ -18,12 +18,13 @@ from tqdm import tqdm
 from core.Configurator import ConfigError, build, check_imports, check_value_bounds
 from core.evaluation.thresholds import MaskCalibration
 from core.prediction.inference import Preprocessing, predict_scan
+from core.prediction.output_folder import OutputFolder, check_output_folder
 from core.prediction.outputs import score_rows, write_maps, write_overlays
-from core.prediction.scans import BadInput, expand, output_stem, read_scan
+from core.prediction.scans import expand, output_stem, read_scan
 from core.prediction.settings import PredictSettings, parse_predict
 from core.prediction.thresholds import Threshold, select_thresholds
 from data.dataset import resolve
-from dl_utils.errors import RunInterrupted
+from dl_utils.errors import DataError, RunInterrupted
 
 if TYPE_CHECKING:
     from model_zoo.base import AnomalyModel
@@ -52,12 +53,41 @@ def preprocessing_of(stored: dict[str, Any] | None, fallback: dict[str, Any], in
 def _pairs(settings: PredictSettings) -> list[tuple[Path, Path | None, str]]:
     inputs = expand(settings.inputs, "inputs", REPO_ROOT)
     if settings.masks is None:
-        return [(path, None, where) for path, where in inputs]
+        return _each_file_once([(path, None, where) for path, where in inputs])
     masks = expand(settings.masks, "masks", REPO_ROOT)
     if len(masks) != len(inputs):
         raise ConfigError(f"predict.masks: {len(masks)} mask files for {len(inputs)} inputs; masks are paired with "
                           "the inputs in order (same folders sorted by name, or row-aligned CSVs)")
-    return [(path, mask, where) for (path, where), (mask, _) in zip(inputs, masks, strict=True)]
+    return _each_file_once([(path, mask, where) for (path, where), (mask, _) in zip(inputs, masks, strict=True)])
+
+
+def _identity(path: Path) -> tuple[int, int] | str:
+    try:
+        stat = path.stat()
+    except OSError:  # missing: reported as a bad input when it is read
+        return str(path)
+    return stat.st_dev, stat.st_ino
+
+
+def _each_file_once(pairs: list[tuple[Path, Path | None, str]]) -> list[tuple[Path, Path | None, str]]:
+    """Drop an input that is a file already listed (a repeated CSV row, a second link to it); the first counts."""
+    first: dict[tuple[int, int] | str, tuple[Path, str]] = {}
+    kept, repeated = [], []
+    for path, mask, where in pairs:
+        key = _identity(path)
+        if key in first:
+            repeated.append(f"{path} ({where}) = {first[key][0]} ({first[key][1]})")
+            continue
+        first[key] = (path, where)
+        kept.append((path, mask, where))
+    if repeated:
+        logger.warning("predict: %d inputs are files already listed, each predicted once: %s", len(repeated),
+                       "; ".join(repeated[:3]) + ("; ..." if len(repeated) > 3 else ""))
+    return kept
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())  # a library's multi-line message (pydicom lists its plugins) on one line
 
 
 def _unique(stem: str, used: set[str]) -> str:
@@ -148,6 +178,9 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
     pairs = _pairs(settings)
     model = build(model_block, "model", base=AnomalyModel)
     calibration = _mask_calibration(model, weights)
+    chosen_dir = resolve(settings.output_dir, REPO_ROOT) if settings.output_dir else None
+    if chosen_dir is not None:
+        check_output_folder(chosen_dir, overwrite=settings.overwrite, inputs=[path for path, _, _ in pairs])
     logger.info("predict: %d inputs, slices at %s with intensity %r", len(pairs), prep.target_size, prep.intensity)
     if dry_run:
         logger.info("predict dry run OK: %s", config_path)
@@ -159,8 +192,8 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
     plain = json.loads(json.dumps(config))  # tuples (from ``!!python/tuple``) become lists
     name = f"{name}_predict"  # prediction runs never mix with the training runs of the same config
     run_dir = _run_folder(experiment, name, plain, config_path, dist.device)
-    out_dir = resolve(settings.output_dir, REPO_ROOT) if settings.output_dir else run_dir / "predictions"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = OutputFolder(chosen_dir or run_dir / "predictions", run_dir=run_dir)
+    out_dir = outputs.path
     log = ExperimentLogger(run_dir=run_dir, mode=wandb_settings.mode,
                            project=wandb_settings.project or experiment.name, entity=wandb_settings.entity,
                            name=f"{name}/{run_dir.name}", group=wandb_settings.group or name,
@@ -172,7 +205,7 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
         if calibration is not None:
             model.set_mask_threshold(calibration.value, calibration.to_json())  # type: ignore[operator]
             log.update_manifest(predict_mask_threshold=calibration.to_json())
-        exit_code = predict_all(model, pairs, settings, thresholds, prep, out_dir=out_dir, device=dist.device,
+        exit_code = predict_all(model, pairs, settings, thresholds, prep, outputs=outputs, device=dist.device,
                                 seed=experiment.seed, log=log)
         label = getattr(model, "inference_label", None)
         log.update_manifest(predict_model={**{k: str(v) for k, v in model.provenance().items()},
@@ -190,43 +223,66 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
 
 
 def predict_all(model: torch.nn.Module, pairs: list[tuple[Path, Path | None, str]], settings: PredictSettings,
-                thresholds: list[Threshold], prep: Preprocessing, *, out_dir: Path, device: torch.device, seed: int,
-                log: Any) -> int:
-    """Predict on every (input, mask, source); write maps, ``scores.csv`` and the summary. Returns the exit code."""
+                thresholds: list[Threshold], prep: Preprocessing, *, outputs: OutputFolder, device: torch.device,
+                seed: int, log: Any) -> int:
+    """Predict on every (input, mask, source); write maps, ``scores.csv`` and the summary.
+
+    The per-input boundary is reading and preprocessing: a :class:`~dl_utils.errors.DataError` there (a
+    :class:`BadInput` or a :class:`~data.readers.DataReadError`, which also stands for anything a format library
+    raised on the file) makes the input a skipped one, or ends the loop with ``on_error: stop``. Any other
+    exception (the model, our own code, writing the outputs) ends the run: it is not the input's fault.
+
+    Returns:
+        The exit code: 1 when the loop stopped at a bad input or no input was predicted, else 0.
+    """
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     used: set[str] = set()
-    stopped = False
+    predicted, stopped = 0, False
     start = time.perf_counter()
     progress = tqdm(pairs, desc="predict", disable=not sys.stderr.isatty(), leave=False)
     for path, mask, source in progress:
         try:
             scan = read_scan(path, mask, axial_range=settings.axial_range, source=source)
             result = predict_scan(model, scan, prep, device=device, batch_size=settings.batch_size, seed=seed)
-        except BadInput as err:
-            logger.error("predict: bad input, %s: %s", "stopping" if settings.on_error == "stop" else "skipped", err)
-            skipped.append({"input": str(path), "reason": str(err)})
+        except DataError as err:
+            skipped.append({"input": str(path), "reason": _one_line(err)})
             if settings.on_error == "stop":
+                logger.error("predict: bad input, stopping: %s", _one_line(err))
                 stopped = True
                 break
+            logger.warning("predict: bad input, skipped: %s", _one_line(err))
             continue
         stem = _unique(output_stem(path), used)
-        write_maps(scan, result, thresholds, out_dir, stem)
-        write_overlays(scan, result, thresholds, out_dir, stem, n=settings.n_overlays, log=log)
+        outputs.record(write_maps(scan, result, thresholds, outputs.path, stem))
+        outputs.record(write_overlays(scan, result, thresholds, outputs.path, stem, n=settings.n_overlays, log=log))
         rows.extend(score_rows(scan, result, thresholds, stem))
-    if rows:
-        _write_csv(out_dir / "scores.csv", rows)
-        log.log_table("predict/scores", rows)
-    if skipped:
-        _write_csv(out_dir / "skipped.csv", skipped)
-        log.log_table("predict/skipped", skipped)
-    done = len({r["input"] for r in rows})
-    log.log_scalars({"predict/n_inputs": len(pairs), "predict/n_predicted": done, "predict/n_skipped": len(skipped)})
-    log.update_manifest(predict_skipped=skipped)
-    seconds = time.perf_counter() - start
-    summary = f"predict: {done} of {len(pairs)} inputs predicted in {seconds:.1f} s, {len(skipped)} skipped"
+        predicted += 1
+    for name, table in (("scores", rows), ("skipped", skipped)):
+        if table:
+            _write_csv(outputs.path / f"{name}.csv", table)
+            outputs.record([outputs.path / f"{name}.csv"])
+            log.log_table(f"predict/{name}", table)
+    log.log_scalars({"predict/n_inputs": len(pairs), "predict/n_predicted": predicted,
+                     "predict/n_skipped": len(skipped)})
+    log.update_manifest(predict_skipped=skipped, predict_counts={"inputs": len(pairs), "predicted": predicted,
+                                                                 "skipped": len(skipped)})
+    return _summarise(len(pairs), predicted, skipped, stopped, time.perf_counter() - start, outputs.path)
+
+
+def _summarise(n_inputs: int, predicted: int, skipped: list[dict[str, str]], stopped: bool, seconds: float,
+               out_dir: Path) -> int:
+    """Log the one summary line (predicted and skipped inputs, why a run failed); return the exit code."""
+    summary = f"predict: {predicted} of {n_inputs} inputs predicted in {seconds:.1f} s, {len(skipped)} skipped"
     if skipped:
         summary += ": " + "; ".join(s["input"] for s in skipped)
-    level = logging.ERROR if stopped else logging.WARNING if skipped else logging.INFO
-    logger.log(level, summary + (" (stopped at the first bad input)" if stopped else ""))
-    return 1 if stopped else 0
+    if stopped:
+        untried = n_inputs - predicted - len(skipped)
+        logger.warning("%s (stopped at the first bad input, predict.on_error: stop; %d not tried)", summary, untried)
+        return 1
+    if predicted == 0:
+        logger.error("%s; no input was predicted, so the prediction failed: each input's reason is on its own line "
+                     "above and in %s", summary, out_dir / "skipped.csv")
+        return 1
+    logger.log(logging.WARNING if skipped else logging.INFO, summary)
+    return 0

@@ -10,9 +10,9 @@ is one slice, ``flipud(data.T)`` as the reader does. PNG/JPEG/NPY/DICOM files ar
 
 from __future__ import annotations
 
-import glob as globlib
+import fnmatch
 import logging
-import zlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,15 +21,27 @@ import numpy as np
 
 from core.Configurator import ConfigError
 from data.dataset import SplitError, read_split_csv, resolve
-from data.readers import NIFTI_SUFFIXES, SUPPORTED_SUFFIXES, DataReadError, file_format, read_slice
+from data.readers import (
+    NIFTI_SUFFIXES,
+    SUPPORTED_SUFFIXES,
+    DataReadError,
+    file_format,
+    raised_by_format_library,
+    read_slice,
+)
+from dl_utils.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 _RAS = np.array([[0, 1], [1, 1], [2, 1]])
 
 
-class BadInput(Exception):
-    """An input that cannot be predicted on; the message names the file and the reason."""
+class BadInput(DataError):
+    """An input that cannot be predicted on; the message names the file and the reason.
+
+    Prediction skips it (``on_error: skip``) or stops at it (``'stop'``), as it does a
+    :class:`data.readers.DataReadError` of an input.
+    """
 
 
 @dataclass(frozen=True)
@@ -61,8 +73,83 @@ def _is_supported(path: Path) -> bool:
     return path.is_file() and str(path).lower().endswith(SUPPORTED_SUFFIXES)
 
 
+_MAGIC = re.compile(r"[*?[]")
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as err:  # unreadable or vanished: glob skips such folders too, but say so
+        logger.warning("predict: cannot list %s (%s); its files are not inputs", folder, err.strerror or err)
+        return []
+
+
+def _visible(name: str, part: str) -> bool:
+    return part.startswith(".") or not name.startswith(".")
+
+
+class _Glob:
+    """One :func:`glob_files` expansion: the pattern's parts, the files found, the folders ``**`` entered."""
+
+    def __init__(self, parts: tuple[str, ...]) -> None:
+        self.parts = parts
+        self.found: list[Path] = []
+        self.entered: set[tuple[int, int, int]] = set()  # (device, inode, pattern part)
+
+    def walk(self, path: Path, i: int) -> None:
+        """Match ``parts[i:]`` below ``path``."""
+        if i == len(self.parts):
+            if path.is_file():
+                self.found.append(path)
+        elif self.parts[i] == "**":
+            self.any_depth(path, i)
+        elif _MAGIC.search(self.parts[i]):
+            if path.is_dir():
+                for child in _children(path):
+                    if fnmatch.fnmatchcase(child.name, self.parts[i]) and _visible(child.name, self.parts[i]):
+                        self.walk(child, i + 1)
+        else:
+            self.walk(path / self.parts[i], i + 1)
+
+    def any_depth(self, path: Path, i: int) -> None:
+        """``**`` at ``parts[i]``: no folder, or any visible subfolder; each folder entered once."""
+        try:
+            stat = path.stat()
+        except OSError:
+            return
+        if (stat.st_dev, stat.st_ino, i) in self.entered or not path.is_dir():
+            return
+        self.entered.add((stat.st_dev, stat.st_ino, i))
+        self.walk(path, i + 1)
+        for child in _children(path):
+            if not _visible(child.name, ""):
+                continue
+            if child.is_dir():
+                self.any_depth(child, i)
+            elif i + 1 == len(self.parts) and child.is_file():  # a trailing ``**`` matches files too
+                self.found.append(child)
+
+
+def glob_files(pattern: Path) -> list[Path]:
+    """The files matching ``pattern``, sorted; ``**`` matches any number of folders.
+
+    As ``glob.glob(pattern, recursive=True)``, with one difference: ``**`` enters each folder once (by device and
+    inode), whichever path (symbolic link) leads there, so a link loop such as ``scans/again -> ..`` ends instead
+    of growing paths without end, and a folder linked twice is read once. Names starting with ``.`` match only a
+    pattern part that starts with ``.``; folders that cannot be listed are skipped with a warning.
+    """
+    parts = pattern.parts
+    first = next((i for i, part in enumerate(parts) if _MAGIC.search(part)), len(parts))
+    expansion = _Glob(parts)
+    expansion.walk(Path(*parts[:first]), first)
+    return sorted(expansion.found, key=str)
+
+
 def expand(entries: list[str], key: str, root: Path) -> list[tuple[Path, str]]:
     """Folders, globs and CSVs -> ``(file, where it came from)`` in order (folders and globs sorted).
+
+    A folder gives its supported files (not recursive); a glob the files it matches (see :func:`glob_files`:
+    ``**`` follows no symbolic-link loop); a CSV its rows, as listed.
 
     Raises:
         ConfigError: naming ``predict.<key>[i]`` when an entry matches nothing or a CSV is malformed.
@@ -72,15 +159,14 @@ def expand(entries: list[str], key: str, root: Path) -> list[tuple[Path, str]]:
         where = f"predict.{key}[{i}]"
         path = resolve(text, root)
         if path.is_dir():
-            found = [(p, f"folder {text}") for p in sorted(path.iterdir()) if _is_supported(p)]
+            found = [(p, f"folder {text}") for p in _children(path) if _is_supported(p)]
         elif str(path).lower().endswith(".csv"):
             try:
                 found = read_split_csv(path, root)
             except SplitError as err:
                 raise ConfigError(f"{where}: {err}") from err
-        elif any(c in text for c in "*?["):
-            found = [(Path(p), f"glob {text}") for p in sorted(globlib.glob(str(path), recursive=True))
-                     if Path(p).is_file()]
+        elif _MAGIC.search(text):
+            found = [(p, f"glob {text}") for p in glob_files(path)]
         elif path.is_file():
             found = [(path, where)]
         else:
@@ -92,20 +178,21 @@ def expand(entries: list[str], key: str, root: Path) -> list[tuple[Path, str]]:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def _nifti_errors() -> tuple[type[BaseException], ...]:
-    import nibabel.filebasedimages
-
-    return OSError, ValueError, EOFError, zlib.error, nibabel.filebasedimages.ImageFileError
-
-
 def _load_nifti(path: Path) -> tuple[Any, np.ndarray]:
-    """The nibabel image and its data as float32 with a trailing singleton 4th axis dropped."""
+    """The nibabel image and its data as float32 with a trailing singleton 4th axis dropped.
+
+    Raises:
+        BadInput: whatever nibabel (or NumPy) raised while reading the file; an exception of our own code is a bug
+            and keeps its type (:func:`data.readers.raised_by_format_library`).
+    """
     import nibabel as nib
 
     try:
         img = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=np.float32)
-    except _nifti_errors() as err:
+    except Exception as err:  # the per-file boundary: nibabel's failure is the file's, anything else a bug
+        if not raised_by_format_library(err):
+            raise
         raise BadInput(f"{path}: cannot read as NIfTI: {type(err).__name__}: {err}") from err
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -116,10 +203,26 @@ def _load_nifti(path: Path) -> tuple[Any, np.ndarray]:
     return img, data
 
 
-def _orientation(img: Any) -> np.ndarray:
+def _orientation(img: Any, path: Path) -> np.ndarray:
+    """``io_orientation`` of the image's affine: [3,2] (voxel axis -> canonical axis, flip).
+
+    Raises:
+        BadInput: the affine holds NaN/infinite values, maps an axis to no direction, or nibabel cannot decompose it.
+    """
     import nibabel as nib
 
-    return nib.orientations.io_orientation(img.affine)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise BadInput(f"{path}: its affine holds NaN or infinite values")
+    try:
+        ornt = nib.orientations.io_orientation(affine)
+    except Exception as err:  # the per-file boundary, as in _load_nifti
+        if not raised_by_format_library(err):
+            raise
+        raise BadInput(f"{path}: its affine gives no orientation: {type(err).__name__}: {err}") from err
+    if np.isnan(ornt).any():
+        raise BadInput(f"{path}: its affine {affine[:3, :3].tolist()} is degenerate (a voxel axis has no direction)")
+    return ornt
 
 
 def to_slices(data: np.ndarray, ornt: np.ndarray | None) -> np.ndarray:
@@ -156,9 +259,17 @@ def read_scan(path: Path, mask_path: Path | None, *, axial_range: list[int] | No
     2-D input without brain, is a bad input.
 
     Raises:
-        BadInput: unreadable file, not 2-D/3-D, mask of another shape, no brain (naming the file).
+        BadInput: missing or not a regular file, unsupported type, unreadable (whatever the format library
+            raised), not 2-D/3-D, a degenerate affine, mask of another shape, no brain (naming the file).
     """
-    if file_format(path) != "nifti":
+    for file in (path, mask_path):
+        if file is not None and not file.is_file():  # a folder or a FIFO named like a scan: reading could block
+            raise BadInput(f"{file}: not found or not a regular file ({source})")
+    try:
+        kinds = [file_format(f) for f in (path, mask_path) if f is not None]
+    except DataReadError as err:
+        raise BadInput(f"{err} ({source})") from err
+    if kinds[0] != "nifti":
         try:
             image = read_slice(path, source=source)
             brain = None if mask_path is None else read_slice(mask_path, source=source) != 0
@@ -173,13 +284,13 @@ def read_scan(path: Path, mask_path: Path | None, *, axial_range: list[int] | No
     img, data = _load_nifti(path)
     brain_data = None
     if mask_path is not None:
-        if file_format(mask_path) != "nifti":
+        if kinds[1] != "nifti":
             raise BadInput(f"{mask_path}: the mask of NIfTI input {path} must be a NIfTI file")
         _, brain_data = _load_nifti(mask_path)
         if brain_data.shape != data.shape:
             raise BadInput(f"{mask_path}: mask shape {brain_data.shape} differs from {path} shape {data.shape}")
     flat = data.ndim == 2 or data.shape[2] == 1
-    ornt = None if flat else _orientation(img)
+    ornt = None if flat else _orientation(img, path)
     slices = to_slices(data, ornt)
     brain = None if brain_data is None else to_slices(brain_data, ornt) != 0
     indices = list(range(slices.shape[0]))
@@ -204,7 +315,7 @@ def volume_from_slices(scan: Scan, values: np.ndarray, fill: float = 0.0) -> np.
     img = scan.nifti
     shape = tuple(img.shape)
     flat_shape = shape[:3] if len(shape) == 4 else shape
-    ornt = None if len(flat_shape) == 2 or flat_shape[2] == 1 else _orientation(img)
+    ornt = None if len(flat_shape) == 2 or flat_shape[2] == 1 else _orientation(img, scan.path)
     full = np.full((scan.n_axial, *values.shape[1:]), fill, dtype=values.dtype)
     full[scan.indices] = values
     return from_slices(full, shape, ornt)

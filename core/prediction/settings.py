@@ -10,6 +10,7 @@ YAML::
       fprs: [0.05]                                   # optional: which entries of the training thresholds.json
       threshold_values: null                         # or explicit thresholds (then the file is not needed)
       on_error: skip                                 # or stop
+      output_dir: null                               # or a new/empty folder (overwrite: true to reuse one)
 
 Relative paths (inputs, masks, CSV rows, ``thresholds_file``, ``output_dir``) are resolved against the
 repository root, as the data module does; ``output_dir`` defaults to ``predictions/`` in the run folder.
@@ -42,9 +43,13 @@ class PredictSettings:
             (unless ``threshold_values`` is given).
         threshold_values: explicit thresholds (pixels with map > value are anomalous).
         thresholds_file: the training run's thresholds; null = ``thresholds.json`` next to the weights.
-        output_dir: where maps, masks and ``scores.csv`` go; null = ``predictions/`` in the run folder.
-        on_error: a bad input (unreadable, 4-D, mask of another shape, no brain) is skipped (``'skip'``,
-            listed in the summary) or ends the run with exit code 1 (``'stop'``).
+        output_dir: where maps, masks and ``scores.csv`` go; null = ``predictions/`` in the run folder. A folder
+            that already holds anything is refused unless ``overwrite`` is true.
+        overwrite: write into an ``output_dir`` that holds files: the outputs an earlier prediction recorded
+            there (``predict_outputs.txt``) are removed first, other files stay (same-name outputs replace them).
+        on_error: a bad input (whatever made it unreadable, 4-D, mask of another shape, no brain) is skipped
+            (``'skip'``: one warning line, listed in ``skipped.csv`` and the summary) or ends the run with exit
+            code 1 (``'stop'``). A run that predicts no input at all exits 1 either way.
         intensity: override of the training run's intensity rule (e.g. ``'percentile'`` for raw scans with a
             model trained on ``'unit'`` data); null = the checkpoint's rule.
         batch_size: slices per forward pass.
@@ -58,6 +63,7 @@ class PredictSettings:
     threshold_values: list[float] | None = None
     thresholds_file: str | None = None
     output_dir: str | None = None
+    overwrite: bool = False
     on_error: OnError = "skip"
     intensity: Intensity | None = None
     batch_size: int = 16

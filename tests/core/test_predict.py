@@ -1,8 +1,10 @@
-"""``experiment.task: predict``: geometry round trips, the training run's thresholds, bad inputs, 2-D files."""
+"""``experiment.task: predict``: geometry round trips, the training run's thresholds, bad inputs, 2-D files, the
+output folder, input expansion."""
 
 import csv
 import json
 import logging
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -213,10 +215,11 @@ def test_bad_inputs_are_named_and_skipped(run, caplog):
     predict = {"inputs": [str(run["root"] / "inputs.csv")], "masks": [str(run["root"] / "masks.csv")]}
     with caplog.at_level(logging.INFO):
         assert _predict(run, predict) == 0
-    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # skipping is no error: one warning each
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     for key, reason in (("corrupt", "cannot read as NIfTI"), ("four_d", "3-D volume"),
                         ("wrong_mask", "differs from"), ("no_brain", "no brain")):
-        assert any(str(files[key].name) in e and reason in e for e in errors), (key, errors)
+        assert sum(str(files[key].name) in w and reason in w for w in warnings) == 1, (key, warnings)
     assert {r["input"] for r in _scores(run)} == {str(files["good"])}
     with (run["root"] / "out" / "skipped.csv").open() as f:
         assert [Path(r["input"]).name for r in csv.DictReader(f)] == [
@@ -260,6 +263,157 @@ def test_dry_run_checks_everything_but_reads_no_scan(run):
 
 def test_raw_scan_with_a_unit_intensity_model_is_a_bad_input_with_a_hint(run, caplog):
     nib.save(nib.Nifti1Image(_smooth_volume((6, 6, 3)), np.eye(4)), run["root"] / "raw.nii.gz")
-    assert _predict(run, {"inputs": [str(run["root"] / "raw.nii.gz")], "intensity": "unit"}) == 0
+    assert _predict(run, {"inputs": [str(run["root"] / "raw.nii.gz")], "intensity": "unit"}) == 1  # none predicted
     assert "raw.nii.gz: intensity 'unit' needs values in [0,1]" in caplog.text
     assert "set predict.intensity" in caplog.text and "0 of 1 inputs predicted" in caplog.text
+
+
+def _no_pixel_dicom(path):
+    import pydicom
+
+    from tests.data.test_readers import _write_dicom
+
+    _write_dicom(path, np.ones((4, 4), np.uint16))
+    ds = pydicom.dcmread(path)
+    del ds.PixelData  # pydicom's pixel_array raises AttributeError for it
+    ds.save_as(path)
+    return path
+
+
+def _zero_affine_nifti(path):
+    """A 3-D NIfTI whose sform is all zeros (nibabel refuses to write one: the bytes are patched)."""
+    img = nib.Nifti1Image(_smooth_volume((6, 6, 4)), np.eye(4))
+    img.header.set_sform(np.eye(4), code=1)
+    img.header.set_qform(None, code=0)
+    nib.save(img, path)
+    raw = bytearray(path.read_bytes())
+    raw[280:328] = np.zeros(12, "<f4").tobytes()  # srow_x, srow_y, srow_z of the NIfTI-1 header
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_every_kind_of_unreadable_input_is_one_skipped_line(run, caplog, monkeypatch):
+    root = run["root"]
+    Image.fromarray(np.clip(_smooth_volume((6, 8)), 0, 255).astype(np.uint8)).save(root / "good.png")
+    Image.fromarray(np.zeros((12, 12), np.uint8) + 7).save(root / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # huge.png: 144 pixels > 2 x 50, a "bomb"
+    _no_pixel_dicom(root / "nopixels.dcm")
+    (root / "notes.txt").write_text("not a scan")
+    _zero_affine_nifti(root / "flat_affine.nii")
+    names = ["good.png", "huge.png", "nopixels.dcm", "notes.txt", "flat_affine.nii", "gone.png"]
+    (root / "inputs.csv").write_text("filename\n" + "".join(f"{root / n}\n" for n in names))
+    with caplog.at_level(logging.INFO):
+        assert _predict(run, {"inputs": [str(root / "inputs.csv")], "threshold_values": [0.3]}) == 0
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    reasons = {"huge.png": "DecompressionBombError", "nopixels.dcm": "a DICOM without pixel data",
+               "notes.txt": "unsupported file type", "flat_affine.nii": "is degenerate",
+               "gone.png": "not found or not a regular file"}
+    warnings = [r.getMessage() for r in caplog.records if "bad input, skipped" in r.getMessage()]
+    for name, reason in reasons.items():
+        assert sum(name in w and reason in w for w in warnings) == 1, (name, warnings)
+    with (root / "out" / "skipped.csv").open() as f:
+        assert [Path(r["input"]).name for r in csv.DictReader(f)] == names[1:]
+    assert "1 of 6 inputs predicted" in caplog.text and {r["input"] for r in _scores(run)} == {str(root / "good.png")}
+
+
+def test_a_bug_in_our_code_is_not_a_skipped_input(run, monkeypatch):
+    nib.save(nib.Nifti1Image(_smooth_volume((6, 6, 3)), np.eye(4)), run["root"] / "s.nii.gz")
+
+    def broken(data, ornt):
+        raise IndexError("our bug")
+
+    monkeypatch.setattr("core.prediction.scans.to_slices", broken)
+    with pytest.raises(IndexError, match="our bug"):
+        _predict(run, {"inputs": [str(run["root"] / "s.nii.gz")]})
+
+
+def test_no_input_predicted_exits_1_and_says_why(run, caplog):
+    (run["root"] / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    _no_pixel_dicom(run["root"] / "b.dcm")
+    predict = {"inputs": [str(run["root"] / "a.png"), str(run["root"] / "b.dcm")], "threshold_values": [0.3]}
+    assert _predict(run, predict) == 1
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "predict: 0 of 2 inputs predicted in" in error and "2 skipped" in error
+    assert f"no input was predicted, so the prediction failed: each input's reason is on its own line above and in " \
+           f"{run['root'] / 'out' / 'skipped.csv'}" in error
+    (manifest_path,) = (run["root"] / "runs").rglob("manifest.json")
+    assert json.loads(manifest_path.read_text())["predict_counts"] == {"inputs": 2, "predicted": 0, "skipped": 2}
+
+
+def _two_scans(root):
+    for name, seed in (("a", 0), ("b", 1)):
+        nib.save(nib.Nifti1Image(_smooth_volume((8, 8, 3), seed=seed), np.eye(4)), root / f"{name}.nii.gz")
+
+
+def test_an_output_folder_that_holds_files_is_refused_before_anything_is_written(run, caplog):
+    _two_scans(run["root"])
+    out = run["root"] / "out"
+    out.mkdir()
+    (out / "scores.csv").write_text("the user's own table\n")
+    for extra in ((), ("--dry-run",)):
+        caplog.clear()
+        assert _predict(run, {"inputs": [str(run["root"] / "a.nii.gz")]}, *extra) == 2
+        assert f"predict.output_dir: {out} already holds 1 entries (scores.csv)" in caplog.text
+        assert "set predict.overwrite: true" in caplog.text
+    assert (out / "scores.csv").read_text() == "the user's own table\n" and sorted(os.listdir(out)) == ["scores.csv"]
+    assert not (run["root"] / "runs").exists()
+
+
+def test_overwrite_removes_the_earlier_predictions_outputs_and_keeps_other_files(run, caplog):
+    _two_scans(run["root"])
+    (run["root"] / "broken.nii.gz").write_bytes(b"broken")
+    first = [str(run["root"] / n) for n in ("a.nii.gz", "broken.nii.gz")]
+    assert _predict(run, {"inputs": first}) == 0
+    out = run["root"] / "out"
+    earlier = set(os.listdir(out))
+    assert {"skipped.csv", "scores.csv", "a_anomaly_map.nii.gz", "predict_outputs.txt"} <= earlier
+    (out / "notes.txt").write_text("mine")
+    assert _predict(run, {"inputs": [str(run["root"] / "b.nii.gz")], "overwrite": True}) == 0
+    now = set(os.listdir(out))
+    assert not any(name.startswith("a_") for name in now) and "skipped.csv" not in now  # nothing stale
+    assert (out / "notes.txt").read_text() == "mine" and "b_anomaly_map.nii.gz" in now
+    assert {r["input"] for r in _scores(run)} == {str(run["root"] / "b.nii.gz")}
+    recorded = (out / "predict_outputs.txt").read_text().splitlines()
+    assert recorded[0].startswith("# files written by the prediction run ")
+    assert sorted(recorded[1:]) == sorted(now - {"notes.txt", "predict_outputs.txt"})
+    assert "1 entries of" in caplog.text and "(notes.txt)" in caplog.text  # the file that stays is named
+
+
+def test_an_overwritten_output_folder_may_not_hold_an_input(run, caplog):
+    _two_scans(run["root"])
+    out = run["root"] / "out"
+    out.mkdir()
+    (run["root"] / "a.nii.gz").rename(out / "a.nii.gz")
+    assert _predict(run, {"inputs": [str(out / "a.nii.gz")], "overwrite": True}) == 2
+    assert f"predict.output_dir: {out} holds the input {out / 'a.nii.gz'}" in caplog.text
+
+
+def test_glob_over_a_symlink_loop_ends_and_predicts_each_file_once(run, caplog):
+    scans = run["root"] / "scans"
+    (scans / "sub").mkdir(parents=True)
+    for name, seed in (("a", 0), ("sub/b", 1)):
+        nib.save(nib.Nifti1Image(_smooth_volume((8, 8, 3), seed=seed), np.eye(4)), scans / f"{name}.nii.gz")
+    (scans / "sub" / "up").symlink_to("..")  # a loop: scans/sub/up/sub/up/...
+    (scans / "again").symlink_to(".")
+    (scans / "alias.nii.gz").symlink_to("a.nii.gz")  # one file, two names
+    with caplog.at_level(logging.INFO):
+        assert _predict(run, {"inputs": [str(scans / "**" / "*.nii.gz")]}) == 0
+    assert {r["input"] for r in _scores(run)} == {str(scans / "a.nii.gz"), str(scans / "sub" / "b.nii.gz")}
+    assert f"{scans / 'alias.nii.gz'} (glob " in caplog.text and "each predicted once" in caplog.text
+
+
+def test_glob_files_matches_glob_without_links_and_enters_each_folder_once(tmp_path):
+    import glob
+
+    from core.prediction.scans import glob_files
+
+    for name in ("x.png", "a/y.png", "a/b/z.png", "a/b/n.txt", ".hidden/h.png", "a/.dot.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    for pattern in ("**/*.png", "*/*.png", "a/**/z.png", "**/.*.png", "**", "a/b/*", "*.png", "no/**/*.png"):
+        expected = sorted(p for p in glob.glob(str(tmp_path / pattern), recursive=True) if Path(p).is_file())
+        assert [str(p) for p in glob_files(tmp_path / pattern)] == expected, pattern
+    (tmp_path / "a" / "b" / "up").symlink_to("..")
+    (tmp_path / "a" / "twin").symlink_to("b")
+    assert [p.relative_to(tmp_path).as_posix() for p in glob_files(tmp_path / "**" / "*.png")] == [
+        "a/b/z.png", "a/y.png", "x.png"]  # a/twin is a/b again: entered once, by its first path

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data.readers as readers
 from data.readers import DataReadError, file_format, read_slice
 
 
@@ -124,6 +125,49 @@ def test_missing_corrupt_unsupported_and_nonfinite(tmp_path: Path) -> None:
     np.save(tmp_path / "nan.npy", np.array([[0.0, np.nan]], np.float32))
     with pytest.raises(DataReadError, match="NaN"):
         read_slice(tmp_path / "nan.npy")
+
+
+def test_dicom_without_pixel_data_or_with_a_missing_element_is_a_read_error(tmp_path: Path) -> None:
+    import pydicom
+
+    _write_dicom(tmp_path / "x.dcm", _ramp().astype(np.uint16))
+    ds = pydicom.dcmread(tmp_path / "x.dcm")
+    del ds.PixelData  # e.g. a structured report: pydicom raised AttributeError deep inside pixel_array
+    ds.save_as(tmp_path / "nopixels.dcm")
+    with pytest.raises(DataReadError, match=r"nopixels\.dcm: a DICOM without pixel data \(Secondary Capture Image "
+                                            r"Storage\): not an image \(a\.csv row 1\)"):
+        read_slice(tmp_path / "nopixels.dcm", source="a.csv row 1")
+    ds = pydicom.dcmread(tmp_path / "x.dcm")
+    del ds.Rows
+    ds.save_as(tmp_path / "norows.dcm")
+    with pytest.raises(DataReadError, match=r"norows\.dcm: cannot read as dicom: AttributeError: .*'Rows'"):
+        read_slice(tmp_path / "norows.dcm")
+
+
+def test_any_exception_of_a_format_library_is_a_read_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 64 pixels > 2 x 10: PIL's own Exception subclass
+    with pytest.raises(DataReadError, match=r"big\.png: cannot read as image: DecompressionBombError"):
+        read_slice(tmp_path / "big.png")
+    with h5py.File(tmp_path / "g.h5", "w") as f:
+        f.create_group("reconstruction_rss")
+    with pytest.raises(DataReadError, match=r"g\.h5: 'reconstruction_rss' is a Group, not a dataset"):
+        read_slice(tmp_path / "g.h5")
+
+
+def test_a_bug_in_our_reader_code_keeps_its_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    np.save(tmp_path / "x.npy", _ramp())
+    monkeypatch.setitem(readers._READERS, "npy", lambda path: np.load(path)[0, 0, 0])  # our IndexError
+    with pytest.raises(IndexError):
+        read_slice(tmp_path / "x.npy")
+    monkeypatch.setitem(readers._READERS, "npy", lambda path: json.loads("not json"))  # not a format library
+    with pytest.raises(json.JSONDecodeError):
+        read_slice(tmp_path / "x.npy")
+    monkeypatch.setitem(readers._READERS, "npy", lambda path: np.load(path, mmap_mode="x"))  # numpy's ValueError
+    with pytest.raises(DataReadError, match=r"x\.npy: cannot read as npy: ValueError"):
+        read_slice(tmp_path / "x.npy")
 
 
 def test_file_format_keys() -> None:

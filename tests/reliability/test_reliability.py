@@ -23,6 +23,7 @@ from PIL import Image
 from tests.reliability.conftest import (
     CASES,
     REPO,
+    Result,
     base_config,
     case,
     history_steps,
@@ -404,6 +405,132 @@ def case_checkpoint_config_imports_nothing(tmp: Path) -> None:
     assert "'h28_marker' is outside this project" in line
     assert not marker.exists(), "the checkpoint's module was imported"
     assert snapshot(tmp / "runs") == before and not (tmp / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ predict
+def _predict_config(tmp: Path, name: str, config: dict, run_dir: Path, **predict: object) -> Path:
+    """A predict config with the shared run's best.pt, an explicit threshold, outputs in ``tmp/<name>_out``."""
+    return write_config(tmp / f"{name}.yaml", config, **{
+        "experiment.task": "predict", "experiment.weights": str(run_dir / "checkpoints" / "best.pt"),
+        "predict": {"threshold_values": [0.1], "output_dir": str(tmp / f"{name}_out"), **predict}})
+
+
+def _scans(tmp: Path, config: dict, *names: str) -> Path:
+    """``tmp/scans`` with copies of the shared run's validation PNGs (``val0.png`` ...)."""
+    shared = Path(config["data"]["params"]["val"]["images"][0]).parent
+    folder = tmp / "scans"
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        shutil.copy(shared / name, folder / name)
+    return folder
+
+
+def _no_pixel_dicom(path: Path) -> Path:
+    import pydicom
+
+    from tests.data.test_readers import _write_dicom
+
+    _write_dicom(path, np.ones((4, 4), np.uint16))
+    ds = pydicom.dcmread(path)
+    del ds.PixelData  # a DICOM that is no image: pydicom's pixel_array raised AttributeError
+    ds.save_as(path)
+    return path
+
+
+def _inputs_in(table: Path) -> list[str]:
+    """The file names in the ``input`` column of ``scores.csv`` or ``skipped.csv``, once each, in order."""
+    import csv
+
+    with table.open(newline="") as f:
+        return list(dict.fromkeys(Path(row["input"]).name for row in csv.DictReader(f)))
+
+
+def _predicted_inputs(out: Path) -> set[str]:
+    return set(_inputs_in(out / "scores.csv"))
+
+
+def _warnings(result: Result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if " WARNING " in line]
+
+
+@case
+def case_predict_dicom_without_pixel_data_is_a_skipped_input(tmp: Path) -> None:
+    run_dir, _, config = trained_run(tmp)
+    before = snapshot(run_dir)
+    scans = _scans(tmp, config, "val0.png")
+    dicom = _no_pixel_dicom(scans / "report.dcm")
+    result = run_main(_predict_config(tmp, "skip", config, run_dir, inputs=[str(scans)]))
+    assert result.rc == 0 and not result.errors and "Traceback" not in result.stderr, result.stderr
+    (line,) = [w for w in _warnings(result) if "bad input, skipped" in w]
+    assert f"{dicom}: a DICOM without pixel data" in line
+    assert "predict: 1 of 2 inputs predicted" in result.stderr
+    assert _inputs_in(tmp / "skip_out" / "skipped.csv") == ["report.dcm"]
+    assert _predicted_inputs(tmp / "skip_out") == {"val0.png"}
+    result = run_main(_predict_config(tmp, "stop", config, run_dir, inputs=[str(scans)], on_error="stop"))
+    line = result.one_error()
+    assert result.rc == 1 and f"predict: bad input, stopping: {dicom}: a DICOM without pixel data" in line
+    assert snapshot(run_dir) == before
+
+
+@case
+def case_predict_with_every_input_skipped_exits_1(tmp: Path) -> None:
+    run_dir, _, config = trained_run(tmp)
+    scans = _scans(tmp, config)
+    (scans / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    _no_pixel_dicom(scans / "report.dcm")
+    result = run_main(_predict_config(tmp, "none", config, run_dir, inputs=[str(scans)]))
+    line = result.one_error()
+    assert result.rc == 1 and "predict: 0 of 2 inputs predicted in" in line and "2 skipped" in line
+    assert "no input was predicted, so the prediction failed" in line
+    assert str(tmp / "none_out" / "skipped.csv") in line
+    assert len([w for w in _warnings(result) if "bad input, skipped" in w]) == 2  # each reason on its own line
+
+
+@case
+def case_predict_into_a_folder_that_holds_files(tmp: Path) -> None:
+    run_dir, _, config = trained_run(tmp)
+    scans = _scans(tmp, config, "val0.png", "val1.png")
+    out = tmp / "mine_out"
+    out.mkdir()
+    (out / "scores.csv").write_text("the user's own table\n")
+    result = run_main(_predict_config(tmp, "mine", config, run_dir, inputs=[str(scans / "val0.png")]))
+    line = result.one_error()
+    assert result.rc == 2 and f"config error: predict.output_dir: {out} already holds 1 entries (scores.csv)" in line
+    assert "predict.overwrite: true" in line
+    assert (out / "scores.csv").read_text() == "the user's own table\n" and [p.name for p in out.iterdir()] == [
+        "scores.csv"]
+    assert len(run_dirs(tmp)) == 1  # only the copied training run: no prediction run folder
+    # an earlier prediction with a skipped input, then an overwrite: nothing of the first stays
+    (scans / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    first = _predict_config(tmp, "again", config, run_dir, inputs=[str(scans / "val0.png"), str(scans / "broken.png")])
+    assert run_main(first).rc == 0
+    again = tmp / "again_out"
+    assert (again / "skipped.csv").exists() and (again / "val0_anomaly_map.npy").exists()
+    (again / "notes.txt").write_text("mine")
+    second = _predict_config(tmp, "again", config, run_dir, inputs=[str(scans / "val1.png")], overwrite=True)
+    result = run_main(second)
+    assert result.rc == 0, result.stderr
+    names = {p.name for p in again.iterdir()}
+    assert "skipped.csv" not in names and not any(n.startswith("val0_") for n in names), names
+    assert (again / "notes.txt").read_text() == "mine" and _predicted_inputs(again) == {"val1.png"}
+
+
+@case
+def case_predict_glob_over_a_symlink_loop(tmp: Path) -> None:
+    run_dir, _, config = trained_run(tmp)
+    scans = _scans(tmp, config, "val0.png")
+    (scans / "sub").mkdir()
+    shutil.copy(scans / "val0.png", scans / "sub" / "val1.png")
+    (scans / "sub" / "up").symlink_to("..")  # scans/sub/up/sub/up/... : glob's ** followed it without end
+    (scans / "again").symlink_to(".")
+    (scans / "val0_link.png").symlink_to("val0.png")  # one file, two names: the first (sorted) counts
+    result = run_main(_predict_config(tmp, "loop", config, run_dir, inputs=[f"{scans}/**/*.png"]))
+    assert result.rc == 0 and not result.errors, result.stderr
+    assert "predict: 2 of 2 inputs predicted" in result.stderr
+    assert _predicted_inputs(tmp / "loop_out") == {"val0.png", "val1.png"}
+    (line,) = [w for w in _warnings(result) if "already listed" in w]
+    assert f"{scans / 'val0_link.png'} (glob {scans}/**/*.png) = {scans / 'val0.png'}" in line
+    assert "each predicted once" in line
 
 
 # ------------------------------------------------------------------------------------------------ resume
