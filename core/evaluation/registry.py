@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
 from core.Configurator import type_problem
+from core.evaluation.per_image import PerImage
 from core.evaluation.protocols import TableRow
 from core.evaluation.thresholds import MaskCalibration, Thresholds
 
@@ -59,7 +60,8 @@ Fprs = Annotated[Sequence[float], Between(0.0, 1.0)]
 
 @dataclass
 class TaskResult:
-    """What a task returns: metrics per dataset (floats), figures, tables, provenance, report notes, artifacts."""
+    """What a task returns: metrics per dataset (floats), figures, tables, provenance, report notes, artifacts, and
+    per-image numbers per dataset (:mod:`core.evaluation.per_image`, written to the run's ``per_image/``)."""
 
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     figures: dict[str, Figure] = field(default_factory=dict)
@@ -67,6 +69,7 @@ class TaskResult:
     manifest: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     artifacts: tuple[Thresholds | MaskCalibration, ...] = ()
+    per_image: dict[str, PerImage] = field(default_factory=dict)
 
 
 TaskFunction = Callable[..., TaskResult]

@@ -12,6 +12,7 @@ import torch
 from core.Configurator import ConfigError, build, is_enabled
 from core.evaluation import tasks as _tasks  # noqa: F401  (importing the package registers every task)
 from core.evaluation.context import EvalContext
+from core.evaluation.per_image import write_per_image
 from core.evaluation.protocols import DataSource, MetricSink
 from core.evaluation.registry import RESERVED_DATASETS, TASKS, TaskResult, TaskSpec
 from core.evaluation.report import write_report
@@ -150,8 +151,9 @@ def run_downstream(evaluators: Mapping[str, DownstreamEvaluator], *, model: Anom
         data: the data module; logger: the run's experiment logger; run: the run context.
 
     Returns:
-        ``{block name: {dataset: {metric: value}}}``; also writes ``checkpoints/thresholds.json`` and
-        ``report.md``; metrics go to ``logger`` as ``eval/<block>/<dataset>/<metric>``, the inference cost as
+        ``{block name: {dataset: {metric: value}}}``; also writes ``checkpoints/thresholds.json``,
+        ``report.md`` and the per-image numbers (``per_image/<dataset>.npz``, :mod:`core.evaluation.per_image`);
+        metrics go to ``logger`` as ``eval/<block>/<dataset>/<metric>``, the inference cost as
         ``eval/cost/<dataset>/s_per_image`` (and ``/network_calls`` when the model counts them), every backend
         used (:meth:`EvalContext.all_backends`) to the manifest (``backends``), wandb's config and the report.
     """
@@ -180,6 +182,7 @@ def run_downstream(evaluators: Mapping[str, DownstreamEvaluator], *, model: Anom
     if reports:
         write_report(Path(run.run_dir) / "report.md", reports, {n: e.task for n, e in evaluators.items()},
                      backends=backends, cost=ctx.cost)
+        write_per_image(Path(run.run_dir) / "per_image", {name: result.per_image for name, result in reports})
     return results
 
 

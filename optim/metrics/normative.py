@@ -84,6 +84,13 @@ def harmonic_mean(a: Any, b: Any) -> np.ndarray:
         return np.where(s > 0, 2.0 * a * b / np.where(s > 0, s, 1.0), 0.0)
 
 
+def rqi_per_image(ssim: Any, lpips: Any) -> np.ndarray:
+    """Each image's RQI term clip(SSIM, 0, 1) * clip(1 - LPIPS, 0, 1): [N] in [0,1] from [N] SSIM and LPIPS."""
+    s = np.asarray(ssim, dtype=np.float64).reshape(-1)
+    p = np.asarray(lpips, dtype=np.float64).reshape(-1)
+    return np.clip(s, 0.0, 1.0) * np.clip(1.0 - p, 0.0, 1.0)
+
+
 def rqi(ssim: Any, lpips: Any, mae: Any) -> dict[str, float]:
     """Restoration Quality Index from per-image components on unseen healthy images.
 
@@ -104,7 +111,7 @@ def rqi(ssim: Any, lpips: Any, mae: Any) -> dict[str, float]:
         warnings.warn("rqi: no images; returning NaN", RuntimeWarning, stacklevel=2)
         return {"rqi": float("nan"), "ssim_mean": float("nan"), "lpips_mean": float("nan"),
                 "mae_mean": float("nan"), "n": 0.0}
-    per = np.clip(s, 0.0, 1.0) * np.clip(1.0 - p, 0.0, 1.0)
+    per = rqi_per_image(s, p)
     return {"rqi": float(per.mean()), "ssim_mean": float(s.mean()), "lpips_mean": float(p.mean()),
             "mae_mean": float(e.mean()), "n": float(s.size)}
 
@@ -176,6 +183,18 @@ def ahi_equal_n(reference: Any, healthy: Any, pathological: Any, restored: Any, 
             "n_p": float(len(p_feat)), "n_reference": float(len(n_feat))}
 
 
+def caci_per_image(conservation: Any, correction: Any) -> np.ndarray:
+    """Each image's CACI term, the harmonic mean of clip(C, 0, 1) and clip(K, 0, 1): [N] in [0,1], NaN where C or K
+    is NaN (no healthy or no anomaly region)."""
+    c = np.asarray(conservation, dtype=np.float64).reshape(-1)
+    k = np.asarray(correction, dtype=np.float64).reshape(-1)
+    if c.size != k.size:
+        raise ValueError(f"caci: sizes differ (conservation {c.size}, correction {k.size})")
+    valid = np.isfinite(c) & np.isfinite(k)
+    per = harmonic_mean(np.clip(np.where(valid, c, 0.0), 0.0, 1.0), np.clip(np.where(valid, k, 0.0), 0.0, 1.0))
+    return np.where(valid, per, np.nan)
+
+
 def caci(conservation: Any, correction: Any) -> dict[str, float]:
     """Conservation-And-Correction Index from per-image components.
 
@@ -188,19 +207,19 @@ def caci(conservation: Any, correction: Any) -> dict[str, float]:
     """
     c = np.asarray(conservation, dtype=np.float64).reshape(-1)
     k = np.asarray(correction, dtype=np.float64).reshape(-1)
-    if c.size != k.size:
-        raise ValueError(f"caci: sizes differ (conservation {c.size}, correction {k.size})")
-    valid = np.isfinite(c) & np.isfinite(k)
+    per = caci_per_image(c, k)
+    valid = np.isfinite(per)
     if not valid.any():
         warnings.warn("caci: no image with both a healthy and an anomaly region; returning NaN", RuntimeWarning,
                       stacklevel=2)
         return {"caci": float("nan"), "conservation_mean": float("nan"), "correction_mean": float("nan"), "n": 0.0}
-    c, k = c[valid], k[valid]
-    per = harmonic_mean(np.clip(c, 0.0, 1.0), np.clip(k, 0.0, 1.0))
+    c, k, per = c[valid], k[valid], per[valid]
     return {"caci": float(per.mean()), "conservation_mean": float(c.mean()), "correction_mean": float(k.mean()),
             "n": float(c.size)}
 
 
-def combined_score(rqi_value: float, ahi_value: float, caci_value: float) -> float:
-    """The cross-run comparison score ((harmonic mean of RQI and CACI) + AHI) / 2."""
-    return float((harmonic_mean(rqi_value, caci_value) + ahi_value) / 2.0)
+def combined_score(rqi_value: Any, ahi_value: Any, caci_value: Any) -> Any:
+    """The cross-run comparison score ((harmonic mean of RQI and CACI) + AHI) / 2: a float for scalars, an array
+    (element-wise) for arrays."""
+    value = (harmonic_mean(rqi_value, caci_value) + np.asarray(ahi_value, dtype=np.float64)) / 2.0
+    return float(value) if value.ndim == 0 else value

@@ -12,10 +12,12 @@ from optim.metrics.normative import (
     ahi,
     ahi_equal_n,
     caci,
+    caci_per_image,
     combined_score,
     harmonic_mean,
     masked_mean,
     rqi,
+    rqi_per_image,
     ssim_maps,
     ssim_per_image,
 )
@@ -117,3 +119,13 @@ def test_harmonic_mean_and_combined_score():
     assert harmonic_mean(0.5, 1.0) == pytest.approx(2 / 3)
     # ((hm(0.9, 0.45) = 0.6) + 0.49) / 2
     assert combined_score(0.9, 0.49, 0.45) == pytest.approx((0.6 + 0.49) / 2)
+    # arrays element-wise (the study's bootstrap replicates), a float for scalars
+    np.testing.assert_allclose(combined_score([0.9, 0.5], [0.49, 0.0], [0.45, 1.0]), [(0.6 + 0.49) / 2, (2 / 3) / 2])
+    assert isinstance(combined_score(0.9, 0.49, 0.45), float)
+
+
+def test_per_image_terms_are_what_the_indices_average():
+    np.testing.assert_allclose(rqi_per_image([1.0, 0.5, -0.2], [0.0, 0.2, 1.3]), [1.0, 0.4, 0.0])
+    per = caci_per_image([0.9, 1.0, np.nan], [0.5, 0.0, 0.3])
+    np.testing.assert_allclose(per, [2 * 0.9 * 0.5 / 1.4, 0.0, np.nan])
+    assert np.nanmean(per) == pytest.approx(caci([0.9, 1.0, np.nan], [0.5, 0.0, 0.3])["caci"])

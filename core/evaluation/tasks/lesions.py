@@ -9,23 +9,26 @@ import numpy as np
 import torch
 
 from core.evaluation.context import EvalContext
+from core.evaluation.per_image import PerImage
 from core.evaluation.registry import DatasetName, DatasetNames, Fpr, TaskResult, register_task
 from core.evaluation.tasks._examples import pick_examples
 from core.evaluation.thresholds import Thresholds, operating_point
 from dl_utils import visualization as vis
-from optim.metrics import classification, localization, segmentation
+from optim.metrics import classification, localization, resampled, segmentation
 
 
 @register_task("detection")
 def detection(ctx: EvalContext, *, datasets: DatasetNames = None, healthy: DatasetName = "healthy_test") -> TaskResult:
     """Image-level AUROC/AUPRC of the anomaly score: healthy set vs each pathological set and all pooled.
 
+    Per image: ``score`` on the healthy set and every pathological set.
+
     Args:
         datasets: pathological sets (default: every pathological test set).
         healthy: the unseen healthy test set (label 0).
     """
     ref = ctx.inference(healthy)
-    result = TaskResult()
+    result = TaskResult(per_image={healthy: PerImage.of(ref.path, ref.label, {"score": ref.anomaly_score})})
     curves, scores = {}, {healthy: ref.anomaly_score.numpy()}
     pooled_s, pooled_y = [ref.anomaly_score], [ref.label]
     for name in ctx.resolve(datasets):
@@ -37,6 +40,7 @@ def detection(ctx: EvalContext, *, datasets: DatasetNames = None, healthy: Datas
         result.metrics[name] = {**classification.image_level_metrics(s, y),
                                 "score_mean": float(inf.anomaly_score.mean())}
         curves[name], scores[name] = (s.numpy(), y.numpy()), inf.anomaly_score.numpy()
+        result.per_image[name] = PerImage.of(inf.path, inf.label, {"score": inf.anomaly_score})
         pooled_s.append(inf.anomaly_score)
         pooled_y.append(inf.label)
     if len(pooled_s) > 1:
@@ -55,6 +59,10 @@ def segmentation_task(ctx: EvalContext, *, datasets: DatasetNames = None, thresh
                       size_bins: Sequence[Sequence[float]] = segmentation.REFERENCE_SIZE_BINS,
                       n_examples: int = 4, thresholds: Thresholds | None = None) -> TaskResult:
     """Pixel-level AUROC/AUPRC, Dice at the healthy threshold, oracle best Dice, per lesion-size bin.
+
+    Per image: the map's histograms on anomaly and healthy region pixels (``hist_anomaly``, ``hist_healthy`` on
+    the dataset's ``hist_edges``; pooled, they give ``auroc_pooled`` to within ``hist_bound``, and a resample's
+    pooled AUROC without the maps) and ``dice``.
 
     Args:
         datasets: sets to evaluate (default: every test set with anomaly masks).
@@ -92,6 +100,11 @@ def segmentation_task(ctx: EvalContext, *, datasets: DatasetNames = None, thresh
                                                         None if roi is None else roi[sub])
                 m[f"{tag}_auroc_pooled"], m[f"{tag}_auprc_pooled"] = binned["auroc_pooled"], binned["auprc_pooled"]
         result.metrics[name] = m
+        hist = resampled.pixel_histograms(inf.anomaly_map, inf.anomaly_mask, roi)
+        result.per_image[name] = PerImage.of(
+            inf.path, inf.label, {"hist_anomaly": hist.anomaly.astype(np.int32),
+                                  "hist_healthy": hist.healthy.astype(np.int32), "dice": dice},
+            {"hist_edges": hist.edges, "hist_bound": hist.bound})
         has_lesion = inf.anomaly_mask.flatten(1).sum(1).numpy() > 0
         per_image_dice[name] = dice[has_lesion & ~np.isnan(dice)]
         pick = pick_examples(len(inf), has_lesion, n_examples)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from core.evaluation.context import EvalContext
+from core.evaluation.per_image import PerImage
 from core.evaluation.registry import Between, DatasetName, DatasetNames, TaskResult, register_task
 from core.evaluation.tasks._examples import pick_examples
 from dl_utils import visualization as vis
@@ -27,6 +28,8 @@ def rqi_task(ctx: EvalContext, *, dataset: DatasetName = "healthy_test", backend
              n_examples: int = 4) -> TaskResult:
     """Restoration Quality Index on unseen healthy images: mean SSIM * (1 - LPIPS), with SSIM, LPIPS, MAE.
 
+    Per image: ``ssim``, ``lpips``, ``mae`` and ``rqi`` (the term RQI averages).
+
     Args:
         dataset: the unseen healthy test set.
         backend: PerceptualDistance backend ('auto', 'lpips', 'stlpips', 'random' for tests).
@@ -39,7 +42,9 @@ def rqi_task(ctx: EvalContext, *, dataset: DatasetName = "healthy_test", backend
     lpips = ctx.perceptual_distance(backend, inf.reconstruction, inf.image).numpy()
     mae = (inf.reconstruction - inf.image).abs().flatten(1).mean(1).numpy()
     result = TaskResult(metrics={dataset: normative.rqi(ssim, lpips, mae)},
-                        manifest={"lpips_backend": ctx.perceptual(backend).backend_name})
+                        manifest={"lpips_backend": ctx.perceptual(backend).backend_name},
+                        per_image={dataset: PerImage.of(inf.path, inf.label, {
+                            "ssim": ssim, "lpips": lpips, "mae": mae, "rqi": normative.rqi_per_image(ssim, lpips)})})
     result.figures[f"{dataset}/examples"] = vis.example_strip(inf, pick_examples(len(inf), np.ones(len(inf), bool),
                                                                              n_examples), title=dataset)
     result.figures["rqi_components"] = vis.box_figure({"SSIM": ssim, "LPIPS": lpips, "MAE": mae},
@@ -51,7 +56,8 @@ def rqi_task(ctx: EvalContext, *, dataset: DatasetName = "healthy_test", backend
 def ahi_task(ctx: EvalContext, *, datasets: DatasetNames = None, reference: DatasetName = "train",
              healthy: DatasetName = "healthy_test", backend: InceptionBackend = "auto",
              weights_path: str | None = None, min_class_size: int = 10, reference_limit: int | None = None,
-             draws: PositiveInt = 5, feature_cache: str | None = DEFAULT_FEATURE_CACHE) -> TaskResult:
+             draws: PositiveInt = 5, feature_cache: str | None = DEFAULT_FEATURE_CACHE,
+             save_features: bool = True) -> TaskResult:
     """Anomaly-to-Healthy Index from Frechet distances on Inception features against the healthy training set.
 
     FID(U,N), FID(P,N) and FID(R(P),N) at **equal n** (:func:`optim.metrics.normative.ahi_equal_n`:
@@ -70,6 +76,9 @@ def ahi_task(ctx: EvalContext, *, datasets: DatasetNames = None, reference: Data
         draws: subsamples averaged per FID (seeded with the run seed).
         feature_cache: folder of the on-disk cache of input features (N, U, P; never R(P)), relative to the
             repository root unless absolute; None or "" switches it off.
+        save_features: keep every feature row per image (``input_features`` of N's rows, U and P,
+            ``restored_features`` of R(P), float32, with the pooled sets, ``draws`` and ``seed`` as constants of N),
+            so that a study can recompute the pooled AHI on resampled images.
     """
     cache_dir, cache_log_start = _cache_dir(feature_cache), len(ctx.feature_cache_log)
     n_feat, prov = ctx.features(backend, weights_path, reference, "input", reference_limit, cache_dir=cache_dir)
@@ -80,7 +89,7 @@ def ahi_task(ctx: EvalContext, *, datasets: DatasetNames = None, reference: Data
     result.metrics[healthy] = {"fid_u": distribution.frechet_distance(n_stats, u_feat), "n_fid": float(len(u_feat)),
                                "kid_u": distribution.kernel_inception_distance(n_feat, u_feat),
                                "n_u": float(len(u_feat)), "n_reference": float(n_stats.n)}
-    pooled_p, pooled_r = [], []
+    pooled_p, pooled_r, pooled_names = [], [], []
     for name in ctx.resolve(datasets):
         if name == healthy or not ctx.info(name).pathological:
             continue
@@ -88,6 +97,11 @@ def ahi_task(ctx: EvalContext, *, datasets: DatasetNames = None, reference: Data
         r_feat, _ = ctx.features(backend, weights_path, name, "reconstruction")
         pooled_p.append(p_feat)
         pooled_r.append(r_feat)
+        pooled_names.append(name)
+        if save_features:
+            inf = ctx.images(name)
+            result.per_image[name] = PerImage.of(inf.path, inf.label, {"input_features": _float32(p_feat),
+                                                                      "restored_features": _float32(r_feat)})
         if len(p_feat) >= max(min_class_size, 2):
             result.metrics[name] = normative.ahi_equal_n(n_feat, u_feat, p_feat, r_feat, draws=draws, seed=ctx.seed,
                                                          reference_stats=n_stats)
@@ -98,6 +112,9 @@ def ahi_task(ctx: EvalContext, *, datasets: DatasetNames = None, reference: Data
         result.metrics["all_pathological"] = normative.ahi_equal_n(
             n_feat, u_feat, torch.cat(pooled_p), torch.cat(pooled_r), draws=draws, seed=ctx.seed,
             reference_stats=n_stats)
+    if save_features:
+        _feature_tables(result, ctx, reference=reference, healthy=healthy, limit=reference_limit,
+                        n_feat=n_feat, u_feat=u_feat, pooled=pooled_names, draws=draws)
     result.notes.append(f"AHI features: {prov.get('fid_backend')} ({prov.get('fid_note')}); reference '{reference}' "
                         f"n={n_stats.n}. FID(U,N), FID(P,N) and FID(R(P),N) of a row are compared at the same n "
                         f"(`n_fid` = min(n_U, n_P)): the mean over {draws} seeded subsamples without replacement "
@@ -108,6 +125,22 @@ def ahi_task(ctx: EvalContext, *, datasets: DatasetNames = None, reference: Data
         result.notes.append(f"Input features cached in {cache_dir}: hits {hits or 'none'}, misses {misses or 'none'}.")
         result.manifest["feature_cache"] = str(cache_dir)
     return result
+
+
+def _float32(features: torch.Tensor) -> np.ndarray:
+    return features.detach().cpu().numpy().astype(np.float32)
+
+
+def _feature_tables(result: TaskResult, ctx: EvalContext, *, reference: str, healthy: str, limit: int | None,
+                    n_feat: torch.Tensor, u_feat: torch.Tensor, pooled: list[str], draws: int) -> None:
+    """The per-image feature rows of N (the rows used) and U, with what the pooled AHI was computed from."""
+    ref = ctx.images(reference)
+    rows = slice(None, limit) if limit else slice(None)
+    result.per_image[reference] = PerImage.of(
+        ref.path[rows], ref.label[rows], {"input_features": _float32(n_feat)},
+        {"healthy": healthy, "pathological": np.asarray(pooled, dtype=str), "draws": draws, "seed": ctx.seed})
+    hea = ctx.images(healthy)
+    result.per_image[healthy] = PerImage.of(hea.path, hea.label, {"input_features": _float32(u_feat)})
 
 
 def _cache_dir(feature_cache: str | None) -> Path | None:
@@ -125,6 +158,7 @@ def caci_task(ctx: EvalContext, *, datasets: DatasetNames = None,
 
     The healthy region is the brain (or healthy-tissue) mask minus the anomaly mask; without a brain
     mask it is every pixel outside the anomaly mask. Images with an empty anomaly mask are skipped.
+    Per image: ``conservation``, ``correction`` and ``caci`` (the term CACI averages; NaN for skipped images).
 
     Args:
         datasets: sets with anomaly masks (default: all such test sets).
@@ -158,6 +192,10 @@ def caci_task(ctx: EvalContext, *, datasets: DatasetNames = None,
         }
         pooled_c.append(conservation)
         pooled_k.append(correction)
+        per = {"conservation": np.full(len(inf), np.nan), "correction": np.full(len(inf), np.nan)}
+        per["conservation"][keep.numpy()], per["correction"][keep.numpy()] = conservation, correction
+        per["caci"] = normative.caci_per_image(per["conservation"], per["correction"])
+        result.per_image[name] = PerImage.of(inf.path, inf.label, per)
     if pooled_c:
         result.metrics["all_annotated"] = normative.caci(np.concatenate(pooled_c), np.concatenate(pooled_k))
         result.manifest["lpips_backend"] = ctx.perceptual(backend).backend_name
