@@ -115,3 +115,33 @@ def image_level_metrics(scores: Any, labels: Any) -> dict[str, float]:
         "n_healthy": float((y == 0).sum()),
         "n_pathological": float((y == 1).sum()),
     }
+
+
+def tpr_at_fpr(scores: Any, labels: Any, fpr: float) -> dict[str, float]:
+    """Sensitivity at a fixed false-positive rate: the threshold is set on the negatives (label 0) alone.
+
+    The threshold is the smallest score value t with ``#{negatives with score > t} <= fpr * n_negative`` (the
+    rule of the healthy thresholds: positive iff score > t); the TPR is the fraction of positives above it.
+
+    Args:
+        scores: [N] anomaly scores.
+        labels: [N] in {0,1}.
+        fpr: the target false-positive rate in (0, 1).
+
+    Returns:
+        ``tpr``, ``threshold``, ``achieved_fpr`` (<= fpr), ``n_positive``, ``n_negative``; the first three NaN
+        (with a warning) when only one class is present.
+    """
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"tpr_at_fpr: fpr must be in (0, 1), got {fpr!r}")
+    y = as_numpy(labels)
+    counts = {"n_positive": float((y == 1).sum()), "n_negative": float((y == 0).sum())}
+    checked = _check(scores, labels, "tpr_at_fpr")
+    if checked is None:
+        return {"tpr": float("nan"), "threshold": float("nan"), "achieved_fpr": float("nan"), **counts}
+    s, positive = checked
+    negatives = np.sort(s[~positive])[::-1]
+    allowed = int(np.floor(fpr * negatives.size + 1e-9))  # negatives that may lie above the threshold
+    threshold = float(negatives[allowed])
+    return {"tpr": float((s[positive] > threshold).mean()), "threshold": threshold,
+            "achieved_fpr": float((negatives > threshold).mean()), **counts}

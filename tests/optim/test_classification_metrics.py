@@ -56,3 +56,19 @@ def test_inputs_not_mutated_and_bad_labels_rejected():
     assert scores.tolist() == [0.3, 0.1, 0.2]
     with pytest.raises(ValueError, match="labels must be 0/1"):
         auroc(scores, [2, 0, 0])
+
+
+def test_tpr_at_fpr_hand_computed_and_with_ties():
+    from optim.metrics.classification import tpr_at_fpr
+
+    negatives = np.arange(10.0)  # at 20 % FPR two negatives (8, 9) may lie above the threshold -> t = 7
+    out = tpr_at_fpr(np.r_[negatives, [7.5, 9.5, 3.0]], np.r_[np.zeros(10), np.ones(3)], 0.2)
+    assert out["threshold"] == 7.0 and out["achieved_fpr"] == pytest.approx(0.2)
+    assert out["tpr"] == pytest.approx(2 / 3) and out["n_negative"] == 10
+    # Tied negatives: no threshold between the three 5s, so none may lie above it; 5 is not > 5.
+    tied = tpr_at_fpr([5.0, 5.0, 5.0, 1.0, 5.0, 6.0], [0, 0, 0, 0, 1, 1], 0.5)
+    assert tied["threshold"] == 5.0 and tied["achieved_fpr"] == 0.0 and tied["tpr"] == 0.5
+    with pytest.warns(RuntimeWarning, match="one class"):
+        assert np.isnan(tpr_at_fpr([0.1, 0.2], [0, 0], 0.1)["tpr"])
+    with pytest.raises(ValueError, match="fpr"):
+        tpr_at_fpr([0.1, 0.2], [0, 1], 1.0)
