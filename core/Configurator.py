@@ -66,6 +66,18 @@ class ConfigError(Exception):
     """A configuration problem; the message names the file and/or YAML path at fault."""
 
 
+class ParamError(ValueError):
+    """A constructor's complaint about the value of one of its parameters.
+
+    :func:`build` reports it at that parameter's YAML path (``trainer.params.max_epochs: must be > 0, got 0``);
+    elsewhere it reads as a plain ``ValueError`` (``max_epochs must be > 0, got 0``).
+    """
+
+    def __init__(self, param: str, problem: str) -> None:
+        super().__init__(f"{param} {problem}")
+        self.param, self.problem = param, problem
+
+
 class DuplicateKeyError(yaml.constructor.ConstructorError):
     """A mapping holds the same key twice (PyYAML would silently keep the last value)."""
 
@@ -467,6 +479,8 @@ def build(block: Any, path: str, base: type | None = None, **injected: Any) -> A
     params = {k: _convert(v, hints.get(k, Any), f"{path}.params.{k}") for k, v in params.items()}
     try:
         return cls(**params, **injected)
+    except ParamError as err:
+        raise ConfigError(f"{path}.params.{err.param}: {err.problem}") from err
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{path}: {block['module_name']}.{block['class_name']}: {err}") from err
 

@@ -56,7 +56,7 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from core.Configurator import build, is_enabled, resolve_class
+from core.Configurator import ParamError, build, is_enabled, resolve_class
 from core.optimizer_groups import OptimizerGroups
 from data.batch import Batch
 from dl_utils import checkpoint as ckpt
@@ -95,14 +95,14 @@ class TrainLogger(Protocol):
 def _check_choice(name: str, value: str, options: Any) -> None:
     choices = get_args(options)
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(repr(c) for c in choices)}")
+        raise ParamError(name, f"{value!r} is not one of {', '.join(repr(c) for c in choices)}")
 
 
 def _check_positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
     if value is None or value <= 0:
-        raise ValueError(f"{name} must be > 0{' or null' if allow_none else ''}, got {value!r}")
+        raise ParamError(name, f"must be > 0{' or null' if allow_none else ''}, got {value!r}")
 
 
 class Trainer:
@@ -185,7 +185,7 @@ class Trainer:
                             ("checkpoint_every_steps", checkpoint_every_steps), ("grad_clip_norm", grad_clip_norm)):
             _check_positive(name, value)
         if early_stopping_min_delta < 0:
-            raise ValueError(f"early_stopping_min_delta must be >= 0, got {early_stopping_min_delta!r}")
+            raise ParamError("early_stopping_min_delta", f"must be >= 0, got {early_stopping_min_delta!r}")
         reserved = sorted(set(loss_weights or {}) & set(RESERVED_TERMS))
         if reserved:
             raise ValueError(f"loss_weights: {reserved} are reserved names, not loss terms")

@@ -69,6 +69,19 @@ def test_bad_blocks_name_the_yaml_path(spec, message):
         build(spec, "model")
 
 
+class Meter:
+    def __init__(self, *, rate: int = 1) -> None:
+        if rate < 1:
+            raise configurator.ParamError("rate", f"must be >= 1, got {rate}")
+
+
+def test_a_constructor_value_error_about_one_parameter_names_its_yaml_path():
+    spec = {"module_name": "tests.core.test_configurator", "class_name": "Meter", "params": {"rate": 0}}
+    with pytest.raises(ConfigError, match=r"^trainer\.params\.rate: must be >= 1, got 0$"):
+        build(spec, "trainer")
+    assert str(configurator.ParamError("rate", "must be >= 1, got 0")) == "rate must be >= 1, got 0"
+
+
 def test_wrong_base_class_is_refused():
     with pytest.raises(ConfigError, match="is not a subclass of Module"):
         build(block(size=1), "model", base=torch.nn.Module)

@@ -96,6 +96,16 @@ def case_yaml_alias_bomb_fails_fast(tmp: Path) -> None:
 
 
 @case
+def case_trainer_option_values_refused_at_dry_run(tmp: Path) -> None:
+    config = base_config(tmp, make_data(tmp))
+    for key, value, message in (("max_epochs", 0, "must be > 0, got 0"), ("val_interval", -1, "must be > 0, got -1"),
+                                ("early_stopping_min_delta", -0.5, "must be >= 0, got -0.5")):
+        result = run_main(write_config(tmp / "run.yaml", config, **{f"trainer.params.{key}": value}), "--dry-run")
+        assert result.rc == 2 and f"config error: trainer.params.{key}: {message}" in result.one_error()
+    _no_run_folder(tmp)
+
+
+@case
 def case_scientific_notation_lr_is_a_number(tmp: Path) -> None:
     path = _config(tmp)
     path.write_text(path.read_text().replace("lr: 0.001", "lr: 1e-3"))
