@@ -70,6 +70,13 @@ logger = logging.getLogger(__name__)
 
 AmpMode = Literal["auto", "bf16", "fp16", "off"]
 SchedulerInterval = Literal["epoch", "step"]
+ModelMode = Literal["train", "reference"]
+# What each trainer.params.model_mode means, recorded in the manifest (``training_model_mode``) and the report.
+MODEL_MODE_LABELS = {
+    "train": "train (the model in train mode while training: BatchNorm batch statistics, dropout on)",
+    "reference": "reference (the whole model in eval mode while training, as the reference study's trainer: "
+                 "BatchNorm with its running statistics, which then never change, dropout off, EMA codebooks frozen)",
+}
 DEFAULT_OPTIMIZER: dict[str, Any] = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": 1e-4}}
 RESERVED_TERMS = ("loss", "lr")
 
@@ -90,6 +97,10 @@ class TrainLogger(Protocol):
     def log_val(self, metrics: Mapping[str, float | Tensor], *, step: int) -> None: ...
 
     def log_scalars(self, values: Mapping[str, float], *, step: int | None = None) -> None: ...
+
+    def update_manifest(self, **entries: Any) -> None: ...
+
+    def update_config(self, **entries: Any) -> None: ...
 
 
 def _check_choice(name: str, value: str, options: Any) -> None:
@@ -144,6 +155,13 @@ class Trainer:
         find_unused_parameters: passed to ``DistributedDataParallel`` (needed when some parameters get no
             gradient in a step).
         progress: show a tqdm bar per epoch (only on rank 0 and only when stderr is a terminal).
+        model_mode: ``'train'`` (default, correct) puts the model in train mode for every training step;
+            ``'reference'`` keeps the whole model in eval mode while training, which is what the reference study's
+            trainer did by accident (it called ``model.eval()`` in place to copy a test model and never called
+            ``train()`` again): BatchNorm normalises with its running statistics (which therefore stay at their
+            initial values), dropout is off and EMA codebooks never move. Gradients and optimizer steps are
+            unchanged, and so is validation. Recorded in the manifest and wandb config as
+            ``training_model_mode`` and in ``report.md``.
     """
 
     def __init__(
@@ -174,8 +192,10 @@ class Trainer:
         compile: bool = False,
         find_unused_parameters: bool = False,
         progress: bool = True,
+        model_mode: ModelMode = "train",
     ) -> None:
         _check_choice("amp", amp, AmpMode)
+        _check_choice("model_mode", model_mode, ModelMode)
         _check_choice("lr_scheduler_interval", lr_scheduler_interval, SchedulerInterval)
         for name, value in (("max_epochs", max_epochs), ("val_interval", val_interval),
                             ("log_interval", log_interval)):
@@ -205,6 +225,7 @@ class Trainer:
         self.patience, self.min_delta = early_stopping_patience, early_stopping_min_delta
         self.log_interval, self.checkpoint_every_steps = log_interval, checkpoint_every_steps
         self.progress = progress
+        self.model_mode = model_mode
 
         if amp == "auto":
             self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
@@ -302,6 +323,12 @@ class Trainer:
         self._fit_start = time.perf_counter()
         pending_rng = self._resume(self.run.resume_from) if self.run.resume_from is not None else None
         val_loader = self.data.val_dataloader()
+        if self.run.is_main:
+            self.exp_logger.update_manifest(training_model_mode=MODEL_MODE_LABELS[self.model_mode])
+            self.exp_logger.update_config(training_model_mode=self.model_mode)
+        if self.model_mode == "reference":
+            logger.warning("trainer.params.model_mode=reference: training with the whole model in eval mode, as the "
+                           "reference study did (BatchNorm running statistics, no dropout, frozen EMA codebooks)")
         logger.info("training %s for up to %d epochs%s from epoch %d, step %d on %s (world size %d)",
                     type(self.model).__name__, self.max_epochs,
                     f" / {self.max_steps} steps" if self.max_steps else "", self.epoch, self.step, self.device,
@@ -351,7 +378,7 @@ class Trainer:
         batches = self._skip(iter(loader), n_batches)
         if pending_rng is not None and self.batch_in_epoch > 0:
             ckpt.restore_rng_state(pending_rng)  # after skipping, which may have drawn random augmentations
-        self.model.train()
+        self.model.train(self.model_mode == "train")  # 'reference': eval mode while training, as the study
         self.model.on_train_epoch_start(self.epoch)
         bar = tqdm(total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{self.max_epochs}",
                    disable=not (self.progress and self.run.is_main and sys.stderr.isatty()), leave=False)

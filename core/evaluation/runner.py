@@ -17,7 +17,7 @@ from core.evaluation.protocols import DataSource, MetricSink
 from core.evaluation.registry import RESERVED_DATASETS, TASKS, TaskResult, TaskSpec
 from core.evaluation.report import write_report
 from core.evaluation.thresholds import Thresholds
-from dl_utils.run import RunContext
+from dl_utils.run import RunContext, read_manifest
 from model_zoo.base import AnomalyModel
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,8 @@ def run_downstream(evaluators: Mapping[str, DownstreamEvaluator], *, model: Anom
         ``report.md`` and the per-image numbers (``per_image/<dataset>.npz``, :mod:`core.evaluation.per_image`);
         metrics go to ``logger`` as ``eval/<block>/<dataset>/<metric>``, the inference cost as
         ``eval/cost/<dataset>/s_per_image`` (and ``/network_calls`` when the model counts them), every backend
-        used (:meth:`EvalContext.all_backends`) to the manifest (``backends``), wandb's config and the report.
+        used (:meth:`EvalContext.all_backends`) to the manifest (``backends``), wandb's config and the report, with
+        the run's ``training_model_mode`` (train or reference, see ``core.Trainer``) when it trained.
     """
     ctx = EvalContext.from_run(model=model, data=data, run=run, progress=progress)
     results: Metrics = {}
@@ -177,6 +178,9 @@ def run_downstream(evaluators: Mapping[str, DownstreamEvaluator], *, model: Anom
     for dataset, cost in cost_metrics(ctx.cost).items():
         logger.log_eval(COST_BLOCK, dataset, cost)
     backends = ctx.all_backends()
+    trained = read_manifest(run.run_dir).get("training_model_mode")  # written by the Trainer of this run
+    if trained:
+        backends["training_model_mode"] = trained
     logger.update_manifest(backends=backends, inference_cost=ctx.cost)
     logger.update_config(backends=backends)
     if reports:

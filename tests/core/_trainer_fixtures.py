@@ -106,6 +106,8 @@ class RecordingLogger:
         self.train: list[tuple[int, dict[str, float]]] = []
         self.val: list[tuple[int, dict[str, float]]] = []
         self.scalars: list[tuple[int | None, dict[str, float]]] = []
+        self.manifest: dict[str, Any] = {}
+        self.config: dict[str, Any] = {}
 
     def log_train(self, terms: Mapping[str, float | Tensor], *, step: int) -> None:
         self.train.append((step, {k: float(v) for k, v in terms.items()}))
@@ -115,6 +117,12 @@ class RecordingLogger:
 
     def log_scalars(self, values: Mapping[str, float], *, step: int | None = None) -> None:
         self.scalars.append((step, dict(values)))
+
+    def update_manifest(self, **entries: Any) -> None:
+        self.manifest.update(entries)
+
+    def update_config(self, **entries: Any) -> None:
+        self.config.update(entries)
 
 
 def make_run(run_dir: Path, **kwargs: Any) -> RunContext:
