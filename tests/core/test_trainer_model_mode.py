@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from core.Configurator import ConfigError, build
 from core.evaluation import build_downstream, run_downstream
 from core.optimizer_groups import StepContext
 from core.Trainer import MODEL_MODE_LABELS, Trainer
@@ -78,9 +79,10 @@ def test_reference_mode_reaches_a_model_with_optimizer_groups(tmp_path: Path, mo
     assert seen == [{False}, {False}]
 
 
-def test_an_unknown_model_mode_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="model_mode='eval' is not one of 'train', 'reference'"):
-        Trainer(model=TinyAE(), run=make_run(tmp_path), model_mode="eval")
+def test_an_unknown_model_mode_is_refused_at_its_yaml_path(tmp_path: Path) -> None:
+    block = {"module_name": "core.Trainer", "class_name": "Trainer", "params": {"model_mode": "eval"}}
+    with pytest.raises(ConfigError, match="trainer.params.model_mode: 'eval' is not one of 'train', 'reference'"):
+        build(block, "trainer", base=Trainer, model=TinyAE(), run=make_run(tmp_path))
 
 
 def test_the_report_names_the_training_mode_of_the_run(tmp_path: Path) -> None:
