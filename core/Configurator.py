@@ -70,11 +70,11 @@ class ParamError(ValueError):
     """A constructor's complaint about the value of one of its parameters.
 
     :func:`build` reports it at that parameter's YAML path (``trainer.params.max_epochs: must be > 0, got 0``);
-    elsewhere it reads as a plain ``ValueError`` (``max_epochs must be > 0, got 0``).
+    elsewhere it reads as a plain ``ValueError``: ``message``, by default ``max_epochs must be > 0, got 0``.
     """
 
-    def __init__(self, param: str, problem: str) -> None:
-        super().__init__(f"{param} {problem}")
+    def __init__(self, param: str, problem: str, message: str | None = None) -> None:
+        super().__init__(message or f"{param} {problem}")
         self.param, self.problem = param, problem
 
 

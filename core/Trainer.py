@@ -106,7 +106,8 @@ class TrainLogger(Protocol):
 def _check_choice(name: str, value: str, options: Any) -> None:
     choices = get_args(options)
     if value not in choices:
-        raise ParamError(name, f"{value!r} is not one of {', '.join(repr(c) for c in choices)}")
+        listed = ", ".join(repr(c) for c in choices)
+        raise ParamError(name, f"{value!r} is not one of {listed}", f"{name}={value!r} is not one of {listed}")
 
 
 def _check_positive(name: str, value: float | None, *, allow_none: bool = True) -> None:

@@ -80,6 +80,8 @@ def test_a_constructor_value_error_about_one_parameter_names_its_yaml_path():
     with pytest.raises(ConfigError, match=r"^trainer\.params\.rate: must be >= 1, got 0$"):
         build(spec, "trainer")
     assert str(configurator.ParamError("rate", "must be >= 1, got 0")) == "rate must be >= 1, got 0"
+    assert str(configurator.ParamError("mode", "'x' is not one of 'a'", "mode='x' is not one of 'a'")) == (
+        "mode='x' is not one of 'a'")
 
 
 def test_wrong_base_class_is_refused():

@@ -84,7 +84,7 @@ def test_yaml_options_are_validated(tmp_path: Path) -> None:
         make_trainer(tmp_path, amp="fp32")
     with pytest.raises(ConfigError, match="max_epoch.*did you mean 'max_epochs'"):
         make_trainer(tmp_path, max_epoch=3)
-    with pytest.raises(ValueError, match="lr_scheduler_interval 'batch' is not one of 'epoch', 'step'"):
+    with pytest.raises(ValueError, match="lr_scheduler_interval='batch' is not one of 'epoch', 'step'"):
         Trainer(model=TinyAE(), data=FakeData(), logger=RecordingLogger(), run=make_run(tmp_path),
                 lr_scheduler_interval="batch")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="trainer.params.optimizer.class_name: torch.optim has no class 'Adamm'"):
