@@ -27,7 +27,8 @@ Every YAML document (a file or a ``--set`` value) is bounded before it is built:
 :data:`MAX_DOCUMENT_BYTES` bytes, :data:`MAX_DOCUMENT_VALUES` values once every alias is expanded (an "alias
 bomb", anchors that repeat anchors, would otherwise expand to billions of values and hang every later copy
 or comparison) and :data:`MAX_DOCUMENT_DEPTH` levels of nesting. The check reads the parser's event stream
-once, so it costs a fraction of the load itself and never expands anything.
+once and never composes or expands anything; it costs about one more parse of the document (4 ms for the
+largest shipped file, ``_base/real_data.yaml``, against 5 ms for its load, one thread, load average 1.3).
 """
 
 from __future__ import annotations
