@@ -42,7 +42,9 @@ from data.dataset import (
     SplitError,
     build_records,
     read_split_csv,
+    read_subjects,
     resolve,
+    shared_subjects,
 )
 from data.preparer import DatasetPreparer
 from data.preprocess import INTENSITY_RULES, Intensity
@@ -69,6 +71,7 @@ class DatasetInfo:
         has_brain_mask: batches carry ``brain_mask`` (brain or healthy-tissue mask).
         annotation: ``'pixel'`` or ``'box'`` when the split has anomaly masks, else None.
         size: number of slices.
+        has_subjects: the image CSVs name each row's subject (else each image is its own subject).
     """
 
     name: str
@@ -77,6 +80,7 @@ class DatasetInfo:
     has_brain_mask: bool
     annotation: str | None
     size: int
+    has_subjects: bool = False
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,7 @@ class DataModule:
             images = [(p, f"glob {spec.glob}") for p in matches]
         else:
             images, files = self._read_csvs(spec.images)
+        subjects = None if spec.glob is not None else [s for p in files for s in read_subjects(p)]
         labels = masks = None
         if spec.labels is not None:
             labels, more = self._read_csvs(spec.labels)
@@ -253,8 +258,9 @@ class DataModule:
             images = images[: spec.max_samples]
             labels = labels[: spec.max_samples] if labels is not None else None
             masks = masks[: spec.max_samples] if masks is not None else None
+            subjects = subjects[: spec.max_samples] if subjects is not None else None
         try:
-            records = build_records(images=images, labels=labels, masks=masks, name=name)
+            records = build_records(images=images, labels=labels, masks=masks, name=name, subjects=subjects)
         except SplitError as err:
             where = [f"glob {spec.glob!r}" if spec.glob else f"image CSVs {', '.join(spec.images)}"]
             where += [f"{kind} CSVs {', '.join(csvs)}" for kind, csvs in (("labels", spec.labels),
@@ -277,14 +283,29 @@ class DataModule:
         store = self._store(name)
         spec = self.specs[name]
         return DatasetInfo(name=name, pathological=spec.pathological, has_anomaly_mask=store.has_anomaly_mask,
-                           has_brain_mask=store.has_brain_mask, annotation=spec.annotation, size=len(store))
+                           has_brain_mask=store.has_brain_mask, annotation=spec.annotation, size=len(store),
+                           has_subjects=store.has_subjects)
 
     def split_files(self) -> list[Path]:
-        """Every split CSV used by any split (absolute paths, de-duplicated, config order)."""
+        """Every split CSV used by any split (absolute paths, de-duplicated, config order).
+
+        Reads every split, and checks that no subject (the CSVs' ``subject`` column) of the training split is in
+        the validation or a test split, and none of the validation split in a test split.
+
+        Raises:
+            SplitError: a subject is shared, naming both splits and a few of the subjects.
+        """
         out: list[Path] = []
         for name in self.specs:
             self._store(name)
             out += [p.resolve() for p in self._csvs[name] if p.resolve() not in out]
+        for first, later in (("train", [n for n in self.specs if n != "train"]), ("val", self._test_names)):
+            for other in later if first in self.specs else []:
+                shared = shared_subjects(self._stores[first].records, self._stores[other].records)
+                if shared:
+                    raise SplitError(f"splits {first!r} and {other!r} share {len(shared)} subject(s), e.g. "
+                                     f"{', '.join(shared[:3])} (column 'subject' of their image CSVs); a subject "
+                                     "must lie in one split only")
         return out
 
     # --------------------------------------------------------------------------------------------- loaders

@@ -20,6 +20,8 @@ class Sample:
             healthy-tissue mask for fastMRI+-style pathological sets), or None when the set has none.
         label: 0 healthy, 1 pathological (image level).
         path: the image file it came from.
+        subject: the subject (volume, scan) the slice belongs to: the split CSV's ``subject`` column, or the
+            image path when the CSV has none (each image its own subject); empty means "use ``path``".
     """
 
     image: Tensor
@@ -27,6 +29,7 @@ class Sample:
     brain_mask: Tensor | None
     label: int
     path: str
+    subject: str = ""
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Batch:
         brain_mask: [B,1,H,W] in {0,1}, or None when the dataset has no masks.
         label: [B] long, 0 healthy / 1 pathological.
         path: B source paths.
+        subject: B subject ids (slices of one volume share one); defaults to ``path`` (each image its own subject).
     """
 
     image: Tensor
@@ -46,6 +50,7 @@ class Batch:
     brain_mask: Tensor | None = None
     label: Tensor | None = None
     path: Sequence[str] = field(default_factory=tuple)
+    subject: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if self.image.ndim != 4 or self.image.shape[1] != 1:
@@ -57,6 +62,10 @@ class Batch:
         if self.label is None:
             object.__setattr__(self, "label", torch.zeros(self.image.shape[0], dtype=torch.long,
                                                           device=self.image.device))
+        if not self.subject:
+            object.__setattr__(self, "subject", tuple(self.path))
+        elif len(self.subject) != len(self.path):
+            raise ValueError(f"Batch.subject has {len(self.subject)} entries for {len(self.path)} paths")
 
     def __len__(self) -> int:
         return self.image.shape[0]
@@ -108,4 +117,5 @@ def collate(samples: Sequence[Sample]) -> Batch:
         brain_mask=stack("brain_mask"),
         label=torch.tensor([s.label for s in samples], dtype=torch.long),
         path=tuple(s.path for s in samples),
+        subject=tuple(s.subject or s.path for s in samples),
     )

@@ -1,8 +1,9 @@
 """Split files -> records -> preprocessed, cached slices -> :class:`data.batch.Sample`.
 
 A split is a list of :class:`Record` (image file + optional row-aligned anomaly mask + optional brain /
-healthy-tissue mask). :class:`SliceStore` decodes and preprocesses them (:mod:`data.preprocess`) and keeps the
-result, depending on ``cache``:
+healthy-tissue mask + the subject it belongs to: the image CSV's optional ``subject`` column, which groups the
+slices of one volume; without it each image is its own subject). :class:`SliceStore` decodes and preprocesses
+them (:mod:`data.preprocess`) and keeps the result, depending on ``cache``:
 
 - ``'memory'``: on first use every slice is decoded once (in parallel with ``num_workers`` processes) into
   numpy arrays in this process; loader workers forked later share them copy-on-write.
@@ -46,6 +47,7 @@ CacheMode = Literal["memory", "disk", "none"]
 CACHE_MODES: tuple[str, ...] = get_args(CacheMode)
 CACHE_VERSION = "slices-v1"
 FILENAME_COLUMN = "filename"
+SUBJECT_COLUMN = "subject"
 
 
 class SplitError(DataError, ValueError):
@@ -61,12 +63,14 @@ class Record:
         anomaly_mask: the row-aligned anomaly (lesion / box) mask file, or None.
         brain_mask: the row-aligned brain or healthy-tissue mask file, or None.
         source: where the row came from, for error messages (``<csv> row <n>`` or ``glob <pattern>``).
+        subject: the image CSV's ``subject`` value (slices of one volume share it), or None without that column.
     """
 
     image: Path
     anomaly_mask: Path | None
     brain_mask: Path | None
     source: str
+    subject: str | None = None
 
 
 def resolve(path: str | Path, root: Path) -> Path:
@@ -76,7 +80,8 @@ def resolve(path: str | Path, root: Path) -> Path:
 
 
 def read_split_csv(csv_path: Path, root: Path) -> list[tuple[Path, str]]:
-    """Read a split CSV (header row with a ``filename`` column; other columns are ignored).
+    """Read a split CSV (header row with a ``filename`` column; :func:`read_subjects` reads the optional
+    ``subject`` column; other columns are ignored).
 
     Args:
         csv_path: the CSV file.
@@ -104,15 +109,43 @@ def read_split_csv(csv_path: Path, root: Path) -> list[tuple[Path, str]]:
     return rows
 
 
+def read_subjects(csv_path: Path) -> list[str | None]:
+    """The ``subject`` column of a split CSV, one entry per data row; all None when the CSV has no such column.
+
+    Raises:
+        SplitError: the CSV is missing, or it has the column and a row leaves it empty.
+    """
+    if not csv_path.is_file():
+        raise SplitError(f"split CSV not found: {csv_path}")
+    with csv_path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        has_column = SUBJECT_COLUMN in (reader.fieldnames or [])
+        subjects: list[str | None] = []
+        for n, row in enumerate(reader, start=1):
+            if not has_column:
+                subjects.append(None)
+                continue
+            value = (row.get(SUBJECT_COLUMN) or "").strip()
+            if not value:
+                raise SplitError(f"{csv_path} row {n}: empty {SUBJECT_COLUMN!r} (the column is optional, but a "
+                                 "row of a CSV that has it needs a value)")
+            subjects.append(value)
+    return subjects
+
+
 def build_records(*, images: Sequence[tuple[Path, str]], labels: Sequence[tuple[Path, str]] | None,
-                  masks: Sequence[tuple[Path, str]] | None, name: str) -> list[Record]:
-    """Zip row-aligned image / label / mask lists into records, checking lengths and that files exist.
+                  masks: Sequence[tuple[Path, str]] | None, name: str,
+                  subjects: Sequence[str | None] | None = None) -> list[Record]:
+    """Zip row-aligned image / label / mask lists (and the images' subject ids) into records, checking lengths
+    and that files exist.
 
     Raises:
         SplitError: lengths differ, the split is empty, or a file is missing (naming the CSV and row).
     """
     if not images:
         raise SplitError(f"split {name!r} is empty (no image rows)")
+    if subjects is not None and len(subjects) != len(images):
+        raise SplitError(f"split {name!r}: {len(images)} image rows but {len(subjects)} subject entries")
     for kind, other in (("labels", labels), ("masks", masks)):
         if other is not None and len(other) != len(images):
             raise SplitError(f"split {name!r}: {len(images)} image rows but {len(other)} {kind} rows; "
@@ -125,7 +158,8 @@ def build_records(*, images: Sequence[tuple[Path, str]], labels: Sequence[tuple[
             if not path.is_file():
                 raise SplitError(f"split {name!r}: file not found: {path} ({where})")
         records.append(Record(image=image, anomaly_mask=label[0] if label else None,
-                              brain_mask=mask[0] if mask else None, source=source))
+                              brain_mask=mask[0] if mask else None, source=source,
+                              subject=subjects[i] if subjects is not None else None))
     return records
 
 
@@ -155,6 +189,11 @@ def load_record(record: Record, *, target_size: Sequence[int],
                                 f"{raw.shape} ({record.source})")
         out.append(preprocess_mask(mask, target_size=target_size).astype(np.uint8))
     return image, out[0], out[1]
+
+
+def shared_subjects(a: Sequence[Record], b: Sequence[Record]) -> list[str]:
+    """Sorted subject ids named (``subject`` column) in both record lists; rows without one are not compared."""
+    return sorted({r.subject for r in a if r.subject is not None} & {r.subject for r in b if r.subject is not None})
 
 
 class _DecodeDataset(Dataset):
@@ -214,6 +253,7 @@ class SliceStore:
         self.num_workers = num_workers
         self.has_anomaly_mask = all(r.anomaly_mask is not None for r in self.records)
         self.has_brain_mask = all(r.brain_mask is not None for r in self.records)
+        self.has_subjects = all(r.subject is not None for r in self.records)
         self._arrays: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -297,7 +337,7 @@ class SliceStore:
             return None if a is None else torch.from_numpy(np.array(a, dtype=np.float32))[None]
 
         return Sample(image=tensor(image), anomaly_mask=tensor(anomaly), brain_mask=tensor(brain),
-                      label=self.label, path=str(record.image))
+                      label=self.label, path=str(record.image), subject=record.subject or str(record.image))
 
 
 class SliceDataset(Dataset):

@@ -10,13 +10,20 @@ that nilearn ships offline. Each slice is a random oblique plane through the tem
 - a smooth multiplicative bias field (exp of a random quadratic, up to about +-25 %), a gamma change (0.85-1.15)
   and Rician noise (sigma 0.8-2.5 % of the white-matter level).
 
-The plane is rendered at twice ``size`` and area-averaged, so the slices are not aliased. Intensities are
-stored in fixed units, ``clip(x / ref, 0, 1)`` with ``ref`` = the subject's healthy brain 99th percentile divided
-by 0.85 (white matter ~0.8), so a lesion never changes the scaling of the healthy tissue around it; configs read
+A subject has ``slices_per_subject`` parallel slices ``slice_spacing`` mm apart along the template z axis (its
+*anchor* slice, index ``(k - 1) // 2``, at the drawn level): every draw above is the subject's, only the noise
+draw is the slice's own. The plane is rendered at twice ``size`` and area-averaged, so the slices are not aliased.
+Intensities are stored in fixed units, ``clip(x / ref, 0, 1)`` with ``ref`` = the subject's healthy brain 99th
+percentile divided by 0.85 (white matter ~0.8) on its anchor slice, the same for all its slices (one scaling per
+volume, as for real scans), so a lesion never changes the scaling of the healthy tissue around it; configs read
 them with ``intensity: unit``. Brain masks are the template brain mask sampled with the same geometry.
 
-Pathological classes (T1w appearance; each test image is a fresh subject, rendered from the same random draws
-as its healthy *source* slice, i.e. the same subject, bias field and noise draw, plus the pathology):
+Pathological classes (T1w appearance; each pathological subject is a fresh subject, and each of its slices is
+rendered from the same random draws as its healthy *source* slice, i.e. the same subject, bias field and noise
+draw, plus the pathology). The pathology is drawn once per subject on its anchor slice and is a 3-D object across
+its slices: lesions are ellipsoids whose z semi-axis reaches 1.5 times beyond the outermost slice (so each slice
+shows at least ~0.75 of the lesion's radius), the mass deforms less away from its centre, the ventricles are
+dilated by the same strength on every slice:
 
 - ``hyperintense_lesion``: a bright, irregular lesion (1.1-1.22 x white matter; e.g. subacute haemorrhage);
 - ``hypointense_lesion``: a dark, irregular lesion (CSF-like to grey-matter-like; e.g. infarct, cavity);
@@ -25,10 +32,10 @@ as its healthy *source* slice, i.e. the same subject, bias field and noise draw,
 - ``multifocal_lesions``: 3-14 small T1-hypointense foci (radius 1-5.5 px at 128) in white matter
   (MS-like "black holes").
 
-Lesion sizes are balanced over three bins defined on 128x128 pixels like the ATLAS bins of METHODS.md
-(small 1-70, medium 71-569, large >= 570 px; scaled by (size/128)^2 at other sizes); every image's actual
-lesion size in pixels and its bin are columns of its class CSV (``lesion_px``, ``size_bin``). The sizes of
-``enlarged_ventricles`` follow from the dilation strength and are recorded the same way.
+Lesion sizes are balanced over three bins (per subject, on its anchor slice) defined on 128x128 pixels like the
+reference study's ATLAS bins (small 1-70, medium 71-569, large >= 570 px; scaled by (size/128)^2 at other sizes);
+every image's actual lesion size in pixels and its bin are columns of its class CSV (``lesion_px``, ``size_bin``).
+The sizes of ``enlarged_ventricles`` follow from the dilation strength and are recorded the same way.
 
 Masks. A pixel is *changed* when the noise-free pathological slice and its noise-free healthy source differ by
 more than ``CHANGE`` = 0.05 in stored units (white matter ~0.8). Because both stored images carry the same
@@ -47,14 +54,16 @@ whose *stored* images differ by more than 0.05 is changed in this sense. Per sli
   CACI's healthy region exclude every changed pixel and pixel-level metrics restricted to "brain" count
   anomaly and healthy tissue only (displaced tissue is neither).
 
-Files (under ``root``, default ``cache/embedded/<version>-<params hash>`` in the repository root), all NPY:
-``images/<set>/<i>.npy`` float32 [size,size] in [0,1]; ``brain/<set>/<i>.npy``, ``anomaly/<class>/<i>.npy`` and
-``healthy/<class>/<i>.npy`` (healthy tissue) uint8 {0,1}; split CSVs in ``splits/``:
-``healthy_{train,val,test}.csv`` + ``_mask.csv`` (brain masks) and per class ``<class>.csv`` /
-``<class>_label.csv`` (anomaly) / ``<class>_mask.csv`` (healthy tissue) / ``<class>_brain.csv`` (brain),
-row-aligned. Paths in CSVs are relative to the repository root when ``root`` is inside it, else absolute.
-Everything is a pure function of the parameters: every image has its own random generator seeded with
-(seed, set, index), so the same seed gives the same bytes and :func:`render` re-renders any single image.
+Files (under ``root``, default ``cache/embedded/<version>-<params hash>`` in the repository root), all NPY, named
+``<subject index>_<slice index>``: ``images/<set>/<s>_<j>.npy`` float32 [size,size] in [0,1];
+``brain/<set>/<s>_<j>.npy``, ``anomaly/<class>/<s>_<j>.npy`` and ``healthy/<class>/<s>_<j>.npy`` (healthy tissue)
+uint8 {0,1}; split CSVs in ``splits/``: ``healthy_{train,val,test}.csv`` + ``_mask.csv`` (brain masks) and per
+class ``<class>.csv`` / ``<class>_label.csv`` (anomaly) / ``<class>_mask.csv`` (healthy tissue) /
+``<class>_brain.csv`` (brain), row-aligned. The image CSVs have the columns ``subject`` (``<set>-<s>``: no subject
+is in two sets) and ``slice`` (j). Paths in CSVs are relative to the repository root when ``root`` is inside it,
+else absolute. Everything is a pure function of the parameters: every subject has its own random generator seeded
+with (seed, set, subject index), so the same seed gives the same bytes and :func:`render_subject` re-renders any
+single subject.
 
 Copyright notice of the template (ICBM 2009a nonlinear symmetric, distributed with nilearn), kept with every
 derived image (also written to ``NOTICE`` in the benchmark folder):
@@ -85,8 +94,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -228,18 +237,34 @@ def _radial_warp(plane: np.ndarray, centre: np.ndarray, sigma: float, strength: 
 
 
 # ------------------------------------------------------------------------------------------------ lesions
-def _blob(res: int, centre: tuple[float, float], radius: float, rng: np.random.Generator,
-          irregularity: float = 0.2) -> np.ndarray:
+@dataclass(frozen=True)
+class _Shape:
+    """The random outline of a blob: an anisotropic stretch along ``angle`` and four boundary harmonics."""
+
+    stretch: float
+    angle: float
+    harmonics: tuple[tuple[float, float], ...]  # (amplitude, phase) of the harmonics k = 2..5
+
+
+def _draw_shape(rng: np.random.Generator, irregularity: float = 0.2) -> _Shape:
+    stretch, angle = rng.uniform(0.75, 1.3), rng.uniform(0, math.pi)
+    harmonics = []
+    for k in range(2, 6):
+        amplitude = irregularity / k * rng.uniform(0.3, 1.0)
+        harmonics.append((amplitude, rng.uniform(0, 2 * math.pi)))
+    return _Shape(stretch=stretch, angle=angle, harmonics=tuple(harmonics))
+
+
+def _blob(res: int, centre: tuple[float, float], radius: float, shape: _Shape) -> np.ndarray:
     """Soft irregular blob [res,res] in [0,1] (1 inside, ~1 px soft edge), radius in pixels."""
     yy, xx = np.mgrid[0:res, 0:res].astype(np.float64)
     dy, dx = yy - centre[0], xx - centre[1]
-    stretch, angle = rng.uniform(0.75, 1.3), rng.uniform(0, math.pi)
-    ca, sa = math.cos(angle), math.sin(angle)
-    u, v = (ca * dx + sa * dy) * stretch, (-sa * dx + ca * dy) / stretch
+    ca, sa = math.cos(shape.angle), math.sin(shape.angle)
+    u, v = (ca * dx + sa * dy) * shape.stretch, (-sa * dx + ca * dy) / shape.stretch
     theta, dist = np.arctan2(v, u), np.hypot(u, v)
     boundary = np.ones_like(theta)
-    for k in range(2, 6):
-        boundary += irregularity / k * rng.uniform(0.3, 1.0) * np.cos(k * theta + rng.uniform(0, 2 * math.pi))
+    for k, (amplitude, phase) in enumerate(shape.harmonics, start=2):
+        boundary += amplitude * np.cos(k * theta + phase)
     return 1.0 / (1.0 + np.exp(-(radius * boundary - dist) / 0.7))
 
 
@@ -321,44 +346,69 @@ class _Renderer:
     def down_mask(self, mask: np.ndarray) -> np.ndarray:
         return (mask.reshape(self.size, 2, self.size, 2).mean(axis=(1, 3)) >= 0.5).astype(np.uint8)
 
-    def healthy(self, rng: np.random.Generator) -> Rendered:
+    def at_offset(self, subject: _Subject, j: int, dz: float) -> _Subject:
+        """The subject's slice ``j``, ``dz`` mm from its anchor slice along the template z axis: same draws, its
+        own noise draw (the anchor, dz = 0, keeps the subject's)."""
+        if dz == 0.0:
+            return subject
+        return replace(subject, z=subject.z + dz,
+                       noise_seed=int(np.random.default_rng([subject.noise_seed, j]).integers(2**31)))
+
+    def extent(self, radius: float, dz: float, reach: float) -> float:
+        """In-plane scale of an ellipsoidal lesion of radius ``radius`` (supersampled px) on a slice ``dz`` mm from
+        its centre. Its z semi-axis is max(radius in mm, 1.5 ``reach``), ``reach`` being the distance of the
+        subject's outermost slice, so every slice shows at least sqrt(1 - 1/1.5^2) ~ 0.75 of its radius."""
+        if dz == 0.0:
+            return 1.0
+        rz = max(radius * self.px_mm, 1.5 * reach)
+        return math.sqrt(max(0.0, 1.0 - (dz / rz) ** 2))
+
+    def healthy(self, rng: np.random.Generator, offsets: Sequence[float] = (0.0,)) -> list[Rendered]:
+        """One healthy subject's slices at ``offsets`` (mm from its anchor slice; one of them 0)."""
         subject = _draw_subject(rng, self.z_band)
-        t1, brain, _ = _sample(subject, self.plane)
-        image, _ = self.finish(t1, subject)
-        return Rendered(image=image, brain=self.down_mask(brain))
+        slices = [self.at_offset(subject, j, dz) for j, dz in enumerate(offsets)]
+        sampled = [_sample(s, self.plane) for s in slices]
+        _, ref = self.finish(sampled[list(offsets).index(0.0)][0], subject)
+        return [Rendered(image=self.finish(t1, s, ref)[0], brain=self.down_mask(brain))
+                for s, (t1, brain, _) in zip(slices, sampled, strict=True)]
 
-    def pathological(self, cls: str, rng: np.random.Generator, bin_index: int) -> Rendered:
-        """A pathological slice of class ``cls`` with its healthy source slice and its masks (see :class:`Rendered`).
+    def pathological(self, cls: str, rng: np.random.Generator, bin_index: int,
+                     offsets: Sequence[float] = (0.0,)) -> list[Rendered]:
+        """A pathological subject of class ``cls``: its slices at ``offsets`` (mm from the anchor slice), each with
+        its healthy source slice and its masks (see :class:`Rendered`).
 
-        Every class yields the supersampled image, the lesion by design (soft, in [0,1]) and the image the lesion
-        was composited onto (the template slice, or for ``mass_effect`` the deformed one); the masks are then
-        derived from the noise-free outputs (see the module docstring, "Masks").
+        The pathology is drawn once, on the anchor slice (its position, size bin, shape and intensity), and is a
+        3-D object: lesions are ellipsoids (:meth:`extent`), the mass deforms less away from its centre, the
+        ventricles are dilated by the same strength on every slice. Every class yields per slice the
+        supersampled image, the lesion by design (soft, in [0,1]) and the image the lesion was composited onto
+        (the template slice, or for ``mass_effect`` the deformed one); the masks are then derived from the
+        noise-free outputs (see the module docstring, "Masks").
         """
         subject = _draw_subject(rng, self.z_band)
-        t1, brain, ventricles = _sample(subject, self.plane, ventricles=cls == "enlarged_ventricles")
-        source, ref = self.finish(t1, subject)
+        slices = [self.at_offset(subject, j, dz) for j, dz in enumerate(offsets)]
+        sampled = [_sample(s, self.plane, ventricles=cls == "enlarged_ventricles") for s in slices]
+        t1, brain, ventricles = sampled[list(offsets).index(0.0)]
+        _, ref = self.finish(t1, subject)
         tissue = (brain > 0) & (t1 > 0.55)
         if cls == "enlarged_ventricles":
-            image, design, brain_p = self._ventricles(subject, t1, ventricles, rng)
-            base = image  # the lesion is the deformation itself: nothing is composited
+            lesion = self._ventricles(ventricles, rng)
         elif cls == "mass_effect":
-            image, design, base, brain_p = self._mass(subject, tissue, rng, bin_index)
+            lesion = self._mass(subject, tissue, rng, bin_index)
         elif cls == "multifocal_lesions":
-            image, design = self._multifocal(t1, tissue, rng, bin_index)
-            base, brain_p = t1, brain
+            lesion = self._multifocal(t1, tissue, rng, bin_index)
         elif cls in ("hyperintense_lesion", "hypointense_lesion"):
-            radius = self.radius(rng, bin_index)
-            centre = _pick_centre(tissue, rng, radius)
-            design = _blob(self.res, centre, radius, rng, irregularity=0.35) * brain
-            wm = float(np.percentile(t1[tissue], 90))
-            if cls == "hyperintense_lesion":
-                level = wm * rng.uniform(1.1, 1.22) * (1.0 + 0.04 * _texture(t1.shape, rng))
-            else:
-                level = wm * rng.uniform(0.2, 0.45) * (1.0 + 0.08 * _texture(t1.shape, rng))
-            image, base, brain_p = t1 * (1.0 - design) + level * design, t1, brain
+            lesion = self._focal(cls, t1, brain, tissue, rng, bin_index)
         else:
             raise ValueError(f"unknown class {cls!r}; valid classes: {', '.join(CLASSES)}")
+        reach = max(abs(dz) for dz in offsets)
+        return [self._finish_pathological(s, ref, t1_j, *lesion(s, dz, reach, t1_j, brain_j, vent_j))
+                for s, dz, (t1_j, brain_j, vent_j) in zip(slices, offsets, sampled, strict=True)]
+
+    def _finish_pathological(self, subject: _Subject, ref: float, t1: np.ndarray, image: np.ndarray,
+                             design: np.ndarray, base: np.ndarray, brain_p: np.ndarray) -> Rendered:
+        """Noise, scaling and the masks of one pathological slice (``t1``: its healthy source, supersampled)."""
         final, _ = self.finish(image, subject, ref)
+        source, _ = self.finish(t1, subject, ref)
         clean = self.clean(image, subject) / ref
         brain_small = self.down_mask(brain_p).astype(bool)
         composited = np.abs(clean - self.clean(base, subject) / ref) > CHANGE
@@ -368,50 +418,97 @@ class _Renderer:
         return Rendered(image=final, brain=brain_small.astype(np.uint8), anomaly=anomaly.astype(np.uint8),
                         healthy_tissue=healthy_tissue.astype(np.uint8), source=source)
 
-    def _ventricles(self, subject: _Subject, t1: np.ndarray, ventricles: np.ndarray | None,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # Each class draws its pathology once and returns ``lesion(subject, dz, reach, t1, brain, ventricles) ->
+    # (image, design, base, brain)`` that renders it on one slice of the subject.
+    def _focal(self, cls: str, t1: np.ndarray, brain: np.ndarray, tissue: np.ndarray, rng: np.random.Generator,
+               bin_index: int) -> _Lesion:
+        radius = self.radius(rng, bin_index)
+        centre = _pick_centre(tissue, rng, radius)
+        shape = _draw_shape(rng, 0.35)
+        wm = float(np.percentile(t1[tissue], 90))
+        if cls == "hyperintense_lesion":
+            level = wm * rng.uniform(1.1, 1.22) * (1.0 + 0.04 * _texture(t1.shape, rng))
+        else:
+            level = wm * rng.uniform(0.2, 0.45) * (1.0 + 0.08 * _texture(t1.shape, rng))
+
+        def lesion(subject: _Subject, dz: float, reach: float, t1: np.ndarray, brain: np.ndarray,
+                   ventricles: np.ndarray | None) -> tuple[np.ndarray, ...]:
+            design = _blob(self.res, centre, radius * self.extent(radius, dz, reach), shape) * brain
+            return t1 * (1.0 - design) + level * design, design, t1, brain
+
+        return lesion
+
+    def _ventricles(self, ventricles: np.ndarray | None, rng: np.random.Generator) -> _Lesion:
         if ventricles is None or ventricles.sum() < 4:
             raise ValueError("the slice shows no ventricles")
-        cy, cx = ndi.center_of_mass(ventricles)
-        centre = self.plane[:, int(round(cy)), int(round(cx))]
-        extent = math.sqrt(float(ventricles.sum()) / math.pi) * self.px_mm
-        warped = _radial_warp(self.plane, centre, sigma=max(extent, 8.0) * 1.6, strength=rng.uniform(0.3, 0.5))
-        image, brain, new_vent = _sample(subject, warped, ventricles=True)
-        assert new_vent is not None
-        anomaly = ((new_vent > 0) & (ventricles == 0)).astype(np.float32)
-        return image, anomaly, brain
+        strength = rng.uniform(0.3, 0.5)
 
-    def _mass(self, subject: _Subject, tissue: np.ndarray, rng: np.random.Generator,
-              bin_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Image with the mass, the mass (soft), the deformed slice it sits in, and that slice's brain mask."""
+        def lesion(subject: _Subject, dz: float, reach: float, t1: np.ndarray, brain: np.ndarray,
+                   ventricles: np.ndarray | None) -> tuple[np.ndarray, ...]:
+            if ventricles is None or ventricles.sum() < 4:
+                raise ValueError(f"the slice {dz:+g} mm from the anchor shows no ventricles")
+            cy, cx = ndi.center_of_mass(ventricles)
+            centre = self.plane[:, int(round(cy)), int(round(cx))]
+            extent = math.sqrt(float(ventricles.sum()) / math.pi) * self.px_mm
+            warped = _radial_warp(self.plane, centre, sigma=max(extent, 8.0) * 1.6, strength=strength)
+            image, brain_p, new_vent = _sample(subject, warped, ventricles=True)
+            assert new_vent is not None
+            anomaly = ((new_vent > 0) & (ventricles == 0)).astype(np.float32)
+            return image, anomaly, image, brain_p  # the deformation itself is the lesion: nothing is composited
+
+        return lesion
+
+    def _mass(self, subject: _Subject, tissue: np.ndarray, rng: np.random.Generator, bin_index: int) -> _Lesion:
+        """A heterogeneous mass (darker core, brighter rim) that deforms the tissue around it."""
         radius = self.radius(rng, bin_index)
         centre = _pick_centre(tissue, rng, radius * 1.5)
         centre_mm = self.plane[:, int(centre[0]), int(centre[1])]
-        warped = _radial_warp(self.plane, centre_mm, sigma=radius * self.px_mm * 1.3, strength=rng.uniform(0.5, 0.75))
-        image, brain, _ = _sample(subject, warped)
-        blob = _blob(self.res, centre, radius, rng, irregularity=0.25) * brain
-        core = _blob(self.res, centre, radius * rng.uniform(0.4, 0.7), rng, irregularity=0.3)
-        wm = float(np.percentile(image[(brain > 0) & (image > 0.55)], 90))
-        texture = _texture(image.shape, rng, sigma=1.5)
-        level = wm * (0.62 + 0.05 * texture) * (1.0 - 0.35 * core) + wm * 0.12 * (blob - core).clip(0, 1)
-        return image * (1.0 - blob) + level * blob, blob, image, brain
+        sigma, strength = radius * self.px_mm * 1.3, rng.uniform(0.5, 0.75)
+        shape = _draw_shape(rng, 0.25)
+        core_factor = rng.uniform(0.4, 0.7)
+        core_shape = _draw_shape(rng, 0.3)
+        anchor, anchor_brain, _ = _sample(subject, _radial_warp(self.plane, centre_mm, sigma=sigma, strength=strength))
+        wm = float(np.percentile(anchor[(anchor_brain > 0) & (anchor > 0.55)], 90))
+        texture = _texture(anchor.shape, rng, sigma=1.5)
 
-    def _multifocal(self, t1: np.ndarray, tissue: np.ndarray, rng: np.random.Generator,
-                    bin_index: int) -> tuple[np.ndarray, np.ndarray]:
+        def lesion(subject: _Subject, dz: float, reach: float, t1: np.ndarray, brain: np.ndarray,
+                   ventricles: np.ndarray | None) -> tuple[np.ndarray, ...]:
+            f = self.extent(radius, dz, reach)
+            warped = _radial_warp(self.plane, centre_mm, sigma=sigma, strength=strength * f)
+            image, brain_p, _ = _sample(subject, warped)
+            blob = _blob(self.res, centre, radius * f, shape) * brain_p
+            core = _blob(self.res, centre, radius * f * core_factor, core_shape)
+            level = wm * (0.62 + 0.05 * texture) * (1.0 - 0.35 * core) + wm * 0.12 * (blob - core).clip(0, 1)
+            return image * (1.0 - blob) + level * blob, blob, image, brain_p
+
+        return lesion
+
+    def _multifocal(self, t1: np.ndarray, tissue: np.ndarray, rng: np.random.Generator, bin_index: int) -> _Lesion:
         wm_level = float(np.percentile(t1[tissue], 75))
         free = tissue & (t1 > wm_level * 0.95)  # white matter not yet next to a focus
         # Small, separate foci; the size bin sets how many and how big (radii in output pixels at 128x128).
         count_range, radius_range = MULTIFOCAL_128[bin_index]
         count = int(rng.integers(count_range[0], count_range[1] + 1))
-        union = np.zeros_like(t1)
+        foci = []
         yy, xx = np.mgrid[0:self.res, 0:self.res]
         for _ in range(count):
             r = float(rng.uniform(*radius_range)) * self.size / 128.0 * 2.0
             centre = _pick_centre(free, rng, r * 0.5)
-            union = np.maximum(union, _blob(self.res, centre, r, rng, irregularity=0.2))
+            foci.append((centre, r, _draw_shape(rng, 0.2)))
             free &= (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 > (2.5 * r) ** 2
         level = wm_level * rng.uniform(0.45, 0.6)
-        return t1 * (1.0 - union) + level * union, union
+
+        def lesion(subject: _Subject, dz: float, reach: float, t1: np.ndarray, brain: np.ndarray,
+                   ventricles: np.ndarray | None) -> tuple[np.ndarray, ...]:
+            union = np.zeros_like(t1)
+            for centre, r, shape in foci:
+                union = np.maximum(union, _blob(self.res, centre, r * self.extent(r, dz, reach), shape))
+            return t1 * (1.0 - union) + level * union, union, t1, brain
+
+        return lesion
+
+
+_Lesion = Callable[[_Subject, float, float, np.ndarray, np.ndarray, "np.ndarray | None"], tuple[np.ndarray, ...]]
 
 
 @functools.lru_cache(maxsize=2)
@@ -419,21 +516,35 @@ def _renderer(size: int, z_band: tuple[float, float]) -> _Renderer:
     return _Renderer(size, z_band)
 
 
-def render(seed: int, size: int, z_band: tuple[float, float], name: str, i: int) -> Rendered:
-    """Image ``i`` of set ``name`` (a healthy set or a class) exactly as the benchmark stores it.
+def slice_offsets(slices: int, spacing: float) -> tuple[float, ...]:
+    """Offsets (mm) of a subject's ``slices`` slices from its anchor slice (index ``(slices - 1) // 2``)."""
+    return tuple((j - (slices - 1) // 2) * float(spacing) for j in range(slices))
 
-    Its generator is seeded with (seed, set id, i) only, so any image can be re-rendered on its own (e.g. to
-    compare a pathological slice with its healthy source).
+
+def render_subject(seed: int, size: int, z_band: tuple[float, float], name: str, s: int, *, slices: int = 1,
+                   spacing: float = 3.0) -> list[Rendered]:
+    """Subject ``s`` of set ``name`` (a healthy set or a class): its ``slices`` slices, ``spacing`` mm apart,
+    exactly as the benchmark stores them.
+
+    Its generator is seeded with (seed, set id, s) only, so any subject can be re-rendered on its own (e.g. to
+    compare a pathological slice with its healthy source). A subject of one slice is the single-slice benchmark's
+    image ``s``.
     """
-    rng = np.random.default_rng([seed, _SET_IDS[name], i])
+    rng = np.random.default_rng([seed, _SET_IDS[name], s])
+    offsets = slice_offsets(slices, spacing)
     if name in HEALTHY_SETS:
-        return _renderer(size, z_band).healthy(rng)
-    return _renderer(size, z_band).pathological(name, rng, i % 3)
+        return _renderer(size, z_band).healthy(rng, offsets)
+    return _renderer(size, z_band).pathological(name, rng, s % 3, offsets)
 
 
-def _render_task(task: tuple[int, int, tuple[float, float], str, int]) -> tuple[str, int, Rendered]:
-    seed, size, z_band, name, i = task
-    return name, i, render(seed, size, z_band, name, i)
+def render(seed: int, size: int, z_band: tuple[float, float], name: str, i: int) -> Rendered:
+    """Image ``i`` of set ``name`` of the single-slice benchmark (``slices_per_subject: 1``)."""
+    return render_subject(seed, size, z_band, name, i)[0]
+
+
+def _render_task(task: tuple[int, int, tuple[float, float], str, int, int, float]) -> tuple[str, int, list[Rendered]]:
+    seed, size, z_band, name, s, slices, spacing = task
+    return name, s, render_subject(seed, size, z_band, name, s, slices=slices, spacing=spacing)
 
 
 # ------------------------------------------------------------------------------------------------ the block
@@ -444,22 +555,28 @@ class EmbeddedBenchmark(DatasetPreparer):
         root: output folder; None means ``cache/embedded/<version>-<params hash>`` under the repository root.
             Relative paths are resolved against the repository root.
         seed: master seed; the same parameters give the same bytes.
-        n_train: healthy training slices.
-        n_val: healthy validation slices (threshold selection).
-        n_test: healthy test slices.
-        n_per_class: pathological slices per class, balanced over the three size bins.
+        n_train: healthy training subjects.
+        n_val: healthy validation subjects (thresholds, calibration).
+        n_test: healthy test subjects.
+        n_per_class: pathological subjects per class, balanced over the three size bins.
+        slices_per_subject: slices of every subject (each set has ``n * slices_per_subject`` slices).
+        slice_spacing: distance in mm between a subject's neighbouring slices.
         size: image side in pixels (square).
         classes: pathological classes to generate (subset of :data:`CLASSES`).
-        z_band: (low, high) template voxel z of the axial level (MNI z = voxel z - 72 mm).
+        z_band: (low, high) template voxel z of a subject's anchor slice (MNI z = voxel z - 72 mm).
         workers: processes used to render (forked; the output does not depend on it).
     """
 
     def __init__(self, *, root: str | None = None, seed: int = 0, n_train: int = 600, n_val: int = 60,
-                 n_test: int = 60, n_per_class: int = 60, size: int = 128, classes: Sequence[str] = CLASSES,
-                 z_band: Sequence[float] = (76.0, 98.0), workers: int = 1) -> None:
-        for key, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("n_per_class", n_per_class)):
+                 n_test: int = 60, n_per_class: int = 60, slices_per_subject: int = 1, slice_spacing: float = 3.0,
+                 size: int = 128, classes: Sequence[str] = CLASSES, z_band: Sequence[float] = (76.0, 98.0),
+                 workers: int = 1) -> None:
+        for key, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("n_per_class", n_per_class),
+                           ("slices_per_subject", slices_per_subject)):
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        if not 0.5 <= slice_spacing <= 10.0:
+            raise ValueError(f"slice_spacing must be in [0.5, 10] mm, got {slice_spacing}")
         if size < 16 or size % 2:
             raise ValueError(f"size must be an even number >= 16, got {size}")
         unknown = [c for c in classes if c not in CLASSES]
@@ -468,7 +585,8 @@ class EmbeddedBenchmark(DatasetPreparer):
         if len(z_band) != 2 or not 40 <= z_band[0] <= z_band[1] <= 140:
             raise ValueError(f"z_band must be (low, high) within [40, 140], got {z_band!r}")
         self.params = {"version": VERSION, "seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test,
-                       "n_per_class": n_per_class, "size": size, "classes": list(classes),
+                       "n_per_class": n_per_class, "slices_per_subject": slices_per_subject,
+                       "slice_spacing": float(slice_spacing), "size": size, "classes": list(classes),
                        "z_band": [float(z_band[0]), float(z_band[1])]}
         digest = hashlib.sha256(json.dumps(self.params, sort_keys=True).encode()).hexdigest()[:12]
         default = REPO_ROOT / "cache" / "embedded" / f"{VERSION}-{digest}"
@@ -476,6 +594,7 @@ class EmbeddedBenchmark(DatasetPreparer):
         self.seed, self.size, self.classes = seed, size, tuple(classes)
         self.counts = {"healthy_train": n_train, "healthy_val": n_val, "healthy_test": n_test}
         self.n_per_class = n_per_class
+        self.slices, self.spacing = slices_per_subject, float(slice_spacing)
         self.z_band = (float(z_band[0]), float(z_band[1]))
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -515,8 +634,9 @@ class EmbeddedBenchmark(DatasetPreparer):
             return final.as_posix()
 
     def _write(self, tmp: Path) -> None:
-        tasks = [(self.seed, self.size, self.z_band, name, i) for name, n in self.counts.items() for i in range(n)]
-        tasks += [(self.seed, self.size, self.z_band, cls, i) for cls in self.classes for i in range(self.n_per_class)]
+        sets = [*self.counts.items(), *((cls, self.n_per_class) for cls in self.classes)]
+        tasks = [(self.seed, self.size, self.z_band, name, s, self.slices, self.spacing)
+                 for name, n in sets for s in range(n)]
         _template()  # load once before forking, so workers share it
         if self.workers > 1:
             with multiprocessing.get_context("fork").Pool(self.workers) as pool:
@@ -526,34 +646,35 @@ class EmbeddedBenchmark(DatasetPreparer):
         (tmp / "NOTICE").write_text(NOTICE, encoding="utf-8")
         (tmp / "manifest.json").write_text(json.dumps({"params": self.params}, indent=1, sort_keys=True))
 
-    def _save_all(self, tmp: Path, results: Iterable[tuple[str, int, Rendered]]) -> None:
+    def _save_all(self, tmp: Path, results: Iterable[tuple[str, int, list[Rendered]]]) -> None:
         (tmp / "splits").mkdir(parents=True)
         rows: dict[str, dict[str, list[dict]]] = {}
-        for name, i, out in results:
-            paths = self._save(tmp, name, i, out)
-            table = rows.setdefault(name, {"": [], "_mask": [], "_label": [], "_brain": []})
-            if out.anomaly is None:
-                table[""].append({"filename": paths["images"]})
-                table["_mask"].append({"filename": paths["brain"]})
-                continue
-            px = int(out.anomaly.sum())
-            table[""].append({"filename": paths["images"], "class": name, "lesion_px": px,
-                              "size_bin": size_bin(px, self.size)})
-            table["_label"].append({"filename": paths["anomaly"]})
-            table["_mask"].append({"filename": paths["healthy"]})
-            table["_brain"].append({"filename": paths["brain"]})
+        for name, s, slices in results:
+            for j, out in enumerate(slices):
+                paths = self._save(tmp, name, f"{s:05d}_{j}", out)
+                table = rows.setdefault(name, {"": [], "_mask": [], "_label": [], "_brain": []})
+                where = {"filename": paths["images"], "subject": f"{name}-{s:05d}", "slice": j}
+                if out.anomaly is None:
+                    table[""].append(where)
+                    table["_mask"].append({"filename": paths["brain"]})
+                    continue
+                px = int(out.anomaly.sum())
+                table[""].append({**where, "class": name, "lesion_px": px, "size_bin": size_bin(px, self.size)})
+                table["_label"].append({"filename": paths["anomaly"]})
+                table["_mask"].append({"filename": paths["healthy"]})
+                table["_brain"].append({"filename": paths["brain"]})
         for name, table in rows.items():
             for suffix, entries in table.items():
                 if entries:
                     self._csv(tmp / "splits" / f"{name}{suffix}.csv", entries)
 
-    def _save(self, tmp: Path, name: str, i: int, out: Rendered) -> dict[str, str]:
+    def _save(self, tmp: Path, name: str, stem: str, out: Rendered) -> dict[str, str]:
         paths = {}
         for kind, array in (("images", out.image), ("brain", out.brain), ("anomaly", out.anomaly),
                             ("healthy", out.healthy_tissue)):
             if array is None:
                 continue
-            path = tmp / kind / name / f"{i:05d}.npy"
+            path = tmp / kind / name / f"{stem}.npy"
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(path, array)
             paths[kind] = self._rel(path, tmp)
@@ -633,12 +754,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-val", type=int, default=60)
     parser.add_argument("--n-test", type=int, default=60)
     parser.add_argument("--n-per-class", type=int, default=60)
+    parser.add_argument("--slices-per-subject", type=int, default=1)
+    parser.add_argument("--slice-spacing", type=float, default=3.0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--grid", type=Path, default=None, help="write a PNG grid of examples here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bench = EmbeddedBenchmark(root=args.root, seed=args.seed, size=args.size, n_train=args.n_train, n_val=args.n_val,
-                              n_test=args.n_test, n_per_class=args.n_per_class, workers=args.workers)
+                              n_test=args.n_test, n_per_class=args.n_per_class,
+                              slices_per_subject=args.slices_per_subject, slice_spacing=args.slice_spacing,
+                              workers=args.workers)
     root = bench.prepare()
     print(root)
     if args.grid is not None:

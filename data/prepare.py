@@ -22,23 +22,29 @@ Masks:
 - anomaly masks: ATLAS ``label-L`` lesion masks and BraTS segmentations (all tumour labels) binarised (> 0);
   fastMRI+ boxes (one mask per annotation row).
 
+Subjects: every image CSV has a ``subject`` column (the volume a slice comes from: the IXI subject id, the
+fastMRI file id, the ATLAS subject, the BraTS case) and a ``slice`` column (its axial index); ``--n-slices`` takes
+that many consecutive slices per volume, and all slices of a subject stay in one split. fastMRI publishes no
+patient ids: a file (one study) is a subject, so two studies of one patient could still land in two splits.
+
 Dataset specifics:
 - ``ixi``: every ``*T1*.nii*`` under ``--src`` (recursive), slices chosen by ``--slice`` / ``--n-slices`` (default:
   the middle axial slice), healthy; subjects split into train/val/test by ``--val-fraction`` /
   ``--test-fraction`` with ``--seed`` (all slices of a subject stay in one split).
 - ``fastmri``: every ``*.h5`` under ``--src`` (``--pattern '*_AXT1_*.h5'`` keeps only T1); the middle slice of
-  ``reconstruction_rss`` (index ``n // 2``).
+  ``reconstruction_rss`` (index ``n // 2``), or ``--n-slices`` consecutive slices centred on it.
   fastMRI+ boxes refer to the slice flipped up-down (y counted from the bottom of the stored array; the
   fastMRI+ viewers flip with ``[:, ::-1, :]``), so the slice is stored flipped (anterior up) and boxes are drawn
   in it directly (``--no-flip`` keeps the stored orientation for boxes given in it). The fastMRI+ CSV (columns
-  ``file,slice,study_level,x,y,width,height,label``; ``slice`` 0-based, x = column, y = row) gives, for the
-  middle slice, one row per box annotation grouped by
+  ``file,slice,study_level,x,y,width,height,label``; ``slice`` 0-based, x = column, y = row) gives, for each
+  chosen slice, one row per box annotation grouped by
   label into ``<label>.csv`` / ``<label>_label.csv`` (box mask) / ``<label>_mask.csv`` (healthy tissue = foreground
   minus all boxes of that slice). Study-level rows (``study_level`` yes) are image-level labels, never boxes:
-  ``study_level.csv`` (columns ``filename,label``) + ``study_level_mask.csv``. Files with no annotation row at all
-  are healthy: ``healthy_{train,val,test}.csv`` (+ ``_mask``). Labels are normalised to lowercase identifiers
-  (``Nonspecific lesion`` -> ``nonspecific_lesion``); ``--merge SRC=DST`` renames classes (default
-  ``extra_axial_mass=mass``, METHODS.md's "mass incl. extra-axial").
+  ``study_level.csv`` (columns ``filename,label``, one row per chosen slice) + ``study_level_mask.csv``. A chosen
+  slice of an annotated file without a box of its own is neither a box row nor healthy. Files with no annotation
+  row at all are healthy: ``healthy_{train,val,test}.csv`` (+ ``_mask``), split by file. Labels are normalised to
+  lowercase identifiers (``Nonspecific lesion`` -> ``nonspecific_lesion``); ``--merge SRC=DST`` renames classes
+  (default ``extra_axial_mass=mass``, the reference study's "mass incl. extra-axial").
 - ``atlas``: BIDS ``*_T1w.nii.gz`` with ``*_label-L_desc-T1lesion_mask.nii.gz``; axial slice ``--slice``
   (default 95, the reference study's slice of the 197x233x189 MNI volumes); ``atlas.csv`` has ``lesion_px``.
 - ``brats``: per case ``*_t1.nii.gz`` / ``*_t2.nii.gz`` / ``*_flair.nii.gz`` (``--modality``) and ``*_seg.nii.gz``;
@@ -106,9 +112,18 @@ def axial(volume: np.ndarray, k: int) -> np.ndarray:
 
 
 def slice_indices(n: int, *, slice_index: int | None, n_slices: int) -> list[int]:
-    """``n_slices`` consecutive indices centred on ``slice_index`` (default: the middle, ``n // 2``)."""
+    """``n_slices`` consecutive indices centred on ``slice_index`` (default: the middle, ``n // 2``).
+
+    Raises:
+        PrepareError: ``n_slices`` < 1, or the range leaves the volume's ``n`` slices.
+    """
+    if n_slices < 1:
+        raise PrepareError(f"--n-slices must be >= 1, got {n_slices}")
     centre = n // 2 if slice_index is None else slice_index
     start = centre - (n_slices - 1) // 2
+    if start < 0 or start + n_slices > n:
+        raise PrepareError(f"slices {start}..{start + n_slices - 1} (--n-slices {n_slices} around {centre}) leave the "
+                           f"volume's {n} slices")
     return list(range(start, start + n_slices))
 
 
@@ -231,17 +246,21 @@ def _parse_merge(merge: Sequence[str]) -> dict[str, str]:
     return renames
 
 
-def _middle_slice(path: Path, flip: bool) -> tuple[np.ndarray, int]:
-    """The middle slice of ``reconstruction_rss`` (float32 [H,W], flipped up-down when ``flip``) and its index."""
+def _middle_slices(path: Path, flip: bool, n_slices: int) -> list[tuple[int, np.ndarray]]:
+    """(index, float32 [H,W] slice flipped up-down when ``flip``) of ``reconstruction_rss`` for ``n_slices``
+    consecutive slices centred on the middle one (index ``n // 2``)."""
     import h5py
 
     with h5py.File(path, "r") as h5:
         if "reconstruction_rss" not in h5:
             raise PrepareError(f"{path}: no 'reconstruction_rss' dataset")
         volume = h5["reconstruction_rss"]
-        middle = volume.shape[0] // 2
-        image = np.asarray(volume[middle], dtype=np.float32)
-    return (np.ascontiguousarray(np.flipud(image)) if flip else image), middle
+        try:
+            indices = slice_indices(volume.shape[0], slice_index=None, n_slices=n_slices)
+        except PrepareError as err:
+            raise PrepareError(f"{path}: {err}") from err
+        out = [(k, np.asarray(volume[k], dtype=np.float32)) for k in indices]
+    return [(k, np.ascontiguousarray(np.flipud(image)) if flip else image) for k, image in out]
 
 
 def _box_mask(row: dict, shape: tuple[int, ...], where: str) -> np.ndarray:
@@ -256,7 +275,7 @@ def _box_mask(row: dict, shape: tuple[int, ...], where: str) -> np.ndarray:
 
 def prepare_fastmri(*, src: Path, out: Path, annotations: Path, val_fraction: float = 0.1,
                     test_fraction: float = 0.2, seed: int = 0, merge: Sequence[str] = ("extra_axial_mass=mass",),
-                    flip: bool = True, pattern: str = "*.h5") -> dict[str, int]:
+                    flip: bool = True, pattern: str = "*.h5", n_slices: int = 1) -> dict[str, int]:
     """fastMRI brain HDF5 + fastMRI+ boxes -> middle slices, per-class triples, study-level and healthy lists."""
     renames = _parse_merge(merge)
     by_file = _read_annotations(annotations)
@@ -264,34 +283,34 @@ def prepare_fastmri(*, src: Path, out: Path, annotations: Path, val_fraction: fl
     study, study_masks, healthy = [], [], []
     for f in _find(src, pattern):
         stem = _stem(f)
-        image, middle = _middle_slice(f, flip)
-        name = f"{stem}_s{middle:02d}"
-        foreground = foreground_mask(image)
         rows = by_file.get(stem, [])
-        if not rows:
-            healthy.append((stem, save(out, "images", name, image), save(out, "masks", name, foreground)))
-            continue
-        boxes = []
         study_labels = sorted({normalise_label(r["label"]) for r in rows if _is_yes(r["study_level"])})
-        for label in study_labels:
-            study.append({"filename": save(out, "images", name, image), "label": renames.get(label, label)})
-            study_masks.append({"filename": save(out, "masks", name, foreground)})
-        for row in rows:
-            if _is_yes(row["study_level"]):
+        for k, image in _middle_slices(f, flip, n_slices):
+            name, where = f"{stem}_s{k:02d}", {"subject": stem, "slice": k}
+            foreground = foreground_mask(image)
+            if not rows:
+                healthy.append((stem, {"filename": save(out, "images", name, image), **where},
+                                {"filename": save(out, "masks", name, foreground)}))
                 continue
-            if int(row["slice"]) != middle:
-                continue
-            box = _box_mask(row, image.shape, f"{annotations} row {row['_row']} ({f.name})")
-            label = normalise_label(row["label"])
-            boxes.append((renames.get(label, label), box, row["_row"]))
-        if boxes:
-            image_text = save(out, "images", name, image)
-            healthy_tissue = foreground * (1 - np.max([b for _, b, _ in boxes], axis=0))
-            mask_text = save(out, "masks", f"{name}_healthy_tissue", healthy_tissue.astype(np.uint8))
-            for label, box, row_n in boxes:
-                classes[label][""].append({"filename": image_text, "annotation_row": row_n})
-                classes[label]["_label"].append({"filename": save(out, "labels", f"{name}_row{row_n}", box)})
-                classes[label]["_mask"].append({"filename": mask_text})
+            for label in study_labels:
+                study.append({"filename": save(out, "images", name, image), "label": renames.get(label, label),
+                              **where})
+                study_masks.append({"filename": save(out, "masks", name, foreground)})
+            boxes = []
+            for row in rows:
+                if _is_yes(row["study_level"]) or int(row["slice"]) != k:
+                    continue
+                box = _box_mask(row, image.shape, f"{annotations} row {row['_row']} ({f.name})")
+                label = normalise_label(row["label"])
+                boxes.append((renames.get(label, label), box, row["_row"]))
+            if boxes:
+                image_text = save(out, "images", name, image)
+                healthy_tissue = foreground * (1 - np.max([b for _, b, _ in boxes], axis=0))
+                mask_text = save(out, "masks", f"{name}_healthy_tissue", healthy_tissue.astype(np.uint8))
+                for label, box, row_n in boxes:
+                    classes[label][""].append({"filename": image_text, **where, "annotation_row": row_n})
+                    classes[label]["_label"].append({"filename": save(out, "labels", f"{name}_row{row_n}", box)})
+                    classes[label]["_mask"].append({"filename": mask_text})
     for label, table in classes.items():
         for suffix, entries in table.items():
             write_csv(out / "splits" / f"{label}{suffix}.csv", entries)
@@ -302,8 +321,8 @@ def prepare_fastmri(*, src: Path, out: Path, annotations: Path, val_fraction: fl
     counts = {label: len(t[""]) for label, t in classes.items()}
     for split in ("train", "val", "test"):
         chosen = [h for h in healthy if assignment[h[0]] == split]
-        write_csv(out / "splits" / f"healthy_{split}.csv", [{"filename": h[1]} for h in chosen])
-        write_csv(out / "splits" / f"healthy_{split}_mask.csv", [{"filename": h[2]} for h in chosen])
+        write_csv(out / "splits" / f"healthy_{split}.csv", [h[1] for h in chosen])
+        write_csv(out / "splits" / f"healthy_{split}_mask.csv", [h[2] for h in chosen])
         counts[f"healthy_{split}"] = len(chosen)
     counts["study_level"] = len(study)
     return counts
@@ -364,7 +383,8 @@ def prepare_brats(*, src: Path, out: Path, modality: str = "t1", slice_index: in
             centre = None if slice_index is None else int(slice_index)
         for k in slice_indices(volume.shape[2], slice_index=centre, n_slices=n_slices):
             image, label = axial(volume, k), (axial(seg, k) > 0).astype(np.uint8)
-            slices.add(f"{case}_{modality}_z{k:03d}", image, label, (image > 0).astype(np.uint8), case=case, slice=k)
+            slices.add(f"{case}_{modality}_z{k:03d}", image, label, (image > 0).astype(np.uint8), subject=case,
+                       slice=k)
     return slices.write("brats")
 
 
@@ -398,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     fm.add_argument("--val-fraction", type=float, default=0.1)
     fm.add_argument("--test-fraction", type=float, default=0.2)
     fm.add_argument("--pattern", default="*.h5", help="file pattern under --src (e.g. '*_AXT1_*.h5')")
+    fm.add_argument("--n-slices", type=int, default=1, help="consecutive slices centred on the middle one")
     fm.add_argument("--merge", action="append", default=None, help="SRC=DST class rename (repeatable)")
     fm.add_argument("--no-flip", action="store_true",
                     help="keep slices as stored (only for boxes given in the stored orientation)")
@@ -422,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         counts = prepare_fastmri(src=args.src, out=args.out, annotations=args.annotations,
                                  val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
                                  merge=args.merge if args.merge is not None else ("extra_axial_mass=mass",),
-                                 flip=not args.no_flip, pattern=args.pattern)
+                                 flip=not args.no_flip, pattern=args.pattern, n_slices=args.n_slices)
     elif args.dataset == "atlas":
         counts = prepare_atlas(src=args.src, out=args.out, slice_index=args.slice, n_slices=args.n_slices)
     else:

@@ -57,7 +57,8 @@ class Inference:
     Attributes:
         name: dataset name; info: its ``data.dataset_info``.
         image: inputs in [0,1]; anomaly_map: >= 0; anomaly_score: [N]; reconstruction: in [0,1] or None;
-        anomaly_mask, brain_mask: {0,1} or None; label: [N] long; path: N source paths.
+        anomaly_mask, brain_mask: {0,1} or None; label: [N] long; path: N source paths; subject: N subject ids
+        (slices of one volume share one; the image path when the split names no subjects).
         extras: the model's per-image intermediates (``AnomalyOutput.extras`` with a leading batch dimension, e.g.
             AutoDDPM's ``x_rec``, ``c``, ``mask``, ``stitched``, ``x_inp``), concatenated, float32.
     """
@@ -72,6 +73,7 @@ class Inference:
     label: Tensor
     path: list[str]
     info: DatasetInfo | None = None
+    subject: list[str] = field(default_factory=list)
     extras: dict[str, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -155,7 +157,7 @@ class EvalContext:
     def _load(self, name: str, *, run_model: bool) -> Inference:
         loader = self.data.eval_dataloader(name)
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        parts: dict[str, list] = {k: [] for k in ("image", "anomaly_mask", "brain_mask", "label", "path",
+        parts: dict[str, list] = {k: [] for k in ("image", "anomaly_mask", "brain_mask", "label", "path", "subject",
                                                   "anomaly_map", "anomaly_score", "reconstruction")}
         what = "inference" if run_model else "loading"
         counted = self.model.counted_network() if run_model else None
@@ -173,6 +175,7 @@ class EvalContext:
                     value = getattr(batch, key)
                     parts[key].append(None if value is None else value.detach().cpu())
                 parts["path"].extend(batch.path)
+                parts["subject"].extend(batch.subject)
                 if not run_model:
                     continue
                 x = batch.image.to(self.device)
@@ -204,7 +207,7 @@ class EvalContext:
         return Inference(name=name, image=torch.cat(parts["image"]).float(), anomaly_map=_cat(parts["anomaly_map"]),
                          anomaly_score=_cat(parts["anomaly_score"]), reconstruction=_cat(parts["reconstruction"]),
                          anomaly_mask=_cat(parts["anomaly_mask"]), brain_mask=_cat(parts["brain_mask"]),
-                         label=torch.cat(parts["label"]), path=parts["path"], info=info,
+                         label=torch.cat(parts["label"]), path=parts["path"], info=info, subject=parts["subject"],
                          extras={k: torch.cat(v) for k, v in extras.items() if len(v) == len(parts["image"])})
 
     def inference(self, name: str) -> Inference:

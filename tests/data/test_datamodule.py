@@ -54,7 +54,8 @@ def test_csv_splits_yield_batches(make_split) -> None:  # noqa: ANN001
     assert 0.0 <= float(test.image.min()) and float(test.image.max()) <= 1.0
     assert data.test_set_names == ["lesions"]
     assert data.dataset_info("lesions") == DatasetInfo(name="lesions", pathological=True, has_anomaly_mask=True,
-                                                       has_brain_mask=True, annotation="pixel", size=5)
+                                                       has_brain_mask=True, annotation="pixel", size=5,
+                                                       has_subjects=False)
     assert data.dataset_info("train").pathological is False
     files = data.split_files()
     assert {p.name for p in files} == {"images.csv", "masks.csv", "labels.csv"} and all(p.is_absolute() for p in files)
@@ -161,3 +162,39 @@ def test_empty_glob_is_an_error(make_split) -> None:  # noqa: ANN001
     data = _module(split, train={"glob": str(split["folder"] / "*.nothing")})
     with pytest.raises(SplitError, match="'train' is empty"):
         data.train_dataloader()
+
+
+def _with_subjects(csv_path: Path, subjects: list[str], out: Path) -> Path:
+    rows = csv_path.read_text().splitlines()[1:]
+    out.write_text("filename,subject\n" + "".join(f"{r},{s}\n" for r, s in zip(rows, subjects, strict=True)))
+    return out
+
+
+def test_subject_column_reaches_the_batch_and_defaults_to_the_image(make_split) -> None:  # noqa: ANN001
+    split = make_split(n=5)
+    folder = split["folder"]
+    with_subjects = _with_subjects(split["images"], ["a", "a", "b", "b", "b"], folder / "subjects.csv")
+    data = _module(split, test={"lesions": {"images": [str(with_subjects)], "labels": [str(split["labels"])]}},
+                   val=None)
+    batches = list(data.eval_dataloader("lesions"))
+    assert [s for b in batches for s in b.subject] == ["a", "a", "b", "b", "b"]
+    assert data.dataset_info("lesions").has_subjects and not data.dataset_info("train").has_subjects
+    # Without the column each image is its own subject (its path).
+    train = list(data.eval_dataloader("train"))
+    assert [s for b in train for s in b.subject] == [p for b in train for p in b.path]
+    data.split_files()  # train names no subjects: nothing shared
+
+
+def test_splits_sharing_a_subject_are_an_error(make_split) -> None:  # noqa: ANN001
+    split = make_split(n=4)
+    folder = split["folder"]
+    train = _with_subjects(split["images"], ["s1", "s1", "s2", "s2"], folder / "train.csv")
+    test = _with_subjects(split["images"], ["s3", "s3", "s2", "s4"], folder / "test.csv")
+    data = _module(split, train={"images": [str(train)]}, val=None,
+                   test={"lesions": {"images": [str(test)], "labels": [str(split["labels"])]}})
+    with pytest.raises(SplitError, match=r"'train' and 'lesions' share 1 subject\(s\), e.g. s2"):
+        data.split_files()
+    (folder / "bad.csv").write_text(f"filename,subject\n{folder / 'img0.npy'},\n")
+    bad = _module(split, train={"images": [str(folder / "bad.csv")]}, val=None, test={})
+    with pytest.raises(SplitError, match=r"bad\.csv row 1: empty 'subject'"):
+        bad.dataset_info("train")

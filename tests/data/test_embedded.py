@@ -10,7 +10,7 @@ import pytest
 
 from core.Configurator import build, load_config
 from core.DataLoader import REPO_ROOT, DataModule
-from data.embedded import CHANGE, CLASSES, EmbeddedBenchmark, main, render, size_bin
+from data.embedded import CHANGE, CLASSES, EmbeddedBenchmark, main, render, render_subject, size_bin
 
 TINY = {"seed": 3, "n_train": 2, "n_val": 1, "n_test": 1, "n_per_class": 3, "size": 32}
 Z_BAND = (76.0, 98.0)  # the default
@@ -98,6 +98,53 @@ def test_masks_cover_the_actual_change_at_128(cls: str) -> None:
         assert (outside > 20) == (cls in DEFORMATIONS), (cls, outside)
 
 
+MULTI = {**TINY, "n_train": 1, "n_per_class": 2, "slices_per_subject": 3}
+
+
+@pytest.fixture(scope="module")
+def built_multi(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return EmbeddedBenchmark(root=str(tmp_path_factory.mktemp("embedded") / "m"), **MULTI).prepare()
+
+
+def test_subjects_with_several_slices(built_multi: Path) -> None:
+    splits = built_multi / "splits"
+    for name in ("healthy_train", "healthy_val", "healthy_test", *CLASSES):
+        rows = _rows(splits / f"{name}.csv")
+        n = MULTI["n_per_class"] if name in CLASSES else MULTI[f"n_{name.split('_')[1]}"]
+        assert [(r["subject"], r["slice"]) for r in rows] == [(f"{name}-{s:05d}", str(j)) for s in range(n)
+                                                                for j in range(3)]
+    # Every slice of a pathological subject shows its lesion, and the masks cover each slice's actual change.
+    for cls in CLASSES:
+        tables = [_rows(splits / f"{cls}{s}.csv") for s in ("", "_label", "_mask", "_brain")]
+        for s in range(MULTI["n_per_class"]):
+            rendered = render_subject(MULTI["seed"], MULTI["size"], Z_BAND, cls, s, slices=3)
+            for j, (row, label, mask, brain) in enumerate(list(zip(*tables, strict=True))[3 * s:3 * s + 3]):
+                image, anomaly = np.load(row["filename"]), np.load(label["filename"])
+                assert np.array_equal(rendered[j].image, image) and int(row["lesion_px"]) == anomaly.sum() > 0
+                _check_masks_against_change(cls, image, rendered[j].source, anomaly, np.load(mask["filename"]),
+                                            np.load(brain["filename"]))
+
+
+def test_a_subjects_slices_are_one_volume() -> None:
+    for cls in ("healthy_test", "hypointense_lesion"):
+        slices = render_subject(0, 64, Z_BAND, cls, 1, slices=3)
+        # The anchor (middle) slice is the single-slice benchmark's image of the same subject index.
+        assert np.array_equal(slices[1].image, render(0, 64, Z_BAND, cls, 1).image)
+        others = render_subject(0, 64, Z_BAND, cls, 2, slices=3)
+        brain = [s.brain.astype(bool) for s in slices]
+
+        def iou(a: np.ndarray, b: np.ndarray) -> float:
+            return (a & b).sum() / (a | b).sum()
+
+        # Neighbouring slices differ (own level and noise) but share the subject's geometry far more than two
+        # subjects do.
+        assert not np.array_equal(slices[0].image, slices[1].image)
+        assert min(iou(brain[0], brain[1]), iou(brain[2], brain[1])) > iou(brain[1], others[1].brain.astype(bool))
+    # The lesion is one 3-D object: it sits at the same place on every slice.
+    lesion = [s.anomaly.astype(bool) for s in slices]
+    assert min(iou(lesion[0], lesion[1]), iou(lesion[2], lesion[1])) > 0.5
+
+
 def test_pathology_is_visible_against_healthy_tissue(built: Path) -> None:
     rows = _rows(built / "splits" / "hypointense_lesion.csv")
     labels = _rows(built / "splits" / "hypointense_lesion_label.csv")
@@ -125,7 +172,8 @@ def test_default_root_depends_on_parameters() -> None:
     assert a.root.parent == REPO_ROOT / "cache" / "embedded" and a.root != b.root
 
 
-@pytest.mark.parametrize("params", [{"size": 15}, {"n_train": 0}, {"classes": ["tumour"]}, {"z_band": [10, 20]}])
+@pytest.mark.parametrize("params", [{"size": 15}, {"n_train": 0}, {"classes": ["tumour"]}, {"z_band": [10, 20]},
+                                    {"slices_per_subject": 0}, {"slice_spacing": 0.1}])
 def test_invalid_parameters(params: dict) -> None:
     with pytest.raises(ValueError):
         EmbeddedBenchmark(**{**TINY, **params})

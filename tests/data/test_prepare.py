@@ -107,6 +107,47 @@ def test_fastmri_boxes_study_level_and_healthy(tmp_path: Path) -> None:
     assert batch.anomaly_mask.sum() > 0 and (batch.healthy_tissue * batch.anomaly_mask).sum() == 0
 
 
+def test_fastmri_several_slices_per_file(tmp_path: Path) -> None:
+    src, annotations = _fastmri_layout(tmp_path)
+    out = tmp_path / "out"
+    assert main(["fastmri", "--src", str(src), "--out", str(out), "--annotations", str(annotations),
+                 "--val-fraction", "0", "--test-fraction", "0", "--n-slices", "3"]) == 0
+    splits = out / "splits"
+    healthy = _rows(splits / "healthy_train.csv")
+    assert [(r["subject"], r["slice"]) for r in healthy] == [("file_brain_AXT1_c", k) for k in ("1", "2", "3")]
+    # Slice 1 of file a now carries its own edema box (annotation row 3); slice 3 has none and is left out.
+    edema = _rows(splits / "edema.csv")
+    assert [(r["subject"], r["slice"], r["annotation_row"]) for r in edema] == [
+        ("file_brain_AXT1_a", "1", "3"), ("file_brain_AXT1_a", "2", "2")]
+    assert len(_rows(splits / "study_level.csv")) == 3  # one study-level row per chosen slice of file b
+    with pytest.raises(PrepareError, match="leave the volume's 5 slices"):
+        main(["fastmri", "--src", str(src), "--out", str(tmp_path / "o"), "--annotations", str(annotations),
+              "--n-slices", "7"])
+
+
+def test_splits_never_share_a_subject(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    src = tmp_path / "fastmri"
+    src.mkdir()
+    for i in range(9):
+        with h5py.File(src / f"file_brain_AXT1_{i}.h5", "w") as f:
+            f.create_dataset("reconstruction_rss", data=np.stack([_head((16, 16), rng) for _ in range(4)]))
+        _nifti(tmp_path / "ixi" / f"IXI00{i}-HH-000{i}-T1.nii.gz", _head((12, 12, 8), rng))
+    annotations = tmp_path / "brain.csv"
+    annotations.write_text("file,slice,study_level,x,y,width,height,label\n")
+    for tool, extra in (("fastmri", ["--src", str(src), "--annotations", str(annotations)]),
+                        ("ixi", ["--src", str(tmp_path / "ixi")])):
+        out = tmp_path / f"out_{tool}"
+        assert main([tool, *extra, "--out", str(out), "--n-slices", "2", "--val-fraction", "0.34",
+                     "--test-fraction", "0.34", "--seed", "1"]) == 0
+        subjects = {split: [r["subject"] for r in _rows(csv_path)]
+                    for split in ("train", "val", "test")
+                    for csv_path in out.glob(f"splits/*{split}.csv")}
+        assert all(len(s) == 6 for s in subjects.values())  # 3 subjects x 2 slices in every split
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            assert not set(subjects[a]) & set(subjects[b]), (tool, a, b)
+
+
 def test_fastmri_box_outside_the_slice_is_an_error(tmp_path: Path) -> None:
     src, annotations = _fastmri_layout(tmp_path)
     annotations.write_text("file,slice,study_level,x,y,width,height,label\nfile_brain_AXT1_a,2,No,50,50,4,4,Edema\n")
@@ -147,7 +188,7 @@ def test_brats_binarises_tumour_labels(tmp_path: Path) -> None:
     assert main(["brats", "--src", str(tmp_path / "BraTS"), "--out", str(out), "--modality", "flair",
                  "--slice", "max-tumour"]) == 0
     rows = _rows(out / "splits" / "brats.csv")
-    assert rows[0]["slice"] == "7" and rows[0]["lesion_px"] == "8"
+    assert rows[0]["slice"] == "7" and rows[0]["lesion_px"] == "8" and rows[0]["subject"] == "BraTS2021_00001"
     label = np.load(_rows(out / "splits" / "brats_label.csv")[0]["filename"])
     assert set(np.unique(label)) == {0, 1}
     np.testing.assert_allclose(np.load(rows[0]["filename"]), np.flipud(volume[:, :, 7].T) * 6)
