@@ -222,7 +222,9 @@ class StepContext:
         """Turn ``requires_grad`` off for every group not in ``names`` inside the block (restored after).
 
         Gradients still flow *through* the frozen networks to the trainable ones; only their own parameters get
-        no gradient. Their BatchNorm layers stay in the model's mode (train), as in the reference.
+        no gradient. Their layers stay in the model's mode (train mode by default; the reference study trained
+        every model in eval mode, see ``trainer.params.model_mode``); passes that must not move BatchNorm
+        running statistics are the model's business (``model_zoo.batchnorm.keep_running_stats``).
         """
         unknown = [n for n in names if n not in self._groups.params]
         if unknown:

@@ -15,7 +15,12 @@ Choices where the reference is buggy (documented in METHOD_ZOO.md):
   Keras momentum 0.8 the port meant (PyTorch ``momentum=0.2``); ``legacy_bn_eps=True`` restores eps 0.8.
 * Output range: with ``output='tanh'`` (default) the GAN works on images mapped to [-1,1] (``2x - 1``) and maps
   back for the anomaly map; ``'sigmoid'`` works on [0,1] directly. All losses are computed in the GAN's range.
-* Stage 2 keeps G and D frozen *in eval mode* (the reference trained the encoder with the WGAN in train mode).
+* Stage 2 keeps G and D frozen *in eval mode* (so did the reference, by accident: its trainer left every model in
+  eval mode, see ``trainer.params.model_mode``).
+* BatchNorm statistics (critic and generator): only the critic's pass of the real batch and the generator's first
+  pass of the batch's z update the running statistics that stage 2 normalises with; the critic's passes of fakes and
+  gradient-penalty interpolates and the generator step's repeat run inside
+  :func:`model_zoo.batchnorm.keep_running_stats` (batch statistics and gradients unchanged).
 
 Anomaly map (stage 2): ``|x - x_hat|`` with ``x_hat = G(E(x))`` mapped to [0,1]; score: its mean
 (``score_mode='residual'``) or the paper's izi_f score ``MSE(x_hat, x) + kappa * MSE(f(x_hat), f(x))`` per image
@@ -35,6 +40,7 @@ from torch import Tensor, nn
 from data.batch import Batch
 from model_zoo.ae import check_choice
 from model_zoo.base import AnomalyModel, AnomalyOutput, StepContext
+from model_zoo.batchnorm import keep_running_stats
 from model_zoo.stages import keep_frozen_in_eval, load_frozen_stage
 from optim.losses.adversarial import gradient_penalty
 
@@ -149,7 +155,9 @@ class WGANGP(_GANSpace):
     Per batch (``training_step``): z ~ N(0, I); the critic step minimises
     ``-mean D(x) + mean D(G(z)) + lambda_gp * GP`` (GP in float32, double backward); on batches whose global index
     is a multiple of ``n_critic`` the generator step minimises ``-mean D(G(z))`` with the same z. Both networks
-    stay in train mode (the critic's dropout is active in every call, as in the reference).
+    train in the trainer's mode: in train mode (the default) the critic's dropout is active in every call, as in the
+    paper's WGAN; the reference study trained in eval mode throughout (no dropout, BatchNorm a fixed affine map of
+    its initial statistics), which ``trainer.params.model_mode: reference`` reproduces.
 
     This stage has no encoder, so it cannot score images: :meth:`get_anomaly` raises; train :class:`FAnoGAN`
     on its checkpoint. Validation reports ``wasserstein`` = mean D(x) - mean D(G(z')) (eval mode, z' from the
@@ -184,9 +192,11 @@ class WGANGP(_GANSpace):
 
     def _critic_terms(self, x: Tensor, z: Tensor) -> dict[str, Tensor]:
         real = self.to_gan(x)
-        fake = self.generator(z).detach()
-        real_score, fake_score = self.critic(real).mean(), self.critic(fake).mean()
-        gp = gradient_penalty(self.critic, real, fake)
+        fake = self.generator(z).detach()  # the generator's one statistics-updating pass of this batch
+        real_score = self.critic(real).mean()
+        with keep_running_stats(self.critic):  # fakes and interpolates: not real images
+            fake_score = self.critic(fake).mean()
+            gp = gradient_penalty(self.critic, real, fake)
         return {"critic": fake_score - real_score + self.lambda_gp * gp, "gp": gp,
                 "wasserstein": (real_score - fake_score).detach(), "generator": -fake_score.detach()}
 
@@ -194,7 +204,9 @@ class WGANGP(_GANSpace):
         """Both objectives on one batch without stepping (``critic`` reaches D, ``generator`` reaches G)."""
         z = torch.randn(batch.image.shape[0], self.latent_dim, device=batch.image.device)
         terms = self._critic_terms(batch.image, z)
-        return {"critic": terms["critic"], "generator": -self.critic(self.generator(z)).mean()}
+        with keep_running_stats(self.generator, self.critic):
+            generator_loss = -self.critic(self.generator(z)).mean()
+        return {"critic": terms["critic"], "generator": generator_loss}
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         """Critic step every batch, generator step every ``n_critic``-th batch (``ctx.step % n_critic == 0``).
@@ -208,7 +220,8 @@ class WGANGP(_GANSpace):
             terms = self._critic_terms(x, z)
         ctx.backward_step("critic", terms["critic"])
         if ctx.step % self.n_critic == 0:
-            with ctx.frozen_except("generator"), ctx.autocast():
+            # the same z as the critic step's pass, and a fake for the critic: no statistics update
+            with ctx.frozen_except("generator"), ctx.autocast(), keep_running_stats(self.generator, self.critic):
                 generator_loss = -self.critic(self.generator(z)).mean()
             ctx.backward_step("generator", generator_loss)
         return {name: value.detach() for name, value in terms.items()}

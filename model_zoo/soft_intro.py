@@ -3,7 +3,7 @@
 METHOD_ZOO.md sections 2 and 3. Two optimizer groups, ``encoder`` and ``decoder``; per batch (``training_step``),
 with eps ~ N(0, I) drawn once, s = 1/(C H W), per-image sums over pixels and KL = -1/2 sum(1 + lv - mu^2 - e^lv):
 
-* encoder step (decoder frozen, its BatchNorm still in train mode as in the reference):
+* encoder step (decoder frozen by ``requires_grad``; both networks in the trainer's mode):
   ``x_f = D(eps)``; ``(mu, lv) = E(x)``, ``z`` sampled, ``x_r = D(z)``; re-encode ``x_r.detach()`` and
   ``x_f.detach()`` with sampling to ``x_rr``, ``x_ff``; ``e_r = sum (x_r - x_rr)^2`` (x_r *not* detached),
   ``e_f = sum (x_f - x_ff)^2``; ``expELBO_* = mean_b exp(-2 s (beta_rec e_* + beta_neg kl_*))``;
@@ -14,7 +14,14 @@ with eps ~ N(0, I) drawn once, s = 1/(C H W), per-image sums over pixels and KL 
 
 RA's ``L_emb`` = sum over the encoder's pooled feature levels of ``MSE(F_l(x), F_l(x_r)) / 2 + mean_b(1 - cos)``
 with ``F(x_r)`` from the re-encoding pass of ``x_r.detach()`` (the reference ran the same encoder on the same
-input once more; in train mode its output is identical, only BatchNorm's running statistics see one update less).
+input once more, with the same output).
+
+BatchNorm statistics: only the real passes of a batch, ``E(x)`` and its reconstruction ``D(z)`` in the encoder step,
+update the running statistics that validation and test normalise with; every other pass (prior samples, re-encodings,
+their decodings, the decoder step's repeat of ``D(z)``) runs inside :func:`model_zoo.batchnorm.keep_running_stats`
+(batch statistics and gradients unchanged). The reference let all of them update the statistics, but it trained in
+eval mode throughout (its base trainer called ``model.eval()`` in place), so its BatchNorm layers were a fixed affine
+map of their initial running statistics; ``trainer.params.model_mode: reference`` reproduces that.
 
 Anomaly maps (deterministic by default: z = mu; ``test_samples > 0`` averages that many sampled
 reconstructions, drawn from the caller's generator): SI-VAE ``|x - x_hat|``; RA
@@ -29,6 +36,7 @@ the prior dimension follows ``zdim``, LPIPS is not a submodule, RA maps are [B,1
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +47,7 @@ from torch import Tensor, nn
 
 from data.batch import Batch
 from model_zoo.base import AnomalyModel, AnomalyOutput, StepContext
+from model_zoo.batchnorm import keep_running_stats
 from model_zoo.saliency import DEFAULT_LPIPS, LazyPerceptual, clahe, gaussian_blur
 from model_zoo.vae import gaussian_kl
 from optim.losses.perceptual import PerceptualSetting
@@ -167,16 +176,18 @@ class SoftIntroVAE(AnomalyModel):
 
     def _encoder_loss(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """L_E (plus the extra terms of subclasses), the sampled z of x, and the logged terms."""
-        x_f = self.decoder(eps)
-        mu, logvar, features = self.encode(x)
+        with self._not_real():
+            x_f = self.decoder(eps)
+        mu, logvar, features = self.encode(x)  # the real passes: E(x) and D(z)
         z = self.sample(mu, logvar)
         x_r = self.decoder(z)
         rec = _sum_sq(x_r, x).mean()
         kl = gaussian_kl(mu, logvar).mean()
-        mu_r, lv_r, features_r = self.encode(x_r.detach())
-        mu_f, lv_f, _ = self.encode(x_f.detach())
-        x_rr = self.decoder(self.sample(mu_r, lv_r))
-        x_ff = self.decoder(self.sample(mu_f, lv_f))
+        with self._not_real():
+            mu_r, lv_r, features_r = self.encode(x_r.detach())
+            mu_f, lv_f, _ = self.encode(x_f.detach())
+            x_rr = self.decoder(self.sample(mu_r, lv_r))
+            x_ff = self.decoder(self.sample(mu_f, lv_f))
         if self.legacy_detach:  # PHANES' reference: no gradient through the re-reconstructions
             x_rr, x_ff = x_rr.detach(), x_ff.detach()
         s = self.scale
@@ -195,15 +206,25 @@ class SoftIntroVAE(AnomalyModel):
     def _extra_encoder_terms(self, features: list[Tensor], features_r: list[Tensor]) -> dict[str, Tensor]:
         return {}
 
+    def _not_real(self) -> contextlib.AbstractContextManager[None]:
+        """Passes of anything but the batch's real images (and its one reconstruction D(z)) leave the BatchNorm
+        running statistics of the encoder and decoder as they were."""
+        return keep_running_stats(self.encoder, self.decoder)
+
     def _decoder_loss(self, x: Tensor, eps: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        """L_D and the reconstruction D(z.detach()) [B,1,S,S] it used."""
-        x_f = self.decoder(eps)
-        x_r = self.decoder(z.detach())
+        """L_D and the reconstruction D(z.detach()) [B,1,S,S] it used.
+
+        No pass here updates BatchNorm statistics: D(z.detach()) repeats the encoder step's D(z) (same z, same decoder
+        weights), every other pass is of a fake or a reconstruction.
+        """
+        with self._not_real():
+            x_f = self.decoder(eps)
+            x_r = self.decoder(z.detach())
+            mu_r, lv_r, _ = self.encode(x_r)
+            mu_f, lv_f, _ = self.encode(x_f)
+            x_rr = self.decoder(self.sample(mu_r, lv_r).detach())
+            x_ff = self.decoder(self.sample(mu_f, lv_f).detach())
         rec = _sum_sq(x_r, x).mean()
-        mu_r, lv_r, _ = self.encode(x_r)
-        mu_f, lv_f, _ = self.encode(x_f)
-        x_rr = self.decoder(self.sample(mu_r, lv_r).detach())
-        x_ff = self.decoder(self.sample(mu_f, lv_f).detach())
         kl = 0.5 * (gaussian_kl(mu_r, lv_r).mean() + gaussian_kl(mu_f, lv_f).mean())
         rerec = 0.5 * (_sum_sq(x_r.detach(), x_rr).mean() + _sum_sq(x_f.detach(), x_ff).mean())
         return self.scale * (self.beta_rec * rec + self.beta_kl * kl + self.gamma_r * self.beta_rec * rerec), x_r
@@ -247,11 +268,13 @@ class SoftIntroVAE(AnomalyModel):
             rec = _sum_sq(x_z, x).mean()
             kl = gaussian_kl(mu, logvar).mean()
             encoder_loss = self.scale * (self.beta_rec * rec + self.beta_kl * kl)
-            extra = self._extra_encoder_terms(features, self.encode(x_z.detach())[2])
+            with self._not_real():
+                features_r = self.encode(x_z.detach())[2]
+            extra = self._extra_encoder_terms(features, features_r)
             for value in extra.values():
                 encoder_loss = encoder_loss + value
         ctx.backward_step("encoder", encoder_loss)
-        with ctx.frozen_except("decoder"), ctx.autocast():
+        with ctx.frozen_except("decoder"), ctx.autocast(), self._not_real():  # repeats the encoder step's D(z)
             x_r = self.decoder(z.detach())
             decoder_loss = self.scale * self.beta_rec * _sum_sq(x_r, x).mean()
         ctx.backward_step("decoder", decoder_loss)

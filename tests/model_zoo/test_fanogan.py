@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,28 @@ def test_stage2_loads_stage1_strictly_frozen_and_in_eval(tmp_path: Path) -> None
     assert not any(p.requires_grad for p in [*model.generator.parameters(), *model.critic.parameters()])
     assert model.provenance() == {"stage1_wgan": {"path": str(path.resolve()), "sha256": file_sha256(path),
                                                   "weights": "model"}}
+
+
+def test_a_wgan_step_updates_batchnorm_statistics_from_the_real_batch_only(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    small = {**ARCH, "image_size": 8, "generator_channels": (8, 4), "critic_channels": (4, 8)}
+    wgan = WGANGP(**small)
+    for module in wgan.modules():  # no dropout, so the real pass below sees what the trainer's did
+        if isinstance(module, torch.nn.Dropout2d):
+            module.p = 0.0
+    real_only = copy.deepcopy(wgan).train()
+    data = FakeData(n_train=4, batch_size=4, shuffle=False, with_val=False)
+    with torch.no_grad():
+        real_only.critic(real_only.to_gan(next(iter(data.train_dataloader())).image))
+    Trainer(model=wgan, data=data, logger=RecordingLogger(), run=make_run(tmp_path), max_steps=1,
+            progress=False).fit()  # batch 0: a critic step (real, fakes, interpolates) and a generator step
+    state, expected = wgan.state_dict(), real_only.state_dict()
+    critic_stats = [k for k in state if k.startswith("critic.") and ("running_" in k or "num_batches" in k)]
+    assert critic_stats
+    for key in critic_stats:  # the real batch alone
+        torch.testing.assert_close(state[key], expected[key], msg=key)
+    counters = [k for k in state if k.startswith("generator.") and k.endswith("num_batches_tracked")]
+    assert counters and all(state[k].item() == 1 for k in counters)  # one pass of z (the generator step repeats it)
 
 
 def test_a_stage2_training_step_leaves_generator_and_critic_bit_identical(tmp_path: Path) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,8 @@ from skimage.exposure import equalize_adapthist
 from core.optimizer_groups import StepContext
 from core.Trainer import Trainer
 from data.batch import Batch
+from model_zoo import soft_intro
+from model_zoo.phanes import PHANES
 from model_zoo.saliency import clahe, gaussian_blur
 from model_zoo.soft_intro import RA, SoftIntroVAE
 from optim.losses.perceptual import PerceptualSetting
@@ -81,6 +86,64 @@ def test_vae_warmup_trains_the_plain_elbo_then_turns_introspective(tmp_path: Pat
                                                   + v["embedding"], rel=1e-5)
     with pytest.raises(ValueError, match="vae_warmup_steps=-1 must be an integer >= 0"):
         SoftIntroVAE(**TINY, vae_warmup_steps=-1)
+
+
+def _running_stats(model: SoftIntroVAE) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
+
+
+def _zero_width_posterior(model: SoftIntroVAE) -> None:
+    """logvar = -200: sigma = e^-100 vanishes next to mu in float32, so the sampled z of a real image is its mu."""
+    with torch.no_grad():
+        model.encoder.head.weight[model.zdim:] = 0
+        model.encoder.head.bias[model.zdim:] = -200
+
+
+PHANES_TINY = {"image_size": 16, "channels": (4, 8), "zdim": 4, "beta_neg": 4.0, "inpaint_channels": (4, 8, 8),
+               "aot_blocks": 1, "aot_rates": (1, 2), "disc_channels": (4, 8), "n_ellipses": 2,
+               "disc_blur_kernel": 5, "disc_blur_sigma": 1.0, "perceptual": None, "style_weight": 0.0,
+               "perceptual_weight": 0.0}
+FAMILY: dict[str, Callable[..., SoftIntroVAE]] = {
+    "si_vae": lambda **kw: SoftIntroVAE(**TINY, **kw), "ra": lambda **kw: RA(**TINY, perceptual=None, **kw),
+    "phanes": lambda **kw: PHANES(**PHANES_TINY, **kw)}
+
+
+@pytest.mark.parametrize("warmup", [0, 1], ids=["introspective", "vae_warmup"])
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_one_training_step_updates_batchnorm_statistics_from_the_real_passes_only(tmp_path: Path, name: str,
+                                                                                 warmup: int) -> None:
+    torch.manual_seed(0)
+    model = FAMILY[name](vae_warmup_steps=warmup)
+    _zero_width_posterior(model)
+    real_only = copy.deepcopy(model).train()
+    before = _running_stats(model)
+    x = _Data().images[:4]  # the first training batch
+    with torch.no_grad():  # the real passes alone: E(x) and D(z) with z = mu(x)
+        real_only.decoder(real_only.encode(x)[0])
+    Trainer(model=model, data=_Data(), logger=RecordingLogger(), run=make_run(tmp_path), max_steps=1,
+            progress=False).fit()
+    after, expected = _running_stats(model), _running_stats(real_only)
+    assert any(not torch.equal(expected[k], before[k]) for k in expected)  # the real passes did move them
+    for key, value in expected.items():
+        torch.testing.assert_close(after[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_keeping_the_statistics_changes_no_weight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two steps with and without the statistics guard: the same weights (train-mode BatchNorm normalises with the
+    batch's own statistics either way), only the running statistics differ."""
+    results = []
+    for guarded in (True, False):
+        if not guarded:
+            monkeypatch.setattr(soft_intro, "keep_running_stats", lambda *_: contextlib.nullcontext())
+        torch.manual_seed(0)
+        model = RA(**TINY, perceptual=None)
+        Trainer(model=model, data=_Data(), logger=RecordingLogger(), run=make_run(tmp_path / str(guarded)),
+                max_steps=2, progress=False).fit()
+        results.append(model.state_dict())
+    guarded_state, unguarded_state = results
+    weights = [k for k in guarded_state if "running_" not in k and "num_batches" not in k]
+    assert all(torch.equal(guarded_state[k], unguarded_state[k]) for k in weights)
+    assert not all(torch.equal(guarded_state[k], unguarded_state[k]) for k in guarded_state if "running_" in k)
 
 
 def test_ra_embedding_loss_hand_computed() -> None:
