@@ -100,6 +100,33 @@ def box_figure(values: Mapping[str, Any], *, ylabel: str, title: str = "") -> Fi
     return fig
 
 
+def subject_fpr_figure(fprs: Mapping[str, Any], targets: Mapping[str, float], *, title: str = "") -> Figure:
+    """Per-subject healthy false-positive rates: one box (with the subjects as points) per operating point.
+
+    Args:
+        fprs: ``label -> [S] per-subject FPR`` in [0,1], one entry per healthy threshold.
+        targets: ``label -> target FPR`` of that threshold (drawn as a red tick across its box).
+        title: figure title.
+    """
+    fig = Figure(figsize=(max(4.0, 1.3 * len(fprs) + 2), 4))
+    ax = fig.subplots()
+    names = list(fprs)
+    data = [np.asarray(_np(fprs[n]), dtype=np.float64).reshape(-1) for n in names]
+    data = [d[np.isfinite(d)] for d in data]
+    if names:
+        ax.boxplot(data, tick_labels=names, showfliers=False)
+        rng = np.random.default_rng(0)
+        for i, (name, d) in enumerate(zip(names, data, strict=True), start=1):
+            ax.scatter(i + rng.uniform(-0.12, 0.12, d.size), d, s=8, alpha=0.6)
+            if name in targets:
+                ax.hlines(targets[name], i - 0.35, i + 0.35, colors="tab:red", linewidth=2,
+                          label="target (healthy validation)" if i == 1 else None)
+        ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylabel("false-positive rate per healthy subject")
+    ax.set_title(title)
+    return fig
+
+
 def intermediate_strip(images: Mapping[str, Any], indices: Sequence[int], *, title: str = "") -> Figure:
     """Rows of a model's intermediate images for chosen images, one column per named [N,1,H,W] tensor.
 

@@ -13,6 +13,7 @@ from dl_utils.visualization import (
     heatmap,
     per_class_bars,
     roc_pr_figure,
+    subject_fpr_figure,
 )
 
 
@@ -113,3 +114,17 @@ def test_cost_vs_quality_labels_each_drawn_point_and_counts_the_left_out(tmp_pat
     assert [t.get_text() for t in linear.texts] == ["a"] and linear.get_title() == "t"
     logx = cost_vs_quality({"a": (0.0, 0.5), "b": (1.0, float("nan"))}, xlabel="x", ylabel="y", title="t").axes[0]
     assert len(logx.texts) == 0 and logx.get_title() == "t (2 of 2 left out: NaN or x <= 0)"  # 0 on a log axis
+
+
+def test_subject_fpr_figure_marks_each_target(tmp_path):
+    fig = subject_fpr_figure({"fpr1pct": np.array([0.0, 0.02, np.nan]), "fpr5pct": np.array([0.04, 0.1])},
+                             {"fpr1pct": 0.01, "fpr5pct": 0.05}, title="healthy")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["fpr1pct", "fpr5pct"]
+    from matplotlib.collections import LineCollection, PathCollection
+
+    lines = [c for c in ax.collections if isinstance(c, LineCollection)]
+    assert sorted(float(seg[0][1]) for c in lines for seg in c.get_segments()) == [0.01, 0.05]
+    points = [len(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection)]
+    assert points == [2, 2]  # the finite subjects of each box (the NaN one is left out)
+    assert _png(fig, tmp_path, "fpr") > 1000

@@ -12,9 +12,10 @@ from core.evaluation.context import EvalContext
 from core.evaluation.per_image import PerImage
 from core.evaluation.registry import DatasetName, DatasetNames, Fpr, TaskResult, register_task
 from core.evaluation.tasks._examples import pick_examples
+from core.evaluation.tasks.thresholding import fpr_tag
 from core.evaluation.thresholds import Thresholds, operating_point
 from dl_utils import visualization as vis
-from optim.metrics import classification, localization, resampled, segmentation
+from optim.metrics import classification, localization, regions, resampled, segmentation
 
 
 @register_task("detection")
@@ -57,8 +58,13 @@ def detection(ctx: EvalContext, *, datasets: DatasetNames = None, healthy: Datas
 def segmentation_task(ctx: EvalContext, *, datasets: DatasetNames = None, threshold: float | None = None,
                       fpr: Fpr = 0.05, region: Literal["brain", "all"] = "brain",
                       size_bins: Sequence[Sequence[float]] = segmentation.REFERENCE_SIZE_BINS,
-                      n_examples: int = 4, thresholds: Thresholds | None = None) -> TaskResult:
-    """Pixel-level AUROC/AUPRC, Dice at the healthy threshold, oracle best Dice, per lesion-size bin.
+                      n_examples: int = 4, aupro_fpr_limit: Fpr = 0.3, thresholds: Thresholds | None = None
+                      ) -> TaskResult:
+    """Pixel-level AUROC/AUPRC, AUPRO, Dice and TPR at the healthy thresholds, oracle best Dice, per lesion-size bin.
+
+    ``tpr_pooled`` / ``tpr_per_image_mean``: the pixel sensitivity at the task's threshold; ``tpr_pooled_fpr<x>pct``
+    at every healthy threshold. ``aupro``: the per-region overlap integrated up to ``aupro_fpr_limit``
+    (:mod:`optim.metrics.regions`; ~limit/2 for a random map).
 
     Per image: the map's histograms on anomaly and healthy region pixels (``hist_anomaly``, ``hist_healthy`` on
     the dataset's ``hist_edges``; pooled, they give ``auroc_pooled`` to within ``hist_bound``, and a resample's
@@ -72,6 +78,7 @@ def segmentation_task(ctx: EvalContext, *, datasets: DatasetNames = None, thresh
             no brain mask); 'all' evaluates every pixel.
         size_bins: [low, high) lesion areas in pixels at 128x128, scaled with the image area.
         n_examples: example strips per dataset.
+        aupro_fpr_limit: the pooled pixel FPR up to which AUPRO integrates (0.3, as MVTec AD and anomalib).
         thresholds: the healthy thresholds (handed over by the runner).
     """
     if region not in ("brain", "all"):
@@ -86,7 +93,12 @@ def segmentation_task(ctx: EvalContext, *, datasets: DatasetNames = None, thresh
         roi = inf.evaluation_region(region)
         m = {"threshold": th, **segmentation.pixel_auroc_auprc(inf.anomaly_map, inf.anomaly_mask, roi),
              **segmentation.dice_at_threshold(inf.anomaly_map, inf.anomaly_mask, th, roi),
-             **segmentation.best_dice(inf.anomaly_map, inf.anomaly_mask, roi)}
+             **segmentation.best_dice(inf.anomaly_map, inf.anomaly_mask, roi),
+             **regions.aupro(inf.anomaly_map, inf.anomaly_mask, roi, fpr_limit=aupro_fpr_limit),
+             **regions.tpr_at_threshold(inf.anomaly_map, inf.anomaly_mask, th, roi)}
+        for point in thresholds.points if thresholds is not None else ():
+            tpr = regions.tpr_at_threshold(inf.anomaly_map, inf.anomaly_mask, point.threshold, roi)["tpr_pooled"]
+            m[f"tpr_pooled_{fpr_tag(point.target_fpr)}"] = tpr
         dice = segmentation.dice_per_image(inf.anomaly_map, inf.anomaly_mask, th, roi)
         bins, scaled = segmentation.lesion_size_bin(inf.anomaly_mask, size_bins)
         for k, (lo, hi) in enumerate(scaled):
