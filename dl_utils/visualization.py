@@ -127,6 +127,30 @@ def subject_fpr_figure(fprs: Mapping[str, Any], targets: Mapping[str, float], *,
     return fig
 
 
+def p_value_figure(p_values: Mapping[str, Any], alphas: Sequence[float], *, title: str = "") -> Figure:
+    """Empirical distribution functions of p-values against the uniform diagonal (valid p-values on healthy data
+    lie on or below it), the nominal levels ``alphas`` marked.
+
+    Args:
+        p_values: ``label -> [n] p-values`` in [0,1] (e.g. 'image', 'subject').
+        alphas: nominal levels drawn as vertical lines.
+        title: figure title.
+    """
+    fig = Figure(figsize=(4.6, 4.2))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1, label="uniform")
+    for name, values in p_values.items():
+        p = np.sort(np.asarray(_np(values), dtype=np.float64).reshape(-1))
+        if p.size:
+            ax.step(np.r_[0.0, p, 1.0], np.r_[0.0, np.arange(1, p.size + 1) / p.size, 1.0], where="post",
+                    label=f"{name} (n={p.size})")
+    for alpha in alphas:
+        ax.axvline(alpha, color="tab:red", linewidth=0.8, alpha=0.6)
+    ax.set(xlabel="p-value", ylabel="fraction <= p", xlim=(0, 1), ylim=(0, 1.01), title=title)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
 def intermediate_strip(images: Mapping[str, Any], indices: Sequence[int], *, title: str = "") -> Figure:
     """Rows of a model's intermediate images for chosen images, one column per named [N,1,H,W] tensor.
 

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 from core.Configurator import type_problem
 from core.evaluation.per_image import PerImage
 from core.evaluation.protocols import TableRow
-from core.evaluation.thresholds import MaskCalibration, Thresholds
+from core.evaluation.thresholds import MaskCalibration, ScoreCalibration, Thresholds
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-ARTIFACT_TYPES: tuple[type, ...] = (Thresholds, MaskCalibration)
+ARTIFACT_TYPES: tuple[type, ...] = (Thresholds, MaskCalibration, ScoreCalibration)
 RESERVED_DATASETS = ("train", "val")
 
 
@@ -68,7 +68,7 @@ class TaskResult:
     tables: dict[str, list[TableRow]] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    artifacts: tuple[Thresholds | MaskCalibration, ...] = ()
+    artifacts: tuple[Thresholds | MaskCalibration | ScoreCalibration, ...] = ()
     per_image: dict[str, PerImage] = field(default_factory=dict)
 
 

@@ -1,4 +1,5 @@
-"""Healthy operating points as data: the :class:`Thresholds` the ``thresholding`` task produces.
+"""Healthy operating points as data: the :class:`Thresholds` the ``thresholding`` task produces (and the
+:class:`MaskCalibration` and :class:`ScoreCalibration` artifacts beside them).
 
 File format (``checkpoints/thresholds.json``; :meth:`Thresholds.save` / :meth:`Thresholds.load` are its only
 writer and reader)::
@@ -191,3 +192,82 @@ class MaskCalibration:
     def load(cls, path: str | Path) -> MaskCalibration:
         saved = json.loads(Path(path).read_text())
         return cls(**{**saved, "source": str(path)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreCalibration:
+    """Healthy calibration scores for conformal p-values (:func:`optim.metrics.conformal.conformal_p_values`).
+
+    File format (``checkpoints/calibration.json``, beside ``thresholds.json``; :meth:`save` / :meth:`load` are its
+    only writer and reader)::
+
+        {"provenance": {"dataset": "val", "n_images": 60, "n_subjects": 20, "aggregation": "mean",
+                        "quantile": 0.9, "score": "...", "model": {...}, "created": "..."},
+         "image_scores": [0.011, ...], "subject_scores": [0.012, ...]}
+
+    Attributes:
+        dataset: the healthy set the scores come from (the healthy validation split, never seen in training).
+        image_scores: every slice's anomaly score, sorted increasingly.
+        subject_scores: every subject's score (its slices' scores aggregated by ``aggregation``), sorted.
+        aggregation: 'mean', 'max' or 'quantile' (with ``quantile``): how a subject's score is made; p-values of
+            new subjects must aggregate their slices the same way (:meth:`subject_score`).
+        quantile: the quantile of the 'quantile' rule.
+        score: what the score is (the model's image anomaly score).
+        model: the model's settings the scores depend on (inference label, backends, a calibrated mask threshold).
+        created: when it was computed; source: where it was last saved to or loaded from.
+    """
+
+    FILE_NAME: ClassVar[str] = "calibration.json"
+
+    dataset: str
+    image_scores: tuple[float, ...]
+    subject_scores: tuple[float, ...]
+    aggregation: Literal["mean", "max", "quantile"]
+    quantile: float = 0.9
+    score: str = "the model's image anomaly score (AnomalyOutput.anomaly_score)"
+    model: Mapping[str, Any] | None = None
+    created: str = ""
+    source: str = "computed"
+
+    def __post_init__(self) -> None:
+        for name in ("image_scores", "subject_scores"):
+            values = getattr(self, name)
+            if not values or not all(math.isfinite(v) for v in values):
+                raise ValueError(f"ScoreCalibration.{name}: needs at least one score, all finite ({self.source})")
+            object.__setattr__(self, name, tuple(sorted(float(v) for v in values)))
+
+    @property
+    def rule(self) -> str:
+        """The subject aggregation as text, e.g. 'mean' or 'quantile 0.9'."""
+        return self.aggregation if self.aggregation != "quantile" else f"quantile {self.quantile:g}"
+
+    def subject_score(self, slice_scores: Any) -> float:
+        """A new subject's score from its slices' scores, by the calibration's rule."""
+        from optim.metrics.subjects import aggregate_scores
+
+        values = list(slice_scores)
+        return float(aggregate_scores(values, ["s"] * len(values), self.aggregation, self.quantile)[1][0])
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "n_images": len(self.image_scores), "n_subjects": len(self.subject_scores),
+                "aggregation": self.aggregation, "quantile": self.quantile, "score": self.score,
+                "model": dict(self.model or {}), "created": self.created}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"provenance": self.provenance, "image_scores": list(self.image_scores),
+                "subject_scores": list(self.subject_scores)}
+
+    def save(self, path: str | Path) -> ScoreCalibration:
+        """Write the JSON file (creating its folder); returns the same calibration with ``source`` = ``path``."""
+        return replace(self, source=_write_json(path, self.to_json()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ScoreCalibration:
+        """Read a file written by :meth:`save`."""
+        saved = json.loads(Path(path).read_text())
+        p = saved["provenance"]
+        return cls(dataset=p["dataset"], image_scores=tuple(saved["image_scores"]),
+                   subject_scores=tuple(saved["subject_scores"]), aggregation=p["aggregation"],
+                   quantile=float(p["quantile"]), score=p["score"], model=p.get("model"), created=p.get("created", ""),
+                   source=str(path))

@@ -14,6 +14,15 @@ Pure functions on 1-D score arrays (numpy or torch); larger scores mean "more an
   calibration set are positively dependent, Bates et al., Ann. Statist. 2023).
 * **Clopper-Pearson** interval of a binomial proportion k / n: the exact ("conservative") interval from the
   beta quantiles; it contains the true proportion with probability >= the confidence level.
+* **Where a valid calibration puts the empirical FPR**: with n calibration and m test scores, all healthy and
+  exchangeable (continuous scores), the number K of test cases with p <= alpha is beta-binomial,
+  ``K ~ BetaBinomial(m, k, n + 1 - k)`` with ``k = floor(alpha (n + 1))``: given the calibration set, the
+  false-positive rate is ``Beta(k, n + 1 - k)``-distributed (mean k / (n + 1) <= alpha), and the test cases are
+  binomial around it (Vovk 2012, "Conditional validity of inductive conformal predictors"; Angelopoulos and
+  Bates, "A gentle introduction to conformal prediction"). Its central interval is the validity check of a
+  calibration: the Clopper-Pearson interval of K / m alone ignores the calibration set's randomness and rejects a
+  valid calibration more often than its level says when n is small against m (about half the time for n = 19,
+  m = 200 at alpha 0.05).
 """
 
 from __future__ import annotations
@@ -133,3 +142,26 @@ def rejection_rate(p_values: Any, alpha: float, confidence: float = 0.95) -> Bin
         raise ValueError(f"rejection_rate: alpha must be in (0, 1), got {alpha!r}")
     p = _finite(p_values, "p-values")
     return clopper_pearson(int((p <= alpha).sum()), p.size, confidence)
+
+
+def fpr_acceptance_interval(n_calibration: int, n_test: int, alpha: float,
+                            confidence: float = 0.95) -> tuple[float, float]:
+    """Central ``confidence`` interval of the empirical FPR K / m when the calibration is valid (see the module
+    docstring): m = ``n_test`` exchangeable healthy test cases against n = ``n_calibration`` calibration cases.
+
+    Returns:
+        (low, high) in [0, 1]; (0, 0) when alpha < 1 / (n + 1) (no p-value can be that small); NaN for m = 0.
+    """
+    if not 0.0 < alpha < 1.0 or not 0.0 < confidence < 1.0:
+        raise ValueError(f"fpr_acceptance_interval: alpha and confidence must be in (0, 1), got {alpha!r}, "
+                         f"{confidence!r}")
+    if n_calibration < 0 or n_test < 0:
+        raise ValueError(f"fpr_acceptance_interval: counts must be >= 0, got {n_calibration}, {n_test}")
+    if n_test == 0:
+        return float("nan"), float("nan")
+    k = int(np.floor(alpha * (n_calibration + 1) + 1e-9))
+    if k == 0:
+        return 0.0, 0.0
+    count = stats.betabinom(n_test, k, n_calibration + 1 - k)
+    tail = (1.0 - confidence) / 2.0
+    return float(count.ppf(tail)) / n_test, float(count.ppf(1.0 - tail)) / n_test

@@ -3,6 +3,7 @@
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from matplotlib.figure import Figure
 
@@ -11,6 +12,7 @@ from dl_utils.visualization import (
     cost_vs_quality,
     example_strip,
     heatmap,
+    p_value_figure,
     per_class_bars,
     roc_pr_figure,
     subject_fpr_figure,
@@ -128,3 +130,14 @@ def test_subject_fpr_figure_marks_each_target(tmp_path):
     points = [len(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection)]
     assert points == [2, 2]  # the finite subjects of each box (the NaN one is left out)
     assert _png(fig, tmp_path, "fpr") > 1000
+
+
+def test_p_value_figure_draws_the_uniform_line_each_ecdf_and_the_alphas(tmp_path):
+    fig = p_value_figure({"image": np.array([0.1, 0.5, 0.9]), "subject": np.array([0.3])}, [0.01, 0.05])
+    ax = fig.axes[0]
+    labels = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert labels == ["uniform", "image (n=3)", "subject (n=1)"]
+    image = next(line for line in ax.get_lines() if line.get_label() == "image (n=3)")
+    assert list(image.get_ydata()) == pytest.approx([0, 1 / 3, 2 / 3, 1, 1])
+    assert sorted(line.get_xdata()[0] for line in ax.get_lines() if line.get_label().startswith("_")) == [0.01, 0.05]
+    assert _png(fig, tmp_path, "p") > 1000

@@ -73,3 +73,26 @@ def test_rejection_rate_counts_p_at_or_below_alpha():
     assert (out.k, out.n) == (2, 4) and out.estimate == 0.5
     with pytest.raises(ValueError, match="alpha"):
         rejection_rate([0.1], 0.0)
+
+
+def test_acceptance_interval_is_beta_binomial_and_holds_its_level():
+    from optim.metrics.conformal import fpr_acceptance_interval
+
+    # n = 19, alpha = 0.05: k = 1, the FPR given the calibration set is Beta(1, 19); m = 1 -> P(K = 1) = 1/20,
+    # more than the upper 2.5 % tail (K = 1 is in the 95 % range), less than the upper 10 % tail (it is not).
+    assert fpr_acceptance_interval(19, 1, 0.05) == (0.0, 1.0)
+    assert fpr_acceptance_interval(19, 1, 0.05, confidence=0.8) == (0.0, 0.0)
+    assert fpr_acceptance_interval(10, 50, 0.05) == (0.0, 0.0)  # 1/11 > 0.05: no p-value can be that small
+    assert np.isnan(fpr_acceptance_interval(10, 0, 0.05)[0])
+    # Simulated valid calibrations: the beta-binomial range holds its level, a Clopper-Pearson check of alpha
+    # does not (it ignores that the 19 calibration scores are random too).
+    rng = np.random.default_rng(0)
+    low, high = fpr_acceptance_interval(19, 200, 0.05)
+    outside_bb = outside_cp = 0
+    for _ in range(400):
+        k = int((conformal_p_values(rng.random(19), rng.random(200)) <= 0.05).sum())
+        outside_bb += not low <= k / 200 <= high
+        outside_cp += not clopper_pearson(k, 200).contains(0.05)
+    assert outside_bb / 400 <= 0.06 and outside_cp / 400 > 0.3
+    with pytest.raises(ValueError, match="alpha and confidence"):
+        fpr_acceptance_interval(19, 10, 1.5)

@@ -5,9 +5,11 @@
 - :mod:`.thresholding`: healthy operating points (:class:`core.evaluation.thresholds.Thresholds`).
 - :mod:`.lesions`: detection (image level), segmentation (pixel level), localization (object level).
 - :mod:`.normative`: RQI, AHI, CACI (restoration quality, distribution shift, conservation and correction).
+- :mod:`.pvalues`: healthy calibration scores (:class:`core.evaluation.thresholds.ScoreCalibration`) and the
+  validity and power of the conformal p-values.
 - :mod:`.subjects`: per subject: detection, Dice, healthy false-positive rates; MOOD's volume-level APs.
 """
 
-from core.evaluation.tasks import calibration, intermediates, lesions, normative, subjects, thresholding
+from core.evaluation.tasks import calibration, intermediates, lesions, normative, pvalues, subjects, thresholding
 
-__all__ = ["calibration", "intermediates", "lesions", "normative", "subjects", "thresholding"]
+__all__ = ["calibration", "intermediates", "lesions", "normative", "pvalues", "subjects", "thresholding"]

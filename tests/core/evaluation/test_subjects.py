@@ -2,71 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
-
-import numpy as np
 import pytest
-import torch
-from torch import Tensor
 
-from core.DataLoader import DatasetInfo
 from core.evaluation import DownstreamEvaluator, evaluate
 from core.evaluation.context import EvalContext
 from core.evaluation.thresholds import Thresholds
-from data.batch import Sample, collate
-from model_zoo.base import AnomalyModel, AnomalyOutput
 from optim.metrics.segmentation import ThresholdResult
-
-SIZE = 6
-_PATHS = itertools.count()
-
-
-class MapIsImage(AnomalyModel):
-    """anomaly_map = x, anomaly_score = mean of x: the test controls every number."""
-
-    def training_losses(self, batch):
-        raise NotImplementedError
-
-    def get_anomaly(self, x: Tensor, *, generator: torch.Generator | None = None) -> AnomalyOutput:
-        return AnomalyOutput(anomaly_map=x.clone(), anomaly_score=x.flatten(1).mean(1), reconstruction=None)
-
-
-def _slice(value: float, subject: str, *, hot: int = 0, hot_value: float = 0.95, lesion: tuple | None = None,
-           lesion_value: float = 0.9, label: int = 0) -> Sample:
-    """A constant slice; ``hot`` brain pixels at ``hot_value``; optionally a lesion (rows, cols) at lesion_value."""
-    image = np.full((SIZE, SIZE), value, np.float32)
-    brain = np.zeros_like(image)
-    brain[1:5, 1:5] = 1  # 16 brain pixels
-    image.reshape(-1)[np.flatnonzero(brain)[:hot]] = hot_value
-    mask = None
-    if lesion is not None:
-        mask = np.zeros_like(image)
-        mask[lesion] = 1
-        image[lesion] = lesion_value
-    anomaly = None if mask is None else torch.from_numpy(mask)[None]
-    return Sample(image=torch.from_numpy(image)[None], anomaly_mask=anomaly,
-                  brain_mask=torch.from_numpy(brain)[None], label=label, path=f"slice{next(_PATHS)}.npy",
-                  subject=subject)
-
-
-class Slices:
-    def __init__(self, sets: dict[str, list[Sample]], named: bool = True) -> None:
-        self.sets, self.named = sets, named
-
-    @property
-    def test_set_names(self) -> list[str]:
-        return list(self.sets)
-
-    def dataset_info(self, name: str) -> DatasetInfo:
-        samples = self.sets[name]
-        has_mask = samples[0].anomaly_mask is not None
-        return DatasetInfo(name=name, pathological=samples[0].label == 1, has_anomaly_mask=has_mask,
-                           has_brain_mask=True, annotation="pixel" if has_mask else None, size=len(samples),
-                           has_subjects=self.named)
-
-    def eval_dataloader(self, name: str):
-        items = self.sets[name]
-        return [collate(items[i:i + 3]) for i in range(0, len(items), 3)]
+from tests.core.evaluation._slices import MapIsImage, Slices, make_slice
 
 
 def _thresholds(value: float = 0.5) -> Thresholds:
@@ -82,9 +24,10 @@ def _run(data: Slices, task: str, **options) -> dict:
 
 def test_subject_detection_aggregates_slice_scores_by_the_rule():
     # Dyadic values: the means are exact, so the ties are ties.
-    data = Slices({"healthy_test": [_slice(0.125, "h1"), _slice(0.375, "h1"), _slice(0.25, "h2"), _slice(0.25, "h2")],
-                   "lesions": [_slice(0.3125, "p1", label=1), _slice(0.875, "p1", label=1),
-                               _slice(0.4375, "p2", label=1), _slice(0.0625, "p2", label=1)]})
+    data = Slices({"healthy_test": [make_slice(0.125, "h1"), make_slice(0.375, "h1"), make_slice(0.25, "h2"),
+                                    make_slice(0.25, "h2")],
+                   "lesions": [make_slice(0.3125, "p1", label=1), make_slice(0.875, "p1", label=1),
+                               make_slice(0.4375, "p2", label=1), make_slice(0.0625, "p2", label=1)]})
     # mean: healthy 0.25, 0.25; pathological 0.59375, 0.25 (ties count 1/2) -> AUROC (2 + 1) / 4
     mean = _run(data, "subject_detection", aggregation="mean")
     assert mean["lesions"]["auroc"] == pytest.approx(0.75) and mean["lesions"]["n_pathological"] == 2
@@ -102,8 +45,8 @@ def test_subject_detection_aggregates_slice_scores_by_the_rule():
 
 def test_healthy_fpr_per_subject_distribution():
     # h1: 2 hot brain pixels over 32 counted; h2: none; h3: 16 of 16 (every brain pixel of its one slice)
-    data = Slices({"healthy_test": [_slice(0.1, "h1", hot=2), _slice(0.1, "h1"), _slice(0.1, "h2"),
-                                    _slice(0.1, "h2"), _slice(0.1, "h3", hot=16)]})
+    data = Slices({"healthy_test": [make_slice(0.1, "h1", hot=2), make_slice(0.1, "h1"), make_slice(0.1, "h2"),
+                                    make_slice(0.1, "h2"), make_slice(0.1, "h3", hot=16)]})
     out = _run(data, "healthy_fpr")
     m = out["healthy_test"]
     assert m["n_subjects"] == 3 and m["n_slices"] == 5
@@ -113,7 +56,7 @@ def test_healthy_fpr_per_subject_distribution():
 
 
 def test_healthy_fpr_needs_thresholds():
-    data = Slices({"healthy_test": [_slice(0.1, "h1")]})
+    data = Slices({"healthy_test": [make_slice(0.1, "h1")]})
     with pytest.raises(FileNotFoundError, match="enable a 'thresholding' task"):
         evaluate(MapIsImage(), data, {"f": DownstreamEvaluator(task="healthy_fpr")})
 
@@ -121,11 +64,11 @@ def test_healthy_fpr_needs_thresholds():
 def test_subject_dice_and_mood_voxel_ap():
     lesion = (slice(2, 4), slice(2, 4))  # 4 pixels
     outside = (slice(0, 1), slice(0, 4))  # 4 pixels above the lesion, outside it
-    p2 = _slice(0.1, "p2", lesion=lesion, lesion_value=0.6, label=1)
+    p2 = make_slice(0.1, "p2", lesion=lesion, lesion_value=0.6, label=1)
     p2.image[0][outside] = 0.6
-    data = Slices({"healthy_test": [_slice(0.1, "h1", hot=2), _slice(0.1, "h1")],
-                   "lesions": [_slice(0.1, "p1", lesion=lesion, label=1), _slice(0.1, "p1", lesion=lesion, label=1),
-                               p2]})
+    data = Slices({"healthy_test": [make_slice(0.1, "h1", hot=2), make_slice(0.1, "h1")],
+                   "lesions": [make_slice(0.1, "p1", lesion=lesion, label=1),
+                               make_slice(0.1, "p1", lesion=lesion, label=1), p2]})
     out = _run(data, "subject_segmentation", region="all")
     m = out["lesions"]
     # p1: 8 of 8 lesion pixels found, nothing else -> Dice 1; p2: 4 lesion + 4 false pixels -> 2*4 / (8 + 4)
@@ -139,7 +82,7 @@ def test_subject_dice_and_mood_voxel_ap():
 
 def test_sets_without_subjects_count_each_image_and_say_so():
     # No subject column: the ids default to the image paths, so every slice is a subject of its own.
-    data = Slices({"healthy_test": [_slice(0.1, "", hot=16), _slice(0.1, "")]}, named=False)
+    data = Slices({"healthy_test": [make_slice(0.1, "", hot=16), make_slice(0.1, "")]}, named=False)
     result = DownstreamEvaluator(task="healthy_fpr")(EvalContext(model=MapIsImage(), data=data, device="cpu",
                                                                  progress=False), thresholds=_thresholds())
     assert result.metrics["healthy_test"]["n_subjects"] == 2 and result.metrics["healthy_test"]["fpr5pct_any_fp"] == 0.5
@@ -148,8 +91,8 @@ def test_sets_without_subjects_count_each_image_and_say_so():
 
 def test_segmentation_reports_aupro_and_tpr_at_the_healthy_thresholds():
     lesion = (slice(2, 4), slice(2, 4))
-    found = _slice(0.1, "p1", lesion=lesion, label=1)
-    missed = _slice(0.1, "p2", lesion=lesion, lesion_value=0.3, label=1)  # below the 0.5 threshold
+    found = make_slice(0.1, "p1", lesion=lesion, label=1)
+    missed = make_slice(0.1, "p2", lesion=lesion, lesion_value=0.3, label=1)  # below the 0.5 threshold
     data = Slices({"lesions": [found, missed]})
     m = _run(data, "segmentation", region="all")["lesions"]
     assert m["tpr_pooled"] == pytest.approx(0.5) and m["tpr_pooled_fpr5pct"] == pytest.approx(0.5)
