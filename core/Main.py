@@ -108,6 +108,7 @@ class WandbSettings:
     project: str | None = None
     entity: str | None = None
     group: str | None = None
+    job_type: str | None = None
     tags: list[str] = field(default_factory=list)
     notes: str | None = None
 
@@ -332,7 +333,8 @@ def run(args: argparse.Namespace) -> int:
         log = ExperimentLogger(
             run_dir=run_dir, mode=wandb_settings.mode, project=wandb_settings.project or experiment.name,
             entity=wandb_settings.entity, name=f"{name}/{run_dir.name}", group=wandb_settings.group or name,
-            tags=wandb_settings.tags, notes=wandb_settings.notes, config=_plain(config), enabled=is_main,
+            job_type=wandb_settings.job_type, tags=wandb_settings.tags, notes=wandb_settings.notes,
+            config=_plain(config), enabled=is_main,
             resume_id=previous_wandb_id(run_dir) if plan is not None else None,
         )
         if initialised is not None and experiment.task == "train":

@@ -74,7 +74,7 @@ class ExperimentLogger:
         run_dir: the run folder; created if missing.
         mode: wandb mode ('offline' needs no account; 'disabled' writes only the run-folder files).
             ``WANDB_MODE`` in the environment overrides it.
-        project, entity, name, group, tags, notes: passed to ``wandb.init``.
+        project, entity, name, group, job_type, tags, notes: passed to ``wandb.init``.
         config: the resolved config, stored as the wandb run's config.
         enabled: False on non-zero distributed ranks: every call is then a no-op.
         resume_id: wandb run id to continue (``experiment.resume``).
@@ -89,6 +89,7 @@ class ExperimentLogger:
         entity: str | None = None,
         name: str | None = None,
         group: str | None = None,
+        job_type: str | None = None,
         tags: list[str] | None = None,
         notes: str | None = None,
         config: Mapping[str, Any] | None = None,
@@ -114,7 +115,7 @@ class ExperimentLogger:
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self._wandb_run = wandb.init(
-                project=project, entity=entity, name=name, group=group, tags=tags, notes=notes,
+                project=project, entity=entity, name=name, group=group, job_type=job_type, tags=tags, notes=notes,
                 config=dict(config or {}), dir=str(self.run_dir), mode=self.mode,
                 id=resume_id, resume="allow" if resume_id else None,
                 settings=wandb.Settings(console="off", disable_git=True, x_disable_stats=True, silent=True),

@@ -49,8 +49,9 @@ def _key(item: Any) -> str:
 
 
 def read_run(path: Path) -> dict[str, Any]:
-    """History rows, config, summary and file list of one offline ``run-<id>.wandb`` file."""
-    out: dict[str, Any] = {"history": [], "config": {}, "summary": {}, "files": []}
+    """History rows, config, summary, file list and run fields (name, group, job type) of one offline
+    ``run-<id>.wandb`` file."""
+    out: dict[str, Any] = {"history": [], "config": {}, "summary": {}, "files": [], "run": {}}
     for raw in iter_records(path):
         record = pb.Record()
         record.ParseFromString(raw)
@@ -58,6 +59,8 @@ def read_run(path: Path) -> dict[str, Any]:
         if kind == "history":
             out["history"].append({_key(i): json.loads(i.value_json) for i in record.history.item})
         elif kind == "run":
+            out["run"].update(name=record.run.display_name, group=record.run.run_group,
+                              job_type=record.run.job_type)
             out["config"].update({_key(i): json.loads(i.value_json) for i in record.run.config.update})
         elif kind == "config":
             out["config"].update({_key(i): json.loads(i.value_json) for i in record.config.update})

@@ -4,13 +4,14 @@ intervals, paired comparisons) without running the model again.
 A task returns, per dataset, a :class:`PerImage` (``TaskResult.per_image``): the images' paths and labels, columns
 with one row per image and the dataset's constants (e.g. a histogram binning). :func:`write_per_image` merges the
 blocks of each dataset (their paths must agree) into ``<run folder>/per_image/<dataset>.npz`` (keys ``path``,
-``label``, ``<block>/<column>``, ``<block>/<constant>``, and ``constants``: the names of the constant keys) and
-``<dataset>.csv`` (path, label and every one-dimensional column, for reading); :func:`read_per_image` reads the
-``.npz`` files back (no pickles).
+``subject``, ``label``, ``<block>/<column>``, ``<block>/<constant>``, and ``constants``: the names of the constant
+keys) and ``<dataset>.csv`` (path, subject, label and every one-dimensional column, for reading);
+:func:`read_per_image` reads the ``.npz`` files back (no pickles).
 
 What the shipped tasks write (block names as in ``_base/evaluation.yaml``):
 
-- ``detection/score`` [N]: the image anomaly score, on the healthy set and every pathological set;
+- ``detection/score`` [N]: the image anomaly score, on the healthy set and every pathological set (constant
+  ``detection/healthy`` on the latter: the healthy set it was compared with);
 - ``segmentation/hist_anomaly``, ``segmentation/hist_healthy`` [N, K] int32: the anomaly map's histogram on the
   anomaly and on the healthy pixels of the evaluation region (:func:`optim.metrics.resampled.pixel_histograms`,
   K = 1024 quantile bins of the dataset's region values), ``segmentation/dice`` [N] at the task's threshold;
@@ -48,15 +49,21 @@ class PerImage:
         label: [N] int image labels (1 = pathological).
         columns: name -> array with N rows (any trailing shape).
         constants: name -> array of the dataset, not per image (e.g. bin edges).
+        subject: the N images' subject ids (slices of one volume share one); empty: each image its own (``path``).
     """
 
     path: tuple[str, ...]
     label: np.ndarray
     columns: dict[str, np.ndarray] = field(default_factory=dict)
     constants: dict[str, np.ndarray] = field(default_factory=dict)
+    subject: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.path)
+        if not self.subject:
+            object.__setattr__(self, "subject", self.path)
+        elif len(self.subject) != n:
+            raise ValueError(f"PerImage: {len(self.subject)} subjects for {n} paths")
         if np.shape(self.label) != (n,):
             raise ValueError(f"PerImage: label has shape {np.shape(self.label)}, expected ({n},)")
         for name, value in self.columns.items():
@@ -65,14 +72,24 @@ class PerImage:
 
     @classmethod
     def of(cls, path: Sequence[str], label: Any, columns: Mapping[str, Any] | None = None,
-           constants: Mapping[str, Any] | None = None) -> PerImage:
+           constants: Mapping[str, Any] | None = None, *, subject: Sequence[str] = ()) -> PerImage:
         """Build from sequences / tensors (converted to numpy)."""
-        def array(v: Any) -> np.ndarray:
-            return np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+        return cls(path=tuple(str(p) for p in path), label=_array(label).astype(np.int64).reshape(-1),
+                   columns={k: _array(v) for k, v in (columns or {}).items()},
+                   constants={k: _array(v) for k, v in (constants or {}).items()},
+                   subject=tuple(str(s) for s in subject))
 
-        return cls(path=tuple(str(p) for p in path), label=array(label).astype(np.int64).reshape(-1),
-                   columns={k: array(v) for k, v in (columns or {}).items()},
-                   constants={k: array(v) for k, v in (constants or {}).items()})
+    @classmethod
+    def of_images(cls, images: Any, columns: Mapping[str, Any] | None = None,
+                  constants: Mapping[str, Any] | None = None, *, limit: int | None = None) -> PerImage:
+        """From anything with ``path``, ``label`` and ``subject`` (an evaluation's ``Inference``), its first
+        ``limit`` images (all when None)."""
+        rows = slice(None, limit)
+        return cls.of(images.path[rows], images.label[rows], columns, constants, subject=images.subject[rows])
+
+
+def _array(value: Any) -> np.ndarray:
+    return np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
 
 
 def merge(blocks: Mapping[str, Mapping[str, PerImage]]) -> dict[str, PerImage]:
@@ -89,14 +106,15 @@ def merge(blocks: Mapping[str, Mapping[str, PerImage]]) -> dict[str, PerImage]:
             constants = {f"{block}/{k}": v for k, v in table.constants.items()}
             if dataset not in merged:
                 merged[dataset], first[dataset] = PerImage(path=table.path, label=table.label, columns=columns,
-                                                           constants=constants), block
+                                                           constants=constants, subject=table.subject), block
                 continue
             seen = merged[dataset]
-            if seen.path != table.path or not np.array_equal(seen.label, table.label):
+            if seen.path != table.path or seen.subject != table.subject or not np.array_equal(seen.label,
+                                                                                              table.label):
                 raise ValueError(f"per-image tables of {dataset!r}: blocks {first[dataset]!r} and {block!r} list "
-                                 "different images or labels")
+                                 "different images, subjects or labels")
             merged[dataset] = PerImage(path=seen.path, label=seen.label, columns={**seen.columns, **columns},
-                                       constants={**seen.constants, **constants})
+                                       constants={**seen.constants, **constants}, subject=seen.subject)
     return merged
 
 
@@ -114,14 +132,16 @@ def write_per_image(folder: str | Path, blocks: Mapping[str, Mapping[str, PerIma
     paths = []
     for dataset, table in merged.items():
         path = folder / f"{dataset}.npz"
-        np.savez_compressed(path, path=np.asarray(table.path, dtype=str), label=table.label, **table.columns,
+        np.savez_compressed(path, path=np.asarray(table.path, dtype=str), label=table.label,
+                            subject=np.asarray(table.subject, dtype=str), **table.columns,
                             **table.constants, **{CONSTANTS_KEY: np.asarray(sorted(table.constants), dtype=str)})
         flat = [k for k, v in table.columns.items() if v.ndim == 1]
         with (folder / f"{dataset}.csv").open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            writer.writerow(["path", "label", *flat])
+            writer.writerow(["path", "subject", "label", *flat])
             for i, image in enumerate(table.path):
-                writer.writerow([image, int(table.label[i]), *(table.columns[k][i].item() for k in flat)])
+                writer.writerow([image, table.subject[i], int(table.label[i]),
+                                 *(table.columns[k][i].item() for k in flat)])
         paths.append(path)
     return paths
 
@@ -132,8 +152,9 @@ def read_per_image(folder: str | Path) -> dict[str, PerImage]:
     for path in sorted(Path(folder).glob("*.npz")):
         with np.load(path, allow_pickle=False) as data:
             constant_keys = set(data[CONSTANTS_KEY].tolist()) if CONSTANTS_KEY in data else set()
-            rest = [k for k in data.files if k not in ("path", "label", CONSTANTS_KEY)]
+            rest = [k for k in data.files if k not in ("path", "label", "subject", CONSTANTS_KEY)]
             tables[path.stem] = PerImage(path=tuple(data["path"].tolist()), label=data["label"],
                                          columns={k: data[k] for k in rest if k not in constant_keys},
-                                         constants={k: data[k] for k in rest if k in constant_keys})
+                                         constants={k: data[k] for k in rest if k in constant_keys},
+                                         subject=tuple(data["subject"].tolist()) if "subject" in data else ())
     return tables

@@ -71,6 +71,7 @@ def test_quickstart_reduced_end_to_end(tmp_path, monkeypatch, capsys):
     code = main([
         "--config_path", str(QUICKSTART), "--log_level", "WARNING",
         "--set", f"experiment.output_dir={tmp_path}", "--set", "wandb.mode=offline",
+        "--set", "wandb.group=a_study", "--set", "wandb.job_type=quickstart",
         "--set", "trainer.params.max_steps=4", "--set", "trainer.params.max_epochs=1",
         # Inception features cost ~0.1 s per image on a CPU: keep the AHI small here (the main job runs it fully).
         "--set", "downstream_tasks.ahi.params.reference_limit=20",
@@ -103,6 +104,8 @@ def test_quickstart_reduced_end_to_end(tmp_path, monkeypatch, capsys):
     logged = {k for row in run["history"] for k in row}
     assert "train/loss" in logged
     assert run["summary"].keys() >= {k for k in metrics if k.startswith("eval/")}
+    assert run["run"]["group"] == "a_study" and run["run"]["job_type"] == "quickstart"
+    assert {"train", "healthy_test", "hypointense_lesion"} <= {p.stem for p in (run_dir / "per_image").glob("*.npz")}
 
 
 # Wall-clock measurements: the only numbers of a run that may differ between two runs of the same command.

@@ -22,14 +22,15 @@ from optim.metrics import classification, localization, regions, resampled, segm
 def detection(ctx: EvalContext, *, datasets: DatasetNames = None, healthy: DatasetName = "healthy_test") -> TaskResult:
     """Image-level AUROC/AUPRC of the anomaly score: healthy set vs each pathological set and all pooled.
 
-    Per image: ``score`` on the healthy set and every pathological set.
+    Per image: ``score`` on the healthy set and every pathological set (with the constant ``healthy``: the set it
+    was compared with).
 
     Args:
         datasets: pathological sets (default: every pathological test set).
         healthy: the unseen healthy test set (label 0).
     """
     ref = ctx.inference(healthy)
-    result = TaskResult(per_image={healthy: PerImage.of(ref.path, ref.label, {"score": ref.anomaly_score})})
+    result = TaskResult(per_image={healthy: PerImage.of_images(ref, {"score": ref.anomaly_score})})
     curves, scores = {}, {healthy: ref.anomaly_score.numpy()}
     pooled_s, pooled_y = [ref.anomaly_score], [ref.label]
     for name in ctx.resolve(datasets):
@@ -41,7 +42,7 @@ def detection(ctx: EvalContext, *, datasets: DatasetNames = None, healthy: Datas
         result.metrics[name] = {**classification.image_level_metrics(s, y),
                                 "score_mean": float(inf.anomaly_score.mean())}
         curves[name], scores[name] = (s.numpy(), y.numpy()), inf.anomaly_score.numpy()
-        result.per_image[name] = PerImage.of(inf.path, inf.label, {"score": inf.anomaly_score})
+        result.per_image[name] = PerImage.of_images(inf, {"score": inf.anomaly_score}, {"healthy": healthy})
         pooled_s.append(inf.anomaly_score)
         pooled_y.append(inf.label)
     if len(pooled_s) > 1:
@@ -113,8 +114,8 @@ def segmentation_task(ctx: EvalContext, *, datasets: DatasetNames = None, thresh
                 m[f"{tag}_auroc_pooled"], m[f"{tag}_auprc_pooled"] = binned["auroc_pooled"], binned["auprc_pooled"]
         result.metrics[name] = m
         hist = resampled.pixel_histograms(inf.anomaly_map, inf.anomaly_mask, roi)
-        result.per_image[name] = PerImage.of(
-            inf.path, inf.label, {"hist_anomaly": hist.anomaly.astype(np.int32),
+        result.per_image[name] = PerImage.of_images(
+            inf, {"hist_anomaly": hist.anomaly.astype(np.int32),
                                   "hist_healthy": hist.healthy.astype(np.int32), "dice": dice},
             {"hist_edges": hist.edges, "hist_bound": hist.bound})
         has_lesion = inf.anomaly_mask.flatten(1).sum(1).numpy() > 0

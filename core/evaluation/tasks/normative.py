@@ -43,7 +43,7 @@ def rqi_task(ctx: EvalContext, *, dataset: DatasetName = "healthy_test", backend
     mae = (inf.reconstruction - inf.image).abs().flatten(1).mean(1).numpy()
     result = TaskResult(metrics={dataset: normative.rqi(ssim, lpips, mae)},
                         manifest={"lpips_backend": ctx.perceptual(backend).backend_name},
-                        per_image={dataset: PerImage.of(inf.path, inf.label, {
+                        per_image={dataset: PerImage.of_images(inf, {
                             "ssim": ssim, "lpips": lpips, "mae": mae, "rqi": normative.rqi_per_image(ssim, lpips)})})
     result.figures[f"{dataset}/examples"] = vis.example_strip(inf, pick_examples(len(inf), np.ones(len(inf), bool),
                                                                              n_examples), title=dataset)
@@ -100,8 +100,8 @@ def ahi_task(ctx: EvalContext, *, datasets: DatasetNames = None, reference: Data
         pooled_names.append(name)
         if save_features:
             inf = ctx.images(name)
-            result.per_image[name] = PerImage.of(inf.path, inf.label, {"input_features": _float32(p_feat),
-                                                                      "restored_features": _float32(r_feat)})
+            result.per_image[name] = PerImage.of_images(inf, {"input_features": _float32(p_feat),
+                                                              "restored_features": _float32(r_feat)})
         if len(p_feat) >= max(min_class_size, 2):
             result.metrics[name] = normative.ahi_equal_n(n_feat, u_feat, p_feat, r_feat, draws=draws, seed=ctx.seed,
                                                          reference_stats=n_stats)
@@ -134,13 +134,11 @@ def _float32(features: torch.Tensor) -> np.ndarray:
 def _feature_tables(result: TaskResult, ctx: EvalContext, *, reference: str, healthy: str, limit: int | None,
                     n_feat: torch.Tensor, u_feat: torch.Tensor, pooled: list[str], draws: int) -> None:
     """The per-image feature rows of N (the rows used) and U, with what the pooled AHI was computed from."""
-    ref = ctx.images(reference)
-    rows = slice(None, limit) if limit else slice(None)
-    result.per_image[reference] = PerImage.of(
-        ref.path[rows], ref.label[rows], {"input_features": _float32(n_feat)},
-        {"healthy": healthy, "pathological": np.asarray(pooled, dtype=str), "draws": draws, "seed": ctx.seed})
-    hea = ctx.images(healthy)
-    result.per_image[healthy] = PerImage.of(hea.path, hea.label, {"input_features": _float32(u_feat)})
+    result.per_image[reference] = PerImage.of_images(
+        ctx.images(reference), {"input_features": _float32(n_feat)},
+        {"healthy": healthy, "pathological": np.asarray(pooled, dtype=str), "draws": draws, "seed": ctx.seed},
+        limit=limit or None)
+    result.per_image[healthy] = PerImage.of_images(ctx.images(healthy), {"input_features": _float32(u_feat)})
 
 
 def _cache_dir(feature_cache: str | None) -> Path | None:
@@ -195,7 +193,7 @@ def caci_task(ctx: EvalContext, *, datasets: DatasetNames = None,
         per = {"conservation": np.full(len(inf), np.nan), "correction": np.full(len(inf), np.nan)}
         per["conservation"][keep.numpy()], per["correction"][keep.numpy()] = conservation, correction
         per["caci"] = normative.caci_per_image(per["conservation"], per["correction"])
-        result.per_image[name] = PerImage.of(inf.path, inf.label, per)
+        result.per_image[name] = PerImage.of_images(inf, per)
     if pooled_c:
         result.metrics["all_annotated"] = normative.caci(np.concatenate(pooled_c), np.concatenate(pooled_k))
         result.manifest["lpips_backend"] = ctx.perceptual(backend).backend_name

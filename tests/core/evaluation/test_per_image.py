@@ -28,7 +28,9 @@ def test_every_evaluated_set_has_a_table_with_its_images(tables, evaluated):
     assert {"detection/score", "segmentation/hist_anomaly", "segmentation/hist_healthy", "segmentation/dice",
             "caci/caci", "caci/conservation", "caci/correction", "ahi/input_features",
             "ahi/restored_features"} <= set(tables["lesions"].columns)
-    assert set(tables["lesions"].constants) == {"segmentation/hist_edges", "segmentation/hist_bound"}
+    assert set(tables["lesions"].constants) == {"segmentation/hist_edges", "segmentation/hist_bound",
+                                                "detection/healthy"}
+    assert str(tables["boxes"].constants["detection/healthy"]) == "healthy_test"
     assert tables["lesions"].label.tolist() == [1] * 6 and tables["healthy_test"].label.tolist() == [0] * 6
 
 
@@ -91,6 +93,11 @@ def test_tables_are_checked_and_merged_by_path(tmp_path):
         merge({"detection": {"s": a}, "other": {"s": PerImage.of(["y", "x"], [0, 1])}})
     with pytest.raises(ValueError, match="column 'score' has shape"):
         PerImage.of(["x"], [0], {"score": [0.1, 0.2]})
+    with pytest.raises(ValueError, match="blocks 'detection' and 'other' list different images, subjects"):
+        merge({"detection": {"s": a}, "other": {"s": PerImage.of(["x", "y"], [0, 1], subject=["v", "v"])}})
+    volume = PerImage.of(["x", "y"], [0, 1], subject=["v", "v"])
+    write_per_image(tmp_path / "v", {"detection": {"s": volume}})
+    assert read_per_image(tmp_path / "v")["s"].subject == ("v", "v")
     written = write_per_image(tmp_path, {"detection": {"s": a}, "segmentation": {"s": b}})
     assert written == [tmp_path / "s.npz"]
     back = read_per_image(tmp_path)["s"]
@@ -98,5 +105,6 @@ def test_tables_are_checked_and_merged_by_path(tmp_path):
     np.testing.assert_array_equal(back.columns["segmentation/hist"], b.columns["hist"])
     np.testing.assert_array_equal(back.constants["segmentation/edges"], [0.5, 1.0])
     rows = list(csv.reader((tmp_path / "s.csv").open()))
-    assert rows == [["path", "label", "detection/score"], ["x", "0", "0.1"], ["y", "1", "0.2"]]  # 1-D columns only
+    assert rows == [["path", "subject", "label", "detection/score"], ["x", "x", "0", "0.1"],
+                    ["y", "y", "1", "0.2"]]  # 1-D columns only; each image its own subject by default
     assert write_per_image(tmp_path / "none", {"rqi": {}}) == [] and not (tmp_path / "none").exists()

@@ -1,0 +1,65 @@
+"""``python -m tools.study STUDY.yaml``: run the study's jobs, then write the comparison (see :mod:`tools.study`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from core.Configurator import ConfigError
+from tools.study import analysis, evidence, report, results, runner
+from tools.study.plan import load_study
+
+logger = logging.getLogger("tools.study")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.study", description=__doc__.split("\n")[0])
+    parser.add_argument("study", help="study YAML")
+    parser.add_argument("--only", nargs="+", default=None, metavar="METHOD", help="run only these methods")
+    parser.add_argument("--report-only", action="store_true", help="write the comparison of finished runs only")
+    parser.add_argument("--readme", default=None, help="a Markdown file whose study block is regenerated")
+    parser.add_argument("--no-wandb", action="store_true", help="do not write the study's wandb summary run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.captureWarnings(True)
+    try:
+        study = load_study(args.study)
+        unknown = sorted(set(args.only or ()) - {m.name for m in study.methods})
+        if unknown:
+            known = [m.name for m in study.methods]
+            raise ConfigError(f"--only: {unknown} are not methods of {study.source} ({known})")
+        reference = analysis.read_reference(study.reference) if study.reference is not None else None
+    except ConfigError as err:
+        logger.error("study error: %s", err)
+        return 2
+    study.folder.mkdir(parents=True, exist_ok=True)
+    state = runner.read_state(study)
+    jobs = [] if args.report_only else [j for j in study.jobs() if not args.only or j.method.name in args.only]
+    failed = runner.run_jobs(study, jobs, state)
+    finished = results.collect(study, state)
+    try:
+        boot = results.replicates(finished, count=study.statistics.replicates, seed=study.statistics.seed)
+    except results.StudyDataError as err:
+        logger.error("study error: %s", err)
+        return 2
+    found = evidence.build(finished, boot, order=[m.name for m in study.methods], seeds=study.seeds,
+                           statistics=study.statistics)
+    correlation = analysis.correlations(found)
+    agreement = analysis.agreement(found, reference) if reference is not None else None
+    paths = report.write_outputs(study, found, finished, correlation, agreement,
+                                 readme=Path(args.readme) if args.readme else None,
+                                 total_wall_s=results.total_wall(study, state), wandb=not args.no_wandb)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    if failed:
+        print(f"failed: {', '.join(failed)} (logs in {study.folder / 'logs'})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

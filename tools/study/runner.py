@@ -1,0 +1,153 @@
+"""Running a study's jobs: skip a finished run, resume an interrupted one, start the rest, record wall times.
+
+The seam for other launchers: :func:`run_jobs` hands each job's command line and log file to a ``launch`` callable
+(:data:`Launcher`) that returns the exit code; :func:`launch_local` runs it here, one after another. A job runs
+after the jobs it needs (``weights_from``, ``stage1``, same seed), which :meth:`Study.jobs` lists before it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tools.study.plan import REPO, Job, Study, finished_run, run_status, runs_of_job
+
+logger = logging.getLogger(__name__)
+
+Launcher = Callable[[Sequence[str], Path], int]
+State = dict[str, dict[str, object]]
+
+
+def launch_local(command: Sequence[str], log_path: Path) -> int:
+    """Run ``command`` in this machine's working directory, appending its output to ``log_path``; its exit code."""
+    with log_path.open("a", encoding="utf-8") as log:
+        return subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd(), check=False
+                              ).returncode
+
+
+def command(study: Study, job: Job, extra: Sequence[str]) -> list[str]:
+    """``python core/Main.py --config_path <config> --set ...``: the study's overrides, the run's place, the seed,
+    the wandb group (the study) and job type (the method), the method's overrides, then ``extra``."""
+    sets = [*study.overrides, f"experiment.name={study.experiment}", f"experiment.output_dir={study.output_dir}",
+            f"name={job.method.name}", f"wandb.group={study.name}", f"wandb.job_type={job.method.name}"]
+    if job.seed is not None:
+        sets.append(f"experiment.seed={job.seed}")
+    out = [sys.executable, str(REPO / "core" / "Main.py"), "--config_path", str(job.method.config)]
+    for s in [*sets, *job.method.overrides, *extra]:
+        out += ["--set", s]
+    return out
+
+
+def _dependency_sets(study: Study, job: Job) -> list[str] | None:
+    """The ``--set`` values pointing at the finished runs this job needs; None when one of them is missing."""
+    extra: list[str] = []
+    method = job.method
+    if method.weights_from is not None:
+        source = finished_run(study, Job(method=study.method(method.weights_from), seed=job.seed))
+        if source is None:
+            logger.error("%s: needs the weights of %s, which has no finished run", job.key, method.weights_from)
+            return None
+        extra += ["experiment.task=evaluate", f"experiment.weights={source / 'checkpoints' / 'best.pt'}"]
+    if method.stage1 is not None:
+        source = finished_run(study, Job(method=study.method(method.stage1.method), seed=job.seed))
+        if source is None:
+            logger.error("%s: needs the stage-1 checkpoint of %s, which has no finished run", job.key,
+                         method.stage1.method)
+            return None
+        extra.append(f"{method.stage1.key}={source / 'checkpoints' / method.stage1.checkpoint}")
+    return extra
+
+
+def run_job(study: Study, job: Job, state: State, *, launch: Launcher | None = None) -> Path | None:
+    """Run (or skip, or resume) one job; returns its finished run folder, or None if it failed.
+
+    ``launch`` starts the run (default :func:`launch_local`, looked up at call time).
+
+    A finished run of the job is kept as it is; the newest run of the job that holds ``checkpoints/latest.pt``
+    but did not finish is resumed (``experiment.resume``); otherwise a new run starts. A started run's wall time,
+    mean 1-minute load average and CPU count go to ``state[job.key]``.
+    """
+    done = finished_run(study, job)
+    if done is not None:
+        logger.info("%s: finished run %s found, skipped", job.key, done)
+        return done
+    extra: list[str] = []
+    runs = runs_of_job(study, job)
+    resumed = bool(runs) and run_status(runs[-1]) == "resumable"
+    if resumed:
+        extra.append(f"experiment.resume={runs[-1]}")
+        logger.info("%s: resuming the interrupted run %s", job.key, runs[-1])
+    needed = _dependency_sets(study, job)
+    if needed is None:
+        return None
+    log_path = study.folder / "logs" / f"{job.key.replace('/', '_')}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    line = command(study, job, [*extra, *needed])
+    logger.info("%s: %s (log: %s)", job.key, " ".join(line[1:]), log_path)
+    start = time.perf_counter()
+    with LoadSampler() as load:
+        code = (launch or launch_local)(line, log_path)
+    wall = time.perf_counter() - start
+    done = finished_run(study, job)
+    if code != 0 or done is None:
+        logger.error("%s: failed (exit %d) after %.0f s; see %s", job.key, code, wall, log_path)
+        return None
+    state[job.key] = {"run": str(done), "wall_s": wall, "resumed": resumed, "load_average": load.mean,
+                      "cpus": os.cpu_count()}
+    logger.info("%s: finished in %.0f s (mean 1-minute load average %.2f on %s CPUs) (%s)", job.key, wall,
+                load.mean, os.cpu_count(), done)
+    return done
+
+
+def read_state(study: Study) -> State:
+    """``runs.json`` of the study folder (job key -> run, wall time, load), empty when there is none yet."""
+    path = study.folder / "runs.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_jobs(study: Study, jobs: Sequence[Job], state: State, *, launch: Launcher | None = None) -> list[str]:
+    """Run ``jobs`` in order, writing ``runs.json`` after each; the keys of the jobs that failed."""
+    failed: list[str] = []
+    path = study.folder / "runs.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for job in jobs:
+        if run_job(study, job, state, launch=launch) is None:
+            failed.append(job.key)
+        path.write_text(json.dumps(state, indent=2, sort_keys=True))
+    return failed
+
+
+class LoadSampler:
+    """Samples the 1-minute load average every ``interval`` seconds while a run is in progress (a context
+    manager); ``mean`` is their mean (the load at exit when the run was shorter than one interval), so a wall
+    time can be read against how busy the machine was."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval, self.samples = interval, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if not self.samples:
+            self.samples.append(os.getloadavg()[0])
+
+    @property
+    def mean(self) -> float:
+        return sum(self.samples) / len(self.samples)
