@@ -2,7 +2,10 @@
 
 METHOD_ZOO.md section 4. Four optimizer groups, trained jointly from scratch on every batch: ``encoder`` and
 ``decoder`` (the RA coarse model, :class:`model_zoo.soft_intro.RA`), ``inpainter`` (AOT-GAN generator G) and
-``discriminator`` (spectral-norm patch discriminator). Per batch, after RA's encoder and decoder steps:
+``discriminator`` (spectral-norm patch discriminator). With ``coarse_checkpoint`` the coarse model is instead a
+finished RA run, loaded strictly and frozen (``model_zoo/stages.py``: eval mode, no gradient, path and SHA-256 in the
+provenance), and only the last two groups train. Per batch, after RA's encoder and decoder steps (or, frozen, one
+sampled reconstruction ``D(z)``, z from ``E(x)``):
 
 1. ``m_syn``: per image ``n_ellipses`` filled ellipses (centres uniform in the middle half, semi-axes
    ``int(max(|N(2, 4)|, 2))`` scaled with the image size, any angle), drawn from the global RNG.
@@ -10,23 +13,33 @@ METHOD_ZOO.md section 4. Four optimizer groups, trained jointly from scratch on 
    components larger than 5 px kept (scipy on the CPU: the one host round trip), ``G_1.2 > 0.5``;
    ``m = clip(m_res + m_syn, 0, 1)``.
 3. ``x_p = G(x (1 - m) + m, m)``, ``x_c = (1 - m) x + m x_p``;
-   ``L_G = L1(x_p, x) + style_weight Style + perceptual_weight Perc`` (VGG19; L1 only without VGG19 weights)
-   ``+ adversarial_weight * mean(m_syn (Dis(x_c) - 1)^2) / mean(m_syn)`` (``use_gen_adv``; the reference computed
-   it and never back-propagated it);
+   ``L_G = L1(x_p, x) + style_weight Style + perceptual_weight Perc`` (VGG19; L1 only without VGG19 weights),
+   plus, with ``use_gen_adv``, ``adversarial_weight * mean(m_syn (Dis(x_c) - 1)^2) / mean(m_syn)``;
    ``L_Dis = MSE(Dis(x_c.detach()), blur(m_syn)) + MSE(Dis(x), 0)`` with the logits upsampled bilinearly to the
    image and ``blur`` a zero-padded Gaussian (``disc_blur_kernel``, ``disc_blur_sigma``).
 
 Test map (per image, deterministic, z = mu): ``x0 = D(mu)``; ``r = |C(x0) - C(x)|`` divided by its per-image
-95th percentile and capped at 1; ``a = r * G_2(LPIPS(x0, x))``; mask ``m = G_1.2(1[a > q95(a)]) > 0.1`` (the reference
-filter, which kept the soft map, is ``legacy_mask_filter``); ``x_f = (1 - m) x + m clamp(G(x (1 - m) + m, m), 0, 1)``;
-map ``|x - x_f| * G_2(LPIPS(x_f, x))``, score its mean. Extras: ``coarse``, ``mask``, ``residual``.
+95th percentile and capped at 1; ``a = r * G_2(LPIPS(x0, x))``; mask ``m``; ``x_f = (1 - m) x + m clamp(G(x (1 - m) +
+m, m), 0, 1)``; map ``|x - x_f| * G_2(LPIPS(x_f, x))``, score its mean. Extras: ``coarse``, ``mask``, ``residual``.
 Validation: ``phanes_val`` = (MSE(x_f, x) + MSE(x0, x)) / 2 through that pipeline.
 
-Fixed predecessor bugs: the E-step keeps the gradient through the re-reconstructions (``legacy_detach`` restores
-the detach), the generator's adversarial term is used (``use_gen_adv``), the mask is binarised before dilation,
-every statistic (quantiles, CLAHE, blur) is per image, the inpainter ends in a sigmoid (the reference's tanh put
-[-1,1] outputs against [0,1] data; not kept), nothing is tied to CUDA. The VGG19 is built only when its weights
-are > 0, and like LPIPS is never part of the state dict or an optimizer.
+The study's recipe (the defaults; the authors' standalone PHANES code does the same three things, so they produced
+the study's numbers and are not slips of its port), each with a labelled alternative:
+
+* ``e_step_detach: true``: the encoder step detaches the re-reconstructions ``x_rr``, ``x_ff`` (no gradient through
+  the re-encoding into expELBO); ``false`` keeps it, as SI-VAE and RA.
+* ``use_gen_adv: false``: no generator adversarial term (the study computed it and never back-propagated it);
+  ``true`` adds it with ``adversarial_weight``, weighted by the synthetic mask as AOT-GAN intends.
+* ``mask_filter: soft``: values of ``a`` above the per-image ``mask_quantile`` are set to 1, the rest kept, then
+  ``G_1.2(.) > 0.1``; ``binary``: ``G_1.2(1[a > q95(a)]) > 0.1``. The binary mask has an inverted-area effect (a
+  compact lesion dilates into a smaller mask than scattered healthy residuals), which the soft one avoids.
+
+:meth:`PHANES.inference_label` names the recipe in use (manifest, wandb config, report).
+
+Fixed predecessor bugs: every statistic (quantiles, CLAHE, blur) is per image, the inpainter ends in a sigmoid (the
+reference's tanh put [-1,1] outputs against [0,1] data; not kept), nothing is tied to CUDA, the generator's
+adversarial mask weighting is not a no-op. The VGG19 is built only when its weights are > 0, and like LPIPS is never
+part of the state dict or an optimizer.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -47,10 +60,13 @@ from data.batch import Batch
 from model_zoo.base import AnomalyOutput, StepContext
 from model_zoo.saliency import clahe, gaussian_blur
 from model_zoo.soft_intro import RA
+from model_zoo.stages import keep_frozen_in_eval, load_frozen_stage
 from optim.losses.vgg19 import Backend as VGGBackend
 from optim.losses.vgg19 import build_vgg19_losses
 
 logger = logging.getLogger(__name__)
+
+MaskFilter = Literal["soft", "binary"]
 
 
 # ------------------------------------------------------------------------------------------------ networks
@@ -177,7 +193,7 @@ def zero_padded_blur(x: Tensor, kernel_size: int, sigma: float) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ model
 class PHANES(RA):
-    """RA coarse model + AOT-GAN inpainter + patch discriminator, four optimizer groups.
+    """RA coarse model + AOT-GAN inpainter + patch discriminator; four optimizer groups (two on a frozen RA).
 
     Args:
         inpaint_channels: the inpainter's three widths (reference ``[64, 128, 256]``).
@@ -190,12 +206,15 @@ class PHANES(RA):
             L_G is L1 only, recorded in the provenance), ``'torchvision'`` (the file is required) or ``'random'``
             (wiring tests only).
         vgg_weights_path: torchvision's ``vgg19-dcbb9e9a.pth``; None = the torch hub cache.
-        use_gen_adv: add the generator's adversarial term (the reference never back-propagated it).
+        use_gen_adv: add the generator's adversarial term (default false, the study's recipe).
         adversarial_weight: its weight (0.01).
         disc_blur_kernel, disc_blur_sigma: soft discriminator target (71, 10 at 128).
         mask_quantile: per-image quantile of the test mask (0.95); ``mask_sigma``: its dilation blur (1.2).
-        legacy_mask_filter: the reference's mask (soft map set to 1 above the quantile, blurred, > 0.1).
-        legacy_detach: the reference's detached re-reconstructions in the encoder step.
+        mask_filter: ``'soft'`` (the study's) or ``'binary'`` test mask, see the module docstring.
+        e_step_detach: detach the re-reconstructions in the encoder step (default true, the study's recipe).
+        coarse_checkpoint: a finished RA run's checkpoint (``best.pt``/``latest.pt``; EMA weights when it has them)
+            with the same coarse-model parameters: loaded strictly into the encoder and decoder, which are then
+            frozen in eval mode; only the inpainter and the discriminator train. None = train all four jointly.
         Others: as :class:`~model_zoo.soft_intro.RA` (``perceptual`` is the LPIPS of the maps).
     """
 
@@ -203,9 +222,10 @@ class PHANES(RA):
                  aot_rates: Sequence[int] = (1, 2, 4, 8), disc_channels: Sequence[int] = (64, 128, 256, 512),
                  n_ellipses: int = 10, residual_threshold: float = 0.2, style_weight: float = 250.0,
                  perceptual_weight: float = 0.1, vgg_backend: VGGBackend = "auto", vgg_weights_path: str | None = None,
-                 use_gen_adv: bool = True, adversarial_weight: float = 0.01, disc_blur_kernel: int = 71,
+                 use_gen_adv: bool = False, adversarial_weight: float = 0.01, disc_blur_kernel: int = 71,
                  disc_blur_sigma: float = 10.0, mask_quantile: float = 0.95, mask_sigma: float = 1.2,
-                 legacy_mask_filter: bool = False, legacy_detach: bool = False, **kwargs: Any) -> None:
+                 mask_filter: MaskFilter = "soft", e_step_detach: bool = True, coarse_checkpoint: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if len(inpaint_channels) != 3:
             raise ValueError(f"inpaint_channels={inpaint_channels!r} must hold three widths")
@@ -214,6 +234,8 @@ class PHANES(RA):
                              f"(0, 1), got {style_weight}, {perceptual_weight}, {adversarial_weight}, {mask_quantile}")
         if disc_blur_kernel < 1 or disc_blur_kernel % 2 == 0:
             raise ValueError(f"disc_blur_kernel={disc_blur_kernel} must be a positive odd number")
+        if mask_filter not in get_args(MaskFilter):
+            raise ValueError(f"mask_filter={mask_filter!r} is not one of {', '.join(map(repr, get_args(MaskFilter)))}")
         self.inpainter = InpaintGenerator(channels=inpaint_channels, n_blocks=aot_blocks, rates=aot_rates)
         self.discriminator = PatchDiscriminator(disc_channels)
         self.n_ellipses, self.residual_threshold = n_ellipses, residual_threshold
@@ -221,10 +243,42 @@ class PHANES(RA):
         self.vgg_backend, self.vgg_weights_path = vgg_backend, vgg_weights_path
         self.use_gen_adv, self.adversarial_weight = use_gen_adv, adversarial_weight
         self.disc_blur_kernel, self.disc_blur_sigma = disc_blur_kernel, disc_blur_sigma
-        self.mask_quantile, self.mask_sigma, self.legacy_mask_filter = mask_quantile, mask_sigma, legacy_mask_filter
-        self.legacy_detach = legacy_detach
+        self.mask_quantile, self.mask_sigma, self.mask_filter = mask_quantile, mask_sigma, mask_filter
+        self.detach_rereconstructions = e_step_detach
         self._vgg: Any = None
         self._vgg_state = "not built" if style_weight or perceptual_weight else "off (weights 0)"
+        self.stage1: dict[str, Any] = {}
+        if coarse_checkpoint is not None:
+            self.stage1 = load_frozen_stage({"encoder": self.encoder, "decoder": self.decoder}, coarse_checkpoint,
+                                            stage_name="RA")
+            self.train()
+
+    @property
+    def coarse_frozen(self) -> bool:
+        """True when the coarse RA came from ``coarse_checkpoint`` (frozen, eval mode)."""
+        return bool(self.stage1)
+
+    def train(self, mode: bool = True) -> PHANES:
+        """Train/eval mode; a frozen coarse RA always stays in eval mode."""
+        super().train(mode)
+        if self.coarse_frozen:
+            keep_frozen_in_eval(self.encoder, self.decoder)
+        return self
+
+    def inference_label(self) -> str:
+        """The recipe in use: mask filter, encoder-step detach, generator adversarial term, coarse model."""
+        study = " (the study's)"
+        other = " (not the study's)"
+        mask = (f"soft test mask (a > q{self.mask_quantile:g} set to 1, G_{self.mask_sigma:g} > 0.1){study}"
+                if self.mask_filter == "soft" else
+                f"binary test mask (G_{self.mask_sigma:g}(a > q{self.mask_quantile:g}) > 0.1){other}")
+        detach = ("encoder step detaches the re-reconstructions" + study if self.detach_rereconstructions
+                  else "encoder step keeps the gradient through the re-reconstructions" + other)
+        adv = (f"generator adversarial term on (weight {self.adversarial_weight:g}){other}" if self.use_gen_adv
+               else "no generator adversarial term" + study)
+        coarse = (f"coarse RA frozen from {self.stage1['path']}" if self.coarse_frozen
+                  else "coarse RA trained jointly (the study's)")
+        return f"PHANES: {mask}; {detach}; {adv}; {coarse}"
 
     # ------------------------------------------------------------------------------------------ extras
     def _vgg_losses(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -247,10 +301,12 @@ class PHANES(RA):
         return self._vgg(a, b)
 
     def provenance(self) -> dict[str, Any]:
-        return {**super().provenance(), "vgg19": self._vgg_state}
+        stage1 = {"stage1_ra": dict(self.stage1)} if self.coarse_frozen else {}
+        return {**super().provenance(), "vgg19": self._vgg_state, **stage1}
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {**super().optimizer_groups(), "inpainter": list(self.inpainter.parameters()),
+        coarse = {} if self.coarse_frozen else super().optimizer_groups()
+        return {**coarse, "inpainter": list(self.inpainter.parameters()),
                 "discriminator": list(self.discriminator.parameters())}
 
     # ------------------------------------------------------------------------------------------ training
@@ -282,21 +338,35 @@ class PHANES(RA):
         fake, real = self._disc_logits(x_c.detach()), self._disc_logits(x)
         return F.mse_loss(fake, target) + F.mse_loss(real, torch.zeros_like(real))
 
+    def _frozen_reconstruction(self, x: Tensor) -> Tensor:
+        """D(z), z sampled from E(x), of the frozen coarse RA: [B,1,S,S] in [0,1], no graph."""
+        with torch.no_grad():
+            mu, logvar, _ = self.encode(x)
+            return self.decoder(self.sample(mu, logvar))
+
     def training_losses(self, batch: Batch) -> dict[str, Tensor]:
-        """The four objectives on one batch without stepping (for checks; training uses :meth:`training_step`)."""
+        """The objectives of every trained group on one batch without stepping (for checks; training uses
+        :meth:`training_step`)."""
         x = batch.image
-        eps = torch.randn(x.shape[0], self.zdim, device=x.device)
-        encoder_loss, z, _ = self._encoder_loss(x, eps)
-        decoder_loss, x_r = self._decoder_loss(x, eps, z)
+        losses: dict[str, Tensor] = {}
+        if self.coarse_frozen:
+            x_r = self._frozen_reconstruction(x)
+        else:
+            eps = torch.randn(x.shape[0], self.zdim, device=x.device)
+            losses["encoder"], z, _ = self._encoder_loss(x, eps)
+            losses["decoder"], x_r = self._decoder_loss(x, eps, z)
         m_syn, m = self._training_masks(x, x_r)
         generator_loss, x_c, _ = self._inpainter_losses(x, m_syn, m)
-        return {"encoder": encoder_loss, "decoder": decoder_loss, "inpainter": generator_loss,
-                "discriminator": self._discriminator_loss(x, x_c, m_syn)}
+        return {**losses, "inpainter": generator_loss, "discriminator": self._discriminator_loss(x, x_c, m_syn)}
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
-        """RA's encoder and decoder steps, then the inpainter and discriminator steps on the same batch."""
+        """RA's encoder and decoder steps (none on a frozen RA), then the inpainter and discriminator steps on the
+        same batch."""
         x = batch.image
-        terms, x_r = self._intro_steps(x, ctx)
+        if self.coarse_frozen:
+            terms, x_r = {}, self._frozen_reconstruction(x)
+        else:
+            terms, x_r = self._intro_steps(x, ctx)
         m_syn, m = self._training_masks(x, x_r)
         with ctx.frozen_except("inpainter"), ctx.autocast():
             generator_loss, x_c, inpaint_terms = self._inpainter_losses(x, m_syn, m)
@@ -311,17 +381,24 @@ class PHANES(RA):
     def _quantile(self, a: Tensor) -> Tensor:
         return torch.quantile(a.flatten(1).float(), self.mask_quantile, dim=1).view(-1, 1, 1, 1)
 
+    def test_mask(self, a: Tensor) -> Tensor:
+        """The inpainting mask of a saliency-weighted residual a: [B,1,S,S] in [0,1] -> [B,1,S,S] in {0,1}, per image.
+
+        ``soft`` (the study's): ``G(a with values above q(a) set to 1) > 0.1``; ``binary``: ``G(1[a > q(a)]) > 0.1``
+        (q = the per-image ``mask_quantile``, G = Gaussian of ``mask_sigma``).
+        """
+        above = a > self._quantile(a)
+        if self.mask_filter == "soft":  # the map itself, saturated above the quantile
+            return (gaussian_blur(torch.where(above, torch.ones_like(a), a), self.mask_sigma) > 0.1).float()
+        return (gaussian_blur(above.float(), self.mask_sigma) > 0.1).float()
+
     def pipeline(self, x: Tensor) -> dict[str, Tensor]:
         """Coarse reconstruction, residual, mask, inpainting and map of x: [B,1,S,S] in [0,1]; all per image."""
         x0 = self.reconstruct(x).clamp(0, 1)
         r = (clahe(x0) - clahe(x)).abs()
         r = (r / (self._quantile(r) + 1e-8)).clamp(max=1)
         a = r * gaussian_blur(self.perceptual.spatial(x0, x), self.saliency_sigma).clamp(min=0)
-        if self.legacy_mask_filter:
-            soft = torch.where(a > self._quantile(a), torch.ones_like(a), a)
-            mask = (gaussian_blur(soft, self.mask_sigma) > 0.1).float()
-        else:
-            mask = (gaussian_blur((a > self._quantile(a)).float(), self.mask_sigma) > 0.1).float()
+        mask = self.test_mask(a)
         x_p = self.inpainter(x * (1 - mask) + mask, mask).clamp(0, 1)
         x_f = (1 - mask) * x + mask * x_p
         saliency = gaussian_blur(self.perceptual.spatial(x_f, x), self.saliency_sigma).clamp(min=0)

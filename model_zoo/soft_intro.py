@@ -156,7 +156,7 @@ class SoftIntroVAE(AnomalyModel):
         self.scale = 1.0 / image_size**2
         self.test_samples = test_samples
         self.vae_warmup_steps = vae_warmup_steps
-        self.legacy_detach = False
+        self.detach_rereconstructions = False  # PHANES' recipe sets it (e_step_detach)
         self.encoder = Encoder(channels=channels, zdim=zdim, image_size=image_size)
         self.decoder = Decoder(channels=channels, zdim=zdim, image_size=image_size)
 
@@ -188,7 +188,7 @@ class SoftIntroVAE(AnomalyModel):
             mu_f, lv_f, _ = self.encode(x_f.detach())
             x_rr = self.decoder(self.sample(mu_r, lv_r))
             x_ff = self.decoder(self.sample(mu_f, lv_f))
-        if self.legacy_detach:  # PHANES' reference: no gradient through the re-reconstructions
+        if self.detach_rereconstructions:  # PHANES' recipe: no gradient through the re-reconstructions
             x_rr, x_ff = x_rr.detach(), x_ff.detach()
         s = self.scale
         elbo_r = self.beta_rec * _sum_sq(x_r, x_rr) + self.beta_neg * gaussian_kl(mu_r, lv_r)
