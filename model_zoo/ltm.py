@@ -3,12 +3,14 @@
 METHOD_ZOO.md section 7.
 
 * :class:`VQVAE`: ``monai.networks.nets.VQVAE`` (EMA codebook, commitment cost 0.25, decay 0.5); loss
-  ``L1(x_hat, x) + quantisation loss``; map ``|x - clamp(x_hat, 0, 1)|`` (the paper's VQ-VAE ablation).
+  ``L1(x_hat, x) + quantisation loss``; map ``|x - clamp(x_hat, 0, 1)|`` (the paper's VQ-VAE ablation). The codebook
+  learns by EMA in train mode; the reference study's stage 1 trained in eval mode (its trainer's in-place
+  ``model.eval()``), so its codebook stayed at the random initialisation (``trainer.params.model_mode: reference``).
 * :class:`LTM`: a ``DecoderOnlyTransformer`` over the frozen VQ-VAE's token grid in raster order (row-major
   flattening, which is what MONAI's raster-scan ``Ordering`` produces for a 2-D grid) with a BOS token (index =
   ``num_embeddings``); loss = cross-entropy of ``[BOS, t_1..t_{N-1}] -> t_1..t_N``. The VQ-VAE is loaded strictly
-  from ``vqvae_checkpoint``, frozen and kept in eval mode, so its EMA codebook never moves in stage 2 (the reference
-  left it in train mode and the codebook drifted).
+  from ``vqvae_checkpoint``, frozen and kept in eval mode, so its EMA codebook never moves in stage 2 (the reference's
+  LTM trainer built its VQ-VAE separately, in train mode, and the codebook drifted).
 
 Healing (test time), per image, on the input's device: token log-likelihoods ``l_i = log p(t_i | BOS, t_<i)`` from
 one pass; flagged = ``l_i < q(l)`` with ``q`` the per-image ``quantile`` (0.03); then in raster order every flagged
