@@ -151,6 +151,22 @@ def p_value_figure(p_values: Mapping[str, Any], alphas: Sequence[float], *, titl
     return fig
 
 
+def image_grid(images: Any, *, columns: int = 8, title: str = "") -> Figure:
+    """A grid of images ([N,1,H,W] or [N,H,W] in [0,1], drawn in grey on [0,1]), ``columns`` per row."""
+    values = _np(images).reshape(-1, *_np(images).shape[-2:])
+    columns = max(1, min(columns, len(values)))
+    rows = max(1, -(-len(values) // columns))
+    fig = Figure(figsize=(1.4 * columns, 1.4 * rows + 0.4))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image in zip(axes.flat, values, strict=False):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def intermediate_strip(images: Mapping[str, Any], indices: Sequence[int], *, title: str = "") -> Figure:
     """Rows of a model's intermediate images for chosen images, one column per named [N,1,H,W] tensor.
 

@@ -202,6 +202,12 @@ class CeVAE(AnomalyModel):
         return {"total": sum(terms.values()), **super().validation_losses(batch, generator=generator)}
 
     @torch.no_grad()
+    def sample_prior(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """n images decoded from z ~ N(0, I) (draws from ``generator``), clamped: [n,C,S,S] in [0,1]."""
+        z = torch.randn(n, self.latent_dim, generator=generator, device=next(self.parameters()).device)
+        return self.decode(z).clamp(0.0, 1.0)
+
+    @torch.no_grad()
     def get_anomaly(self, x: Tensor, *, generator: torch.Generator | None = None) -> AnomalyOutput:
         """Residual map of x: [B,1,S,S] in [0,1].
 

@@ -143,6 +143,12 @@ class _GANSpace(AnomalyModel):
         """The generator's range -> [0,1] (clamped)."""
         return ((y + 1.0) / 2.0 if self.output == "tanh" else y).clamp(0.0, 1.0)
 
+    @torch.no_grad()
+    def sample_prior(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """n generator images of z ~ N(0, I) (draws from ``generator``), mapped to [0,1]: [n,1,S,S]."""
+        z = torch.randn(n, self.latent_dim, generator=generator, device=next(self.parameters()).device)
+        return self.from_gan(self.generator(z))
+
     def _check_size(self, x: Tensor) -> None:
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(f"{type(self).__name__} was built for {self.image_size}x{self.image_size} inputs "

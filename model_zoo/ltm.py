@@ -202,6 +202,19 @@ class LTM(AnomalyModel):
         return healed, flagged
 
     @torch.no_grad()
+    def sample_prior(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """n images from the learned token prior: tokens drawn one by one in raster order from the transformer's
+        softmax (temperature 1, draws from ``generator``), decoded by the VQ-VAE: [n,1,S,S] in [0,1]."""
+        device = next(self.transformer.parameters()).device
+        tokens = torch.full((n, self.n_tokens), self.bos, dtype=torch.long, device=device)
+        for i in range(self.n_tokens):
+            logits = self.transformer(self._inputs(tokens)[:, : i + 1])[:, i].float()
+            logits[:, self.bos] = -torch.inf
+            tokens[:, i] = torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)
+        grid = self.vqvae.grid
+        return self.vqvae.decode_tokens(tokens.view(n, grid, grid)).clamp(0.0, 1.0)
+
+    @torch.no_grad()
     def get_anomaly(self, x: Tensor, *, generator: torch.Generator | None = None) -> AnomalyOutput:
         """Healed reconstruction and residual map of x: [B,1,S,S] in [0,1].
 

@@ -294,6 +294,12 @@ class SoftIntroVAE(AnomalyModel):
         return (x - x_hat).abs()
 
     @torch.no_grad()
+    def sample_prior(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """n images decoded from z ~ N(0, I) (draws from ``generator``): [n,1,S,S] in [0,1]."""
+        z = torch.randn(n, self.zdim, generator=generator, device=next(self.parameters()).device)
+        return self.decoder(z)
+
+    @torch.no_grad()
     def get_anomaly(self, x: Tensor, *, generator: torch.Generator | None = None) -> AnomalyOutput:
         """Map and score of x: [B,1,S,S] in [0,1].
 

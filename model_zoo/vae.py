@@ -154,6 +154,12 @@ class VAE(AnomalyModel):
         return {"recon": recon, "kl": self.beta * gaussian_kl(mu, logvar).mean()}
 
     @torch.no_grad()
+    def sample_prior(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """n images decoded from z ~ N(0, I) (draws from ``generator``): [n,C,S,S] in [0,1]."""
+        z = torch.randn(n, self.latent_dim, generator=generator, device=next(self.parameters()).device)
+        return self.decode(z)
+
+    @torch.no_grad()
     def get_anomaly(self, x: Tensor, *, generator: torch.Generator | None = None) -> AnomalyOutput:
         """Residual map of x: [B,1,S,S] in [0,1].
 

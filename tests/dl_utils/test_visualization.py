@@ -12,6 +12,7 @@ from dl_utils.visualization import (
     cost_vs_quality,
     example_strip,
     heatmap,
+    image_grid,
     p_value_figure,
     per_class_bars,
     roc_pr_figure,
@@ -141,3 +142,10 @@ def test_p_value_figure_draws_the_uniform_line_each_ecdf_and_the_alphas(tmp_path
     assert list(image.get_ydata()) == pytest.approx([0, 1 / 3, 2 / 3, 1, 1])
     assert sorted(line.get_xdata()[0] for line in ax.get_lines() if line.get_label().startswith("_")) == [0.01, 0.05]
     assert _png(fig, tmp_path, "p") > 1000
+
+
+def test_image_grid_fills_rows_and_hides_empty_cells(tmp_path):
+    fig = image_grid(torch.rand(5, 1, 8, 8), columns=3, title="samples")
+    assert len(fig.axes) == 6 and sum(1 for ax in fig.axes if ax.images) == 5
+    assert all(ax.images[0].get_clim() == (0, 1) for ax in fig.axes if ax.images)
+    assert _png(fig, tmp_path, "grid") > 1000
