@@ -53,6 +53,7 @@ class Between:
 
 DATASET = DatasetRef()
 DatasetName = Annotated[str, DATASET]
+OptionalDatasetName = Annotated[str | None, DATASET]
 DatasetNames = Annotated[Sequence[str] | None, DATASET]
 Fpr = Annotated[float, Between(0.0, 1.0)]
 Fprs = Annotated[Sequence[float], Between(0.0, 1.0)]

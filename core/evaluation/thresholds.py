@@ -202,8 +202,10 @@ class ScoreCalibration:
     only writer and reader)::
 
         {"provenance": {"dataset": "val", "n_images": 60, "n_subjects": 20, "aggregation": "mean",
-                        "quantile": 0.9, "score": "...", "model": {...}, "created": "..."},
-         "image_scores": [0.011, ...], "subject_scores": [0.012, ...]}
+                        "quantile": 0.9, "score": "...", "model": {...}, "intensity_dataset": "train",
+                        "created": "..."},
+         "image_scores": [0.011, ...], "subject_scores": [0.012, ...], "pixel_quantiles": [0.0, ...],
+         "intensity": {"mean": [0.21, 0.33], "p50": [...], ...}}
 
     Attributes:
         dataset: the healthy set the scores come from (the healthy validation split, never seen in training).
@@ -214,6 +216,12 @@ class ScoreCalibration:
         quantile: the quantile of the 'quantile' rule.
         score: what the score is (the model's image anomaly score).
         model: the model's settings the scores depend on (inference label, backends, a calibrated mask threshold).
+        pixel_quantiles: 1001 quantiles (0, 0.1 %, ..., 100 %) of the healthy set's anomaly-map values inside its
+            brain masks (all pixels without masks), sorted: the reference that maps voxel scores into [0, 1]
+            (:func:`optim.metrics.conformal.unit_scores`); empty when not computed.
+        intensity: the training data's intensity summary (:func:`optim.metrics.shift.training_summary`) that new
+            inputs are checked against; None when not computed.
+        intensity_dataset: the set it was computed on (the training split).
         created: when it was computed; source: where it was last saved to or loaded from.
     """
 
@@ -226,13 +234,16 @@ class ScoreCalibration:
     quantile: float = 0.9
     score: str = "the model's image anomaly score (AnomalyOutput.anomaly_score)"
     model: Mapping[str, Any] | None = None
+    pixel_quantiles: tuple[float, ...] = ()
+    intensity: Mapping[str, list[float]] | None = None
+    intensity_dataset: str = ""
     created: str = ""
     source: str = "computed"
 
     def __post_init__(self) -> None:
-        for name in ("image_scores", "subject_scores"):
+        for name in ("image_scores", "subject_scores", "pixel_quantiles"):
             values = getattr(self, name)
-            if not values or not all(math.isfinite(v) for v in values):
+            if (not values and name != "pixel_quantiles") or not all(math.isfinite(v) for v in values):
                 raise ValueError(f"ScoreCalibration.{name}: needs at least one score, all finite ({self.source})")
             object.__setattr__(self, name, tuple(sorted(float(v) for v in values)))
 
@@ -252,11 +263,12 @@ class ScoreCalibration:
     def provenance(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "n_images": len(self.image_scores), "n_subjects": len(self.subject_scores),
                 "aggregation": self.aggregation, "quantile": self.quantile, "score": self.score,
-                "model": dict(self.model or {}), "created": self.created}
+                "model": dict(self.model or {}), "intensity_dataset": self.intensity_dataset, "created": self.created}
 
     def to_json(self) -> dict[str, Any]:
         return {"provenance": self.provenance, "image_scores": list(self.image_scores),
-                "subject_scores": list(self.subject_scores)}
+                "subject_scores": list(self.subject_scores), "pixel_quantiles": list(self.pixel_quantiles),
+                "intensity": None if self.intensity is None else {k: list(v) for k, v in self.intensity.items()}}
 
     def save(self, path: str | Path) -> ScoreCalibration:
         """Write the JSON file (creating its folder); returns the same calibration with ``source`` = ``path``."""
@@ -269,5 +281,6 @@ class ScoreCalibration:
         p = saved["provenance"]
         return cls(dataset=p["dataset"], image_scores=tuple(saved["image_scores"]),
                    subject_scores=tuple(saved["subject_scores"]), aggregation=p["aggregation"],
-                   quantile=float(p["quantile"]), score=p["score"], model=p.get("model"), created=p.get("created", ""),
-                   source=str(path))
+                   quantile=float(p["quantile"]), score=p["score"], model=p.get("model"),
+                   pixel_quantiles=tuple(saved.get("pixel_quantiles") or ()), intensity=saved.get("intensity"),
+                   intensity_dataset=p.get("intensity_dataset", ""), created=p.get("created", ""), source=str(path))

@@ -13,7 +13,10 @@ from optim.metrics.conformal import (
     benjamini_hochberg,
     clopper_pearson,
     conformal_p_values,
+    fpr_acceptance_interval,
     rejection_rate,
+    uniformity_test,
+    unit_scores,
 )
 from optim.metrics.distribution import GaussianStats, frechet_distance, kernel_inception_distance
 from optim.metrics.localization import localization_per_image, localization_summary
@@ -44,8 +47,10 @@ from optim.metrics.segmentation import (
 __all__ = [
     "REFERENCE_SIZE_BINS", "BinomialInterval", "GaussianStats", "ThresholdResult", "ahi", "ahi_equal_n", "aupro",
     "auroc", "average_precision", "benjamini_hochberg", "best_dice", "caci", "clopper_pearson", "combined_score",
-    "conformal_p_values", "dice_at_threshold", "dice_per_image", "fpr_at_threshold", "frechet_distance",
+    "conformal_p_values", "dice_at_threshold", "dice_per_image", "fpr_acceptance_interval", "fpr_at_threshold",
+    "frechet_distance",
     "harmonic_mean", "image_level_metrics", "kernel_inception_distance", "lesion_size_bin", "localization_per_image",
     "localization_summary", "masked_mean", "pixel_auroc_auprc", "pr_curve", "pro_curve", "rejection_rate",
     "roc_curve", "rqi", "ssim_maps", "ssim_per_image", "threshold_at_fpr", "tpr_at_fpr", "tpr_at_threshold",
+    "uniformity_test", "unit_scores",
 ]

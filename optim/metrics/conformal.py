@@ -165,3 +165,56 @@ def fpr_acceptance_interval(n_calibration: int, n_test: int, alpha: float,
     count = stats.betabinom(n_test, k, n_calibration + 1 - k)
     tail = (1.0 - confidence) / 2.0
     return float(count.ppf(tail)) / n_test, float(count.ppf(1.0 - tail)) / n_test
+
+
+def unit_scores(calibration: Any, values: Any) -> np.ndarray:
+    """A strictly increasing map of scores into (0, 1) through healthy calibration scores ("1 - p", made continuous).
+
+    With the n calibration scores sorted, c_(1) <= ... <= c_(n), the value at c_(j) is j / (n + 1) (for tied
+    calibration scores, the largest such j), linear in between: 1 - p (p the conformal p-value) is j / (n + 1) just
+    above c_(j), so the map lies at most 1 / (n + 1) above it (k / (n + 1) next to a calibration score shared by k
+    cases). Beyond the calibration range the tails are hyperbolic, ``L_1 / (1 + (c_(1) - v) / w)`` below and
+    ``1 - (1 - L_n) / (1 + (v - c_(n)) / w)`` above (L_1, L_n the levels at the ends, w = c_(n) - c_(1), 1 when all
+    are equal): continuous and strictly increasing everywhere, so it keeps every ranking (an average precision of
+    the mapped values equals that of the raw values), and slow enough that float64 values stay below 1 for any
+    score a model gives.
+
+    Args:
+        calibration: [n] healthy calibration scores, n >= 1.
+        values: scores or map values of any shape.
+
+    Returns:
+        float64 array of the shape of ``values``, in (0, 1).
+    """
+    c = np.sort(_finite(calibration, "calibration scores"))
+    if c.size == 0:
+        raise ValueError("unit_scores: needs at least one calibration score")
+    v = np.asarray(values.detach().cpu().numpy() if hasattr(values, "detach") else values, dtype=np.float64)
+    if not np.isfinite(v).all():
+        raise ValueError("unit_scores: values contain NaN or infinite values")
+    n = c.size
+    knots = np.unique(c)
+    levels = np.searchsorted(c, knots, side="right") / (n + 1.0)  # the largest j with c_(j) = knot
+    width = c[-1] - c[0] if c[-1] > c[0] else 1.0
+    out = np.interp(v, knots, levels)
+    low, high = v < knots[0], v > knots[-1]
+    out[low] = levels[0] / (1.0 + (knots[0] - v[low]) / width)
+    out[high] = 1.0 - (1.0 - levels[-1]) / (1.0 + (v[high] - knots[-1]) / width)
+    return out
+
+
+def uniformity_test(p_values: Any) -> float:
+    """One-sided Kolmogorov-Smirnov p-value of "these p-values are no smaller than uniform".
+
+    Healthy cases scored like the calibration cases give (about) uniform conformal p-values; a small result says
+    they are shifted towards 0, i.e. the healthy inputs score higher than the calibration data (a domain shift).
+    Conformal p-values are discrete (steps of 1 / (n + 1)), which makes the test slightly conservative.
+
+    Returns:
+        The test's p-value in [0, 1]; NaN (with a warning) for no p-values.
+    """
+    p = _finite(p_values, "p-values")
+    if p.size == 0:
+        warnings.warn("uniformity_test: no p-values; returning NaN", RuntimeWarning, stacklevel=2)
+        return float("nan")
+    return float(stats.kstest(p, "uniform", alternative="greater").pvalue)

@@ -96,3 +96,36 @@ def test_acceptance_interval_is_beta_binomial_and_holds_its_level():
     assert outside_bb / 400 <= 0.06 and outside_cp / 400 > 0.3
     with pytest.raises(ValueError, match="alpha and confidence"):
         fpr_acceptance_interval(19, 10, 1.5)
+
+
+def test_unit_scores_interpolate_one_minus_p_and_keep_every_ranking():
+    from optim.metrics.conformal import unit_scores
+
+    calibration = [1.0, 2.0, 2.0, 4.0]  # knots 1, 2, 4 at 1/5, 3/5 (two cases share 2), 4/5
+    out = unit_scores(calibration, np.array([1.0, 1.5, 2.0, 3.0, 4.0]))
+    assert out == pytest.approx([0.2, 0.4, 0.6, 0.7, 0.8])
+    # Tails: hyperbolic with w = 4 - 1, continuous at both ends, inside (0, 1).
+    assert unit_scores(calibration, [0.0, 10.0]) == pytest.approx([0.2 / (1 + 1 / 3), 1 - 0.2 / (1 + 6 / 3)])
+    rng = np.random.default_rng(0)
+    values = rng.normal(2.0, 30.0, 500)  # far beyond the calibration range on both sides
+    mapped = unit_scores(rng.normal(2.0, 1.0, 30), values)
+    assert ((0 < mapped) & (mapped < 1)).all()
+    assert (np.argsort(mapped, kind="stable") == np.argsort(values, kind="stable")).all()  # strictly increasing
+    # Never below 1 - p, at most 1 / (n + 1) above it for distinct calibration scores.
+    cal = rng.normal(size=19)
+    gap = unit_scores(cal, values) - (1 - conformal_p_values(cal, values))
+    assert gap.min() >= -1e-12 and gap.max() <= 1 / 20 + 1e-12
+    assert unit_scores([3.0], [2.0, 3.0, 4.0]) == pytest.approx([0.25, 0.5, 0.75])
+    with pytest.raises(ValueError, match="at least one"):
+        unit_scores([], [1.0])
+
+
+def test_uniformity_test_flags_p_values_shifted_towards_zero():
+    from optim.metrics.conformal import uniformity_test
+
+    rng = np.random.default_rng(0)
+    assert uniformity_test(rng.random(200)) > 0.05
+    assert uniformity_test(rng.random(200) ** 3) < 1e-6  # stochastically smaller: a shift
+    assert uniformity_test(1 - rng.random(200) ** 3) > 0.5  # larger p-values are not a shift (one-sided)
+    with pytest.warns(RuntimeWarning, match="no p-values"):
+        assert np.isnan(uniformity_test([]))

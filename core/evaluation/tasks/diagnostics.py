@@ -21,12 +21,11 @@ import torch
 from torch import Tensor
 
 from core.evaluation.context import EvalContext
-from core.evaluation.registry import DATASET, Between, DatasetName, TaskResult, register_task
+from core.evaluation.registry import Between, DatasetName, OptionalDatasetName, TaskResult, register_task
 from dl_utils import visualization as vis
 from model_zoo.diffusion.settings import InferenceSetting
 
 SampleCount = Annotated[int, Between(-1, 257)]  # 0 to 256
-OptionalDatasetName = Annotated[str | None, DATASET]
 NOISE_FRACTIONS = (0.25, 0.5, 1.0, 2.0)  # default noise levels, as fractions of the model's own L
 
 

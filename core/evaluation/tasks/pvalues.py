@@ -26,14 +26,23 @@ from typing import Annotated, Literal
 import numpy as np
 
 from core.evaluation.context import EvalContext
-from core.evaluation.registry import Between, DatasetName, DatasetNames, Fprs, TaskResult, register_task
+from core.evaluation.registry import (
+    Between,
+    DatasetName,
+    DatasetNames,
+    Fprs,
+    OptionalDatasetName,
+    TaskResult,
+    register_task,
+)
 from core.evaluation.tasks.subjects import Quantile
 from core.evaluation.thresholds import ScoreCalibration
 from dl_utils import visualization as vis
-from optim.metrics import conformal
+from optim.metrics import conformal, shift
 from optim.metrics import subjects as per_subject
 
 Level = Annotated[float, Between(0.0, 1.0)]
+PIXEL_QUANTILES = 1001  # 0, 0.1 %, ..., 100 % of the healthy maps' brain-pixel values
 
 
 def alpha_tag(alpha: float) -> str:
@@ -42,20 +51,32 @@ def alpha_tag(alpha: float) -> str:
 
 
 @register_task("score_calibration", provides=(ScoreCalibration,))
-def score_calibration(ctx: EvalContext, *, dataset: DatasetName = "val",
+def score_calibration(ctx: EvalContext, *, dataset: DatasetName = "val", reference: OptionalDatasetName = "train",
                       aggregation: Literal["mean", "max", "quantile"] = "mean", quantile: Quantile = 0.9
                       ) -> TaskResult:
     """Keep the healthy calibration scores; the runner saves them to ``checkpoints/calibration.json``.
 
+    Besides the image and subject scores it keeps 1001 quantiles of the healthy maps' values inside the brain (the
+    reference of voxel scores in [0, 1]) and the intensity summary of ``reference`` (what ``predict`` checks new
+    inputs against, :mod:`optim.metrics.shift`).
+
     Args:
         dataset: the healthy set never seen in training (the healthy validation split, 'val').
+        reference: the training split, loaded without augmentation (its preprocessed intensities); None: no
+            intensity summary (``predict`` then cannot check its inputs).
         aggregation, quantile: how a subject's score is made from its slices' scores (mean, max or a quantile).
     """
     inf = ctx.inference(dataset)
     _, subject_scores = per_subject.aggregate_scores(inf.anomaly_score, inf.subject, aggregation, quantile)
+    values = inf.anomaly_map if inf.brain_mask is None else inf.anomaly_map[inf.brain_mask > 0.5]
+    pixels = np.quantile(values.flatten().double().numpy(), np.linspace(0.0, 1.0, PIXEL_QUANTILES))
+    intensity = None
+    if reference is not None:
+        intensity = shift.training_summary(shift.slice_statistics(ctx.images(reference).image))
     calibration = ScoreCalibration(dataset=dataset, image_scores=tuple(inf.anomaly_score.tolist()),
                                    subject_scores=tuple(subject_scores.tolist()), aggregation=aggregation,
-                                   quantile=quantile, model=ctx.model_settings(),
+                                   quantile=quantile, model=ctx.model_settings(), pixel_quantiles=tuple(pixels),
+                                   intensity=intensity, intensity_dataset=reference or "",
                                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     n_images, n_subjects = len(calibration.image_scores), len(calibration.subject_scores)
     metrics = {"n_images": float(n_images), "n_subjects": float(n_subjects),

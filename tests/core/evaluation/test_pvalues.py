@@ -14,7 +14,8 @@ from core.evaluation.thresholds import ScoreCalibration
 from tests.core.evaluation._slices import MapIsImage, Slices, make_slice
 
 TASKS = {"p_values": DownstreamEvaluator(task="calibration_check", alphas=[0.05, 0.25]),
-         "score_calibration": DownstreamEvaluator(task="score_calibration", aggregation="max")}  # still runs first
+         "score_calibration": DownstreamEvaluator(task="score_calibration", aggregation="max",
+                                                  reference=None)}  # still runs first
 
 
 def _healthy(values, prefix: str, per_subject: int = 1):
@@ -62,13 +63,19 @@ def test_exchangeable_healthy_scores_are_valid_at_both_levels():
 def test_calibration_is_saved_beside_the_thresholds_and_read_back(tmp_path):
     data = Slices({"val": _healthy([0.1, 0.2, 0.4, 0.3], "v", per_subject=2), "healthy_test": _healthy([0.5], "h")})
     ctx = EvalContext(model=MapIsImage(), data=data, device="cpu", artifact_dir=tmp_path, progress=False)
-    dict(run_tasks({"c": DownstreamEvaluator(task="score_calibration", aggregation="max")}, ctx))
+    dict(run_tasks({"c": DownstreamEvaluator(task="score_calibration", aggregation="max", reference="val")}, ctx))
     saved = json.loads((tmp_path / "calibration.json").read_text())
     assert saved["provenance"]["dataset"] == "val" and saved["provenance"]["aggregation"] == "max"
     calibration = ScoreCalibration.load(tmp_path / "calibration.json")
     assert calibration.image_scores == pytest.approx((0.1, 0.2, 0.3, 0.4))
     assert calibration.subject_scores == pytest.approx((0.2, 0.4))  # max of each subject's two slices
     assert calibration.subject_score([0.1, 0.7]) == pytest.approx(0.7)
+    # The healthy maps' brain-pixel quantiles (map = image here: 0.1 .. 0.4 on the brain) and the intensity summary.
+    assert len(calibration.pixel_quantiles) == 1001
+    quantiles = calibration.pixel_quantiles
+    assert (quantiles[0], quantiles[500], quantiles[-1]) == pytest.approx((0.1, 0.25, 0.4))
+    assert calibration.intensity_dataset == "val" and set(calibration.intensity) >= {"mean", "p50", "foreground"}
+    assert calibration.intensity["mean"][0] == pytest.approx(0.1, abs=0.01)
     # A later evaluation without a score_calibration block reads the saved file.
     later = EvalContext(model=MapIsImage(), data=data, device="cpu", artifact_dir=tmp_path, progress=False)
     results = dict(run_tasks({"p": DownstreamEvaluator(task="calibration_check")}, later))
