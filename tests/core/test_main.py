@@ -91,9 +91,12 @@ def test_quickstart_reduced_end_to_end(tmp_path, monkeypatch, capsys):
     assert (run_dir / "checkpoints" / "best.pt").is_file()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert any(k.startswith("train/") for k in metrics)
-    for task in ("thresholds", "detection", "segmentation", "localization", "rqi", "ahi", "caci"):
+    for task in ("thresholds", "detection", "segmentation", "localization", "rqi", "ahi", "caci", "healthy_fpr",
+                 "subject_detection", "subject_segmentation", "score_calibration", "p_values"):
         assert any(k.startswith(f"eval/{task}/") for k in metrics), f"no numbers from task {task}"
     assert (run_dir / "report.md").is_file() and (run_dir / "checkpoints" / "thresholds.json").is_file()
+    assert (run_dir / "checkpoints" / "calibration.json").is_file()
+    assert metrics["eval/p_values/healthy_test/image_fpr_n"] == metrics["eval/score_calibration/val/n_images"] == 60
     backends = manifest["backends"]  # the networks actually used, whatever 'auto' found on this machine
     assert backends.keys() >= {"rqi_caci_lpips", "fid_network"} and manifest["torch_threads"] >= 1
     header = (run_dir / "report.md").read_text().split("\n## ")[1]
