@@ -51,11 +51,11 @@ import yaml  # noqa: E402
 
 from core.Configurator import ConfigError, allow_imports, build, check_keys, check_params, load_config  # noqa: E402
 from dl_utils.errors import RunInterrupted, UserError  # noqa: E402
-from dl_utils.run import set_status  # noqa: E402
+from dl_utils.run import one_line  # noqa: E402
 
 if TYPE_CHECKING:
     from core.DataLoader import DataModule
-    from dl_utils.experiment_logger import ExperimentLogger
+    from dl_utils.run import Run
     from model_zoo.base import AnomalyModel
 
 logger = logging.getLogger("core.Main")
@@ -164,41 +164,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def shared_run_dir(experiment: ExperimentSettings, name: str, world_size: int, rank: int) -> Path:
-    """Rank 0 creates the run folder (or reuses the resumed one) and tells the other ranks its path."""
-    from dl_utils.run import make_run_dir
+def split_hashes(data: DataModule) -> dict[str, str | None]:
+    """SHA-256 of every split CSV the data module reads (None for a listed file that does not exist)."""
+    from dl_utils.run import file_sha256
 
-    path: Path | None = None
-    if rank == 0:
-        if experiment.resume:
-            path = Path(experiment.resume)
-        else:
-            path = make_run_dir(experiment.output_dir, experiment.name, name)
-    if world_size > 1:
-        holder = [str(path) if path else None]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        path = Path(holder[0])
-    assert path is not None
-    return path
-
-
-def write_run_files(run_dir: Path, config: dict[str, Any], config_path: str, experiment: ExperimentSettings,
-                    device: torch.device, data: DataModule, world_size: int) -> None:
-    """The resolved config and the manifest (git commit, versions, seed, device, split-file hashes)."""
-    from dl_utils.run import device_description, file_sha256, git_state, now, package_versions, update_manifest
-
-    splits = {}
-    for path in data.split_files():
-        splits[str(path)] = file_sha256(path) if Path(path).is_file() else None
-    update_manifest(run_dir, **{
-        "config_path": str(config_path), "command": sys.argv, "started": now(),
-        "git": git_state(), "packages": package_versions(), "python": sys.version.split()[0],
-        "seed": experiment.seed, "device": device_description(device), "world_size": world_size,
-        "torch_threads": torch.get_num_threads(),  # CPU results are reproducible at a fixed thread count
-        "split_files": splits, "task": experiment.task, "weights": experiment.weights,
-        "status": "running", "events": [{"event": "running", "time": now()}],
-    })
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+    return {str(path): file_sha256(path) if Path(path).is_file() else None for path in data.split_files()}
 
 
 @dataclass(frozen=True)
@@ -220,13 +190,13 @@ def check_resume(run_dir: Path, config: dict[str, Any], model: Any) -> ResumePla
         ConfigError: the run has no ``config.yaml``, or the config differs outside :data:`RESUME_MAY_CHANGE`.
     """
     from dl_utils import checkpoint as ckpt
-    from dl_utils.run import config_differences
+    from dl_utils.run import config_differences, plain_config
 
     original_path = run_dir / "config.yaml"
     if not original_path.is_file():
         raise ConfigError(f"experiment.resume: {run_dir} has no config.yaml (not a run folder)")
     original = yaml.safe_load(original_path.read_text())
-    changes = config_differences(original, _plain(config))
+    changes = config_differences(original, plain_config(config))
     refused = [c for c in changes if not any(c[0] == p or c[0].startswith(p + ".") for p in RESUME_MAY_CHANGE)]
     if refused:
         listed = "; ".join(f"{where}: {old!r} -> {new!r}" for where, old, new in refused)
@@ -241,26 +211,6 @@ def check_resume(run_dir: Path, config: dict[str, Any], model: Any) -> ResumePla
     ckpt.load_state_strict(model, state["model"], f"'model' weights of {latest}")
     return ResumePlan(run_dir=run_dir, epoch=int(state["epoch"]), step=int(state["step"]),
                       changes=[c for c in changes if c[0] != "experiment.resume"])
-
-
-def record_resume(plan: ResumePlan, config_path: str) -> None:
-    """Append the resume to the manifest's events and move history rows after the checkpoint aside."""
-    from dl_utils.run import add_event, rewind_history, set_status
-
-    moved = rewind_history(plan.run_dir, plan.step)
-    add_event(plan.run_dir, "resumed", config_path=str(config_path), command=sys.argv, from_epoch=plan.epoch,
-              from_step=plan.step, superseded_history_rows=moved,
-              changed={where: {"old": old, "new": new} for where, old, new in plan.changes})
-    set_status(plan.run_dir, "running")
-
-
-def _plain(value: Any) -> Any:
-    """Tuples (from ``!!python/tuple``) become lists so the resolved config is plain YAML."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 def build_objects(config: dict[str, Any]) -> tuple[DataModule, AnomalyModel]:
@@ -286,12 +236,11 @@ def run(args: argparse.Namespace) -> int:
         return run_prediction(config, experiment=experiment, wandb_settings=wandb_settings, name=name,
                               config_path=args.config_path, dry_run=args.dry_run)
 
-    from core.DownstreamEvaluator import build_downstream, run_downstream
+    from core.DownstreamEvaluator import build_downstream
     from core.Trainer import Trainer
     from dl_utils.checkpoint import load_model_weights
     from dl_utils.distributed import cleanup, init_distributed
-    from dl_utils.experiment_logger import ExperimentLogger
-    from dl_utils.run import RunContext
+    from dl_utils.run import Run
 
     seed_everything(experiment.seed, experiment.deterministic)
     if args.dry_run:
@@ -300,18 +249,18 @@ def run(args: argparse.Namespace) -> int:
         if "trainer" in config:
             import tempfile
 
+            from dl_utils.experiment_logger import ExperimentLogger
+
             with tempfile.TemporaryDirectory() as tmp:
-                context = RunContext(run_dir=Path(tmp), device=torch.device("cpu"), seed=experiment.seed,
-                                     config=config)
                 quiet = ExperimentLogger(run_dir=tmp, mode="disabled", enabled=False)
-                build(config["trainer"], "trainer", base=Trainer, model=model, data=data, logger=quiet, run=context)
+                run = Run(run_dir=Path(tmp), device=torch.device("cpu"), seed=experiment.seed, config=config,
+                          logger=quiet)
+                build(config["trainer"], "trainer", base=Trainer, model=model, data=data, run=run)
         print(f"dry run OK: {args.config_path} builds (data, model, trainer, "
               f"{len(evaluators)} downstream tasks)")
         return 0
 
     dist = init_distributed(experiment.device)
-    is_main = dist.rank == 0
-    run_dir: Path | None = None
     try:
         data, model = build_objects(config)
         model = model.to(dist.device)
@@ -322,53 +271,51 @@ def run(args: argparse.Namespace) -> int:
         plan = check_resume(Path(experiment.resume), config, model) if experiment.resume else None
         # Weights are checked before the folder exists; with task 'train' they initialise the model (strictly).
         initialised = load_model_weights(model, experiment.weights) if experiment.weights else None
-        run_dir = shared_run_dir(experiment, name, dist.world_size, dist.rank)
-        if is_main and plan is not None:
-            record_resume(plan, args.config_path)
-        elif is_main:
-            write_run_files(run_dir, config, args.config_path, experiment, dist.device, data, dist.world_size)
-        resume_from = run_dir / "checkpoints" / "latest.pt" if experiment.resume else None
-        context = RunContext(run_dir=run_dir, device=dist.device, seed=experiment.seed, config=config,
-                             rank=dist.rank, world_size=dist.world_size, resume_from=resume_from)
-        log = ExperimentLogger(
-            run_dir=run_dir, mode=wandb_settings.mode, project=wandb_settings.project or experiment.name,
-            entity=wandb_settings.entity, name=f"{name}/{run_dir.name}", group=wandb_settings.group or name,
-            job_type=wandb_settings.job_type, tags=wandb_settings.tags, notes=wandb_settings.notes,
-            config=_plain(config), enabled=is_main,
-            resume_id=previous_wandb_id(run_dir) if plan is not None else None,
-        )
-        if initialised is not None and experiment.task == "train":
-            log.update_manifest(initialised_from=initialised)
-        if is_main and model.provenance():  # e.g. the frozen stage-1 checkpoint and its SHA-256
-            log.update_manifest(model_provenance=model.provenance())
-        exit_code = 1
-        try:
-            if experiment.task == "train":
-                trainer = build(config["trainer"], "trainer", base=Trainer, model=model, data=data, logger=log,
-                                run=context)
-                weights = trainer.fit()
+        run = Run.create(output_dir=experiment.output_dir, experiment=experiment.name, name=name,
+                         resume=experiment.resume, device=dist.device, seed=experiment.seed, config=config,
+                         rank=dist.rank, world_size=dist.world_size)
+        with run.recording(task=experiment.task):
+            if plan is not None:
+                run.resume(config_path=args.config_path, from_epoch=plan.epoch, from_step=plan.step,
+                           changed={where: {"old": old, "new": new} for where, old, new in plan.changes})
             else:
-                weights = Path(experiment.weights)
-            if is_main and evaluators:
-                loaded = load_model_weights(model, weights)
-                log.update_manifest(evaluated_weights={"path": str(weights), "which": loaded})
-                model.eval()
-                run_downstream(evaluators, model=model, data=data, logger=log, run=context)
-                if model.provenance():  # now with the networks built during evaluation (e.g. LPIPS weights)
-                    log.update_manifest(model_provenance=model.provenance())
-            exit_code = 0
-        finally:
-            log.close(exit_code=exit_code)
-        if is_main:
-            set_status(run_dir, "finished")
-            print_summary(run_dir, log)
-    except BaseException as err:
-        if is_main and run_dir is not None:
-            record_failure(run_dir, err, task=experiment.task)
-        raise
+                run.start(config_path=args.config_path, task=experiment.task, weights=experiment.weights,
+                          split_files=split_hashes(data))
+            run.open_logger(mode=wandb_settings.mode, project=wandb_settings.project or experiment.name,
+                            name=f"{name}/{run.run_dir.name}", entity=wandb_settings.entity,
+                            group=wandb_settings.group or name, job_type=wandb_settings.job_type,
+                            tags=wandb_settings.tags, notes=wandb_settings.notes)
+            train_and_evaluate(run, model=model, data=data, evaluators=evaluators, task=experiment.task,
+                               weights=experiment.weights, initialised=initialised)
+        if run.is_main:
+            print_summary(run)
     finally:
         cleanup()
     return 0
+
+
+def train_and_evaluate(run: Run, *, model: AnomalyModel, data: DataModule, evaluators: dict[str, Any], task: str,
+                       weights: str | None, initialised: str | None) -> None:
+    """Train (task 'train', from ``initialised`` weights when given) or take ``weights``, then evaluate them."""
+    from core.DownstreamEvaluator import run_downstream
+    from core.Trainer import Trainer
+    from dl_utils.checkpoint import load_model_weights
+
+    if initialised is not None and task == "train":
+        run.update_manifest(initialised_from=initialised)
+    if model.provenance():  # e.g. the frozen stage-1 checkpoint and its SHA-256
+        run.update_manifest(model_provenance=model.provenance())
+    if task == "train":
+        evaluated = build(run.config["trainer"], "trainer", base=Trainer, model=model, data=data, run=run).fit()
+    else:
+        evaluated = Path(weights)
+    if run.is_main and evaluators:
+        loaded = load_model_weights(model, evaluated)
+        run.update_manifest(evaluated_weights={"path": str(evaluated), "which": loaded})
+        model.eval()
+        run_downstream(evaluators, model=model, data=data, run=run)
+        if model.provenance():  # now with the networks built during evaluation (e.g. LPIPS weights)
+            run.update_manifest(model_provenance=model.provenance())
 
 
 def check_trainer_block(block: Any, base: type) -> None:
@@ -383,53 +330,22 @@ def check_trainer_block(block: Any, base: type) -> None:
     params = block.get("params") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"trainer.params: expected a mapping, got {type(params).__name__}")
-    check_params(cls, params, "trainer.params", injected=dict.fromkeys(("model", "data", "logger", "run")))
+    check_params(cls, params, "trainer.params", injected=dict.fromkeys(("model", "data", "run")))
 
 
-def previous_wandb_id(run_dir: Path) -> str | None:
-    """The wandb run id a resumed run continues (recorded by its first start), if any."""
-    from dl_utils.run import read_manifest
-
-    entry = read_manifest(run_dir).get("wandb")
-    return entry.get("id") if isinstance(entry, dict) else None
-
-
-def print_summary(run_dir: Path, log: ExperimentLogger) -> None:
+def print_summary(run: Run) -> None:
     """Where the results are and how to look at them."""
-    latest = log.latest
-    evals = {k: v for k, v in latest.items() if k.startswith("eval/")}
+    run_dir = run.run_dir
+    evals = {k: v for k, v in run.logger.latest.items() if k.startswith("eval/")}
     lines = [f"\nRun folder: {run_dir}", f"  metrics:  {run_dir / 'metrics.json'} ({len(evals)} evaluation numbers)"]
     if (run_dir / "report.md").exists():
         lines.append(f"  report:   {run_dir / 'report.md'}")
     if (run_dir / "figures").is_dir():
         lines.append(f"  figures:  {run_dir / 'figures'}")
-    wandb_dir = log.wandb_dir()
+    wandb_dir = run.logger.wandb_dir()
     if wandb_dir:
         lines.append(f"  wandb:    {wandb_dir}  (dashboard: wandb sync {wandb_dir})")
     print("\n".join(lines))
-
-
-def record_failure(run_dir: Path, err: BaseException, *, task: str = "train") -> None:
-    """Record ``interrupted`` (SIGINT/SIGTERM) or ``failed`` with the one-line error in the run's manifest.
-
-    An interruption also learns what it left behind (``err.outcome``), for the one line :func:`main` logs.
-    """
-    if isinstance(err, RunInterrupted):
-        set_status(run_dir, "interrupted", error=f"interrupted by {err.signal_name}")
-        again = f"resume with --set experiment.resume={run_dir}" if task == "train" else "run it again"
-        err.outcome = f"{run_dir / 'manifest.json'} says 'interrupted' ({again})"
-    else:
-        set_status(run_dir, "failed", error=f"{type(err).__name__}: {one_line(err)}")
-
-
-def one_line(err: BaseException) -> str:
-    """The error's message on one line (a DataLoader worker's re-raised error keeps only its last line)."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    if lines[0].startswith("Caught ") and len(lines) > 1:  # torch's ExceptionWrapper: "Caught X in worker ..."
-        return lines[-1].split(": ", 1)[-1]
-    return " ".join(lines)
 
 
 @contextlib.contextmanager

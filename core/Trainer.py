@@ -63,7 +63,7 @@ from dl_utils import checkpoint as ckpt
 from dl_utils.distributed import barrier, is_distributed
 from dl_utils.ema import EMA
 from dl_utils.errors import NonFiniteLossError
-from dl_utils.run import RunContext
+from dl_utils.run import Run
 from model_zoo.base import AnomalyModel
 
 logger = logging.getLogger(__name__)
@@ -89,20 +89,6 @@ class TrainData(Protocol):
     def val_dataloader(self) -> DataLoader | None: ...
 
 
-class TrainLogger(Protocol):
-    """What the trainer needs from ``dl_utils.experiment_logger.ExperimentLogger``."""
-
-    def log_train(self, terms: Mapping[str, float | Tensor], *, step: int) -> None: ...
-
-    def log_val(self, metrics: Mapping[str, float | Tensor], *, step: int) -> None: ...
-
-    def log_scalars(self, values: Mapping[str, float], *, step: int | None = None) -> None: ...
-
-    def update_manifest(self, **entries: Any) -> None: ...
-
-    def update_config(self, **entries: Any) -> None: ...
-
-
 def _check_choice(name: str, value: str, options: Any) -> None:
     choices = get_args(options)
     if value not in choices:
@@ -121,9 +107,10 @@ class Trainer:
     """Trains an :class:`~model_zoo.base.AnomalyModel` on ``data`` and keeps the best weights.
 
     Args:
-        model, data, logger, run: injected by ``Main`` (model, DataModule, ExperimentLogger, RunContext).
-            ``data`` and ``logger`` may be None for a trainer used only for :meth:`training_step` (a benchmark,
-            a step sweep); :meth:`fit` and :meth:`train_epoch` then raise a ValueError naming the missing one.
+        model, data, run: injected by ``Main`` (model, DataModule, :class:`~dl_utils.run.Run`; the trainer logs
+            to ``run.logger``). ``data`` may be None and ``run.logger`` unset for a trainer used only for
+            :meth:`training_step` (a benchmark, a step sweep); :meth:`fit` and :meth:`train_epoch` then raise a
+            ValueError naming the missing one.
         max_epochs: upper bound on epochs.
         max_steps: upper bound on optimizer steps (whichever of the two comes first); null = no bound.
         optimizer: ``{module_name, class_name, params}`` of a ``torch.optim.Optimizer`` (``params`` injected);
@@ -170,8 +157,7 @@ class Trainer:
         *,
         model: AnomalyModel,
         data: TrainData | None = None,
-        logger: TrainLogger | None = None,
-        run: RunContext,
+        run: Run,
         max_epochs: int = 100,
         max_steps: int | None = None,
         optimizer: dict[str, Any] | None = None,
@@ -214,7 +200,7 @@ class Trainer:
             raise ValueError(f"run.world_size={run.world_size} but no process group is initialised "
                              "(call dl_utils.distributed.init_distributed first)")
 
-        self.data, self.exp_logger, self.run = data, logger, run
+        self.data, self.run = data, run
         self._train_seconds_before: float = 0.0
         self._fit_start: float | None = None
         self.device = torch.device(run.device)
@@ -300,7 +286,7 @@ class Trainer:
 
     def _require_loop(self, what: str) -> None:
         """Raise ValueError if the trainer was built without the data or logger that the loop needs."""
-        missing = [name for name, value in (("data", self.data), ("logger", self.exp_logger)) if value is None]
+        missing = [name for name, value in (("data", self.data), ("logger", self.run.logger)) if value is None]
         if missing:
             raise ValueError(f"Trainer.{what}() needs {' and '.join(missing)}: this trainer was built without "
                              f"{' or '.join(missing)} (only training_step can be used)")
@@ -325,8 +311,8 @@ class Trainer:
         pending_rng = self._resume(self.run.resume_from) if self.run.resume_from is not None else None
         val_loader = self.data.val_dataloader()
         if self.run.is_main:
-            self.exp_logger.update_manifest(training_model_mode=MODEL_MODE_LABELS[self.model_mode])
-            self.exp_logger.update_config(training_model_mode=self.model_mode)
+            self.run.update_manifest(training_model_mode=MODEL_MODE_LABELS[self.model_mode])
+            self.run.logger.update_config(training_model_mode=self.model_mode)
         if self.model_mode == "reference":
             logger.warning("trainer.params.model_mode=reference: training with the whole model in eval mode, as the "
                            "reference study did (BatchNorm running statistics, no dropout, frozen EMA codebooks)")
@@ -353,7 +339,7 @@ class Trainer:
             self.best_weights = ckpt.clone_state_dict(self._eval_model()) if self.run.is_main else None
             self._save("best.pt")
         # training wall time (validation and checkpoints included; summed over resumed runs), for cost tables
-        self.exp_logger.log_scalars({"train/wall_s": self.train_seconds}, step=self.step)
+        self.run.logger.log_scalars({"train/wall_s": self.train_seconds}, step=self.step)
         barrier()
         return self.run.checkpoint_dir / "best.pt"
 
@@ -509,7 +495,7 @@ class Trainer:
         else:
             values["lr"] = float(self.optimizer.param_groups[0]["lr"])
         if self.run.is_main:
-            self.exp_logger.log_train(values, step=self.step)
+            self.run.logger.log_train(values, step=self.step)
         bar.set_postfix(loss=f"{values['loss']:.4g}", img_s=f"{images_per_s:.0f}")
         self._running, self._running_count = None, 0
 
@@ -574,7 +560,7 @@ class Trainer:
         if self.run.is_main:
             self.last_val_metrics = self.validate(loader)
             value = self.last_val_metrics[self.monitor]
-            self.exp_logger.log_val(self.last_val_metrics, step=self.step)
+            self.run.logger.log_val(self.last_val_metrics, step=self.step)
         if is_distributed():  # every rank takes the same decision
             shared = torch.tensor([value], dtype=torch.float64, device=self.device)
             dist.broadcast(shared, src=0)

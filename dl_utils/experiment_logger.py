@@ -11,7 +11,6 @@ Run-folder files:
                     ``metrics.json`` is written), so a folder never holds a ``metrics.json`` it did not finish
     figures/*.png   every figure and image, named after its key
     tables/*.csv    every table
-    manifest.json   provenance (merged by :meth:`ExperimentLogger.update_manifest`)
     wandb/          wandb's own files (offline by default; ``wandb sync <run_dir>/wandb/offline-run-*``)
 
 :meth:`ExperimentLogger.close` finishes the wandb run and then tears wandb's service process down, waiting
@@ -33,8 +32,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-
-from dl_utils.run import read_manifest, update_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +99,7 @@ class ExperimentLogger:
         self._latest: dict[str, float] = {}
         self._wandb_run = None
         self._wandb_dir: str | None = None
+        self.wandb_entry: dict[str, str] | None = None  # mode, id and folder of the wandb run (for the manifest)
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,12 +122,7 @@ class ExperimentLogger:
             for prefix in ("train", "val"):
                 self._wandb_run.define_metric(f"{prefix}/*", step_metric="trainer/step")
             self._wandb_dir = str(Path(self._wandb_run.dir).parent)
-            entry = {"mode": self.mode, "id": self._wandb_run.id, "dir": self._wandb_dir}
-            if resume_id:  # the first run's entry stays as it was; each resume adds its own
-                previous = read_manifest(self.run_dir).get("wandb_resumed", [])
-                self.update_manifest(wandb_resumed=[*previous, entry])
-            else:
-                self.update_manifest(wandb=entry)
+            self.wandb_entry = {"mode": self.mode, "id": self._wandb_run.id, "dir": self._wandb_dir}
 
     # ------------------------------------------------------------------------------------------ scalars
     def log_train(self, terms: Mapping[str, Any], *, step: int) -> None:
@@ -229,15 +222,9 @@ class ExperimentLogger:
         self._wandb_run.log(payload)
 
     # ------------------------------------------------------------------------------------------ run files
-    def update_manifest(self, **entries: Any) -> None:
-        """Merge provenance entries into ``manifest.json`` (e.g. which LPIPS/FID weights were used)."""
-        if not self.enabled:
-            return
-        update_manifest(self.run_dir, **entries)
-
     def update_config(self, **entries: Any) -> None:
         """Add entries to the wandb run's config (e.g. the evaluation's backends); the run folder has them in
-        ``manifest.json`` (written by the caller through :meth:`update_manifest`), ``config.yaml`` stays the YAML."""
+        ``manifest.json`` (written by the run, :class:`dl_utils.run.Run`), ``config.yaml`` stays the YAML."""
         if self._wandb_run is not None:
             self._wandb_run.config.update(entries, allow_val_change=True)
 

@@ -309,11 +309,11 @@ def make_trainer(*, spec: SizeSpec, path: PathSettings, device: torch.device, ru
     """A step-only ``core.Trainer.Trainer`` (no data, no logger: the benchmark times ``training_step``) on a
     DDPM with the path's knobs (Adam lr 1e-4, fused per path), and a batch."""
     from core.Trainer import Trainer
-    from dl_utils.run import RunContext
+    from dl_utils.run import Run
 
     model = build_model(spec, path, chains=REFERENCE_CHAINS, seed=seed)
     optimizer = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": 1e-4, "fused": path.fused_adam}}
-    run = RunContext(run_dir=run_dir, device=device, seed=seed)
+    run = Run(run_dir=run_dir, device=device, seed=seed)
     trainer = Trainer(model=model, run=run, amp=path.trainer_amp, optimizer=optimizer, progress=False)
     trainer.model.train()
     return trainer, Batch(image=_images(spec.train_batch, spec.image, device, seed))

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from core.Configurator import ConfigError, read_yaml
+from dl_utils.run import MANIFEST, read_manifest
 from optim.metrics.normative import combined_score
 
 logger = logging.getLogger(__name__)
@@ -78,10 +79,10 @@ def skip_reason(folder: str | Path) -> str | None:
     folder = Path(folder)
     if not folder.is_dir():
         return "not a folder"
-    manifest_path = folder / "manifest.json"
+    manifest_path = folder / MANIFEST
     if manifest_path.is_file():
         try:
-            manifest = json.loads(manifest_path.read_text())
+            manifest = read_manifest(folder)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             return f"{manifest_path}: unreadable ({err})"
         status = manifest.get("status") if isinstance(manifest, dict) else None

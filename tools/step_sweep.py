@@ -454,13 +454,13 @@ def train_small(model: DDPM, data: Any, *, seconds: float, max_steps: int, lr: f
         average still holds 0.995^steps of the random initial weights (over half after 125 steps).
     """
     from core.Trainer import Trainer
-    from dl_utils.run import RunContext
+    from dl_utils.run import Run
 
     optimizer = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": lr}}
     losses: list[float] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="step_sweep_") as tmp:
-        run = RunContext(run_dir=Path(tmp), device=device, seed=seed)
+        run = Run(run_dir=Path(tmp), device=device, seed=seed)
         trainer = Trainer(model=model, run=run, optimizer=optimizer, ema_decay=ema_decay, progress=False)
         torch.manual_seed(seed)
         model.train()

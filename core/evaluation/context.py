@@ -33,7 +33,7 @@ from core.evaluation.protocols import DataSource
 from model_zoo.base import AnomalyModel
 
 if TYPE_CHECKING:
-    from dl_utils.run import RunContext
+    from dl_utils.run import Run
     from optim.inception import InceptionFeatures
     from optim.losses.perceptual import PerceptualDistance
 
@@ -130,7 +130,7 @@ class EvalContext:
         self.feature_cache_log: list[tuple[str, str, str]] = []
 
     @classmethod
-    def from_run(cls, *, model: AnomalyModel, data: DataSource, run: RunContext, progress: bool = True
+    def from_run(cls, *, model: AnomalyModel, data: DataSource, run: Run, progress: bool = True
                  ) -> EvalContext:
         """The context of a run: its device and seed, artifacts in ``run.checkpoint_dir``."""
         return cls(model=model, data=data, device=run.device, seed=run.seed, artifact_dir=Path(run.checkpoint_dir),

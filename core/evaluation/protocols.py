@@ -36,14 +36,13 @@ class DataSource(Protocol):
 
 
 class MetricSink(Protocol):
-    """Where the runner sends a task's results (the experiment logger of a run)."""
+    """Where the runner sends a task's results (the experiment logger of a run, ``run.logger``; provenance goes to
+    the run's manifest, :meth:`dl_utils.run.Run.update_manifest`)."""
 
     def log_eval(self, task: str, dataset: str, metrics: Mapping[str, float]) -> None: ...
 
     def log_figure(self, key: str, figure: Figure, *, step: int | None = None) -> object: ...
 
     def log_table(self, key: str, rows: list[TableRow]) -> object: ...
-
-    def update_manifest(self, **entries: object) -> None: ...
 
     def update_config(self, **entries: object) -> None: ...

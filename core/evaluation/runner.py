@@ -17,7 +17,7 @@ from core.evaluation.protocols import DataSource, MetricSink
 from core.evaluation.registry import RESERVED_DATASETS, TASKS, TaskResult, TaskSpec
 from core.evaluation.report import write_report
 from core.evaluation.thresholds import Thresholds
-from dl_utils.run import RunContext, read_manifest
+from dl_utils.run import Run
 from model_zoo.base import AnomalyModel
 
 logger = logging.getLogger(__name__)
@@ -142,23 +142,26 @@ def _saved(kind: type[Thresholds], ctx: EvalContext) -> Thresholds | None:
 
 
 def run_downstream(evaluators: Mapping[str, DownstreamEvaluator], *, model: AnomalyModel, data: DataSource,
-                   logger: MetricSink, run: RunContext, progress: bool = True) -> Metrics:
+                   run: Run, progress: bool = True) -> Metrics:
     """Run built evaluation blocks for a run and record everything.
 
     Args:
         evaluators: from :func:`build_downstream`.
         model: trained model (best weights loaded, eval mode, on ``run.device``).
-        data: the data module; logger: the run's experiment logger; run: the run context.
+        data: the data module.
+        run: the run: results go to ``run.logger`` (a :class:`~core.evaluation.protocols.MetricSink`), provenance
+            to its manifest (``run.update_manifest``), files into ``run.run_dir``.
 
     Returns:
         ``{block name: {dataset: {metric: value}}}``; also writes ``checkpoints/thresholds.json``,
         ``report.md`` and the per-image numbers (``per_image/<dataset>.npz``, :mod:`core.evaluation.per_image`);
-        metrics go to ``logger`` as ``eval/<block>/<dataset>/<metric>``, the inference cost as
+        metrics go to ``run.logger`` as ``eval/<block>/<dataset>/<metric>``, the inference cost as
         ``eval/cost/<dataset>/s_per_image`` (and ``/network_calls`` when the model counts them), every backend
         used (:meth:`EvalContext.all_backends`) to the manifest (``backends``), wandb's config and the report, with
         the run's ``training_model_mode`` (train or reference, see ``core.Trainer``) when it trained.
     """
     ctx = EvalContext.from_run(model=model, data=data, run=run, progress=progress)
+    logger: MetricSink = run.logger
     results: Metrics = {}
     reports: list[tuple[str, TaskResult]] = []
     for name, result in run_tasks(evaluators, ctx):
@@ -172,16 +175,16 @@ def run_downstream(evaluators: Mapping[str, DownstreamEvaluator], *, model: Anom
         if model_settings and any(result.metrics.values()):
             result.manifest["model"] = model_settings  # every number here rests on the model's outputs
         if result.manifest:
-            logger.update_manifest(**{f"eval/{name}": result.manifest})
+            run.update_manifest(**{f"eval/{name}": result.manifest})
         results[name] = result.metrics
         reports.append((name, result))
     for dataset, cost in cost_metrics(ctx.cost).items():
         logger.log_eval(COST_BLOCK, dataset, cost)
     backends = ctx.all_backends()
-    trained = read_manifest(run.run_dir).get("training_model_mode")  # written by the Trainer of this run
+    trained = run.manifest().get("training_model_mode")  # written by the Trainer of this run
     if trained:
         backends["training_model_mode"] = trained
-    logger.update_manifest(backends=backends, inference_cost=ctx.cost)
+    run.update_manifest(backends=backends, inference_cost=ctx.cost)
     logger.update_config(backends=backends)
     if reports:
         write_report(Path(run.run_dir) / "report.md", reports, {n: e.task for n, e in evaluators.items()},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import sys
 import time
@@ -12,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from core.Configurator import ConfigError, build, check_imports, check_value_bounds
@@ -25,6 +23,7 @@ from core.prediction.settings import PredictSettings, parse_predict
 from core.prediction.thresholds import Threshold, select_thresholds
 from data.dataset import resolve
 from dl_utils.errors import DataError, RunInterrupted
+from dl_utils.run import Run
 
 if TYPE_CHECKING:
     from model_zoo.base import AnomalyModel
@@ -107,21 +106,6 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _run_folder(experiment: Any, name: str, config: dict[str, Any], config_path: str,
-                device: torch.device) -> Path:
-    from dl_utils.run import device_description, git_state, make_run_dir, package_versions
-
-    run_dir = make_run_dir(experiment.output_dir, experiment.name, name)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (run_dir / "manifest.json").write_text(json.dumps({
-        "config_path": str(config_path), "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "git": git_state(), "packages": package_versions(), "python": sys.version.split()[0],
-        "seed": experiment.seed, "device": device_description(device), "task": "predict",
-        "weights": experiment.weights,
-    }, indent=2, sort_keys=True, default=str))
-    return run_dir
-
-
 def _mask_calibration(model: AnomalyModel, weights: Path) -> MaskCalibration | None:
     """The training run's calibrated internal mask threshold (AutoDDPM ``tau: calibrated``), if the model needs one.
 
@@ -158,7 +142,6 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
     """
     from dl_utils.checkpoint import load_checkpoint, load_model_weights
     from dl_utils.distributed import init_distributed
-    from dl_utils.experiment_logger import ExperimentLogger
     from model_zoo.base import AnomalyModel
 
     settings = parse_predict(config.get("predict"))
@@ -189,42 +172,42 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
     dist = init_distributed(experiment.device)
     if dist.world_size > 1:
         raise ConfigError("experiment.task: 'predict' runs in one process; start it without torchrun")
-    plain = json.loads(json.dumps(config))  # tuples (from ``!!python/tuple``) become lists
     name = f"{name}_predict"  # prediction runs never mix with the training runs of the same config
-    run_dir = _run_folder(experiment, name, plain, config_path, dist.device)
-    outputs = OutputFolder(chosen_dir or run_dir / "predictions", run_dir=run_dir)
-    out_dir = outputs.path
-    log = ExperimentLogger(run_dir=run_dir, mode=wandb_settings.mode,
-                           project=wandb_settings.project or experiment.name, entity=wandb_settings.entity,
-                           name=f"{name}/{run_dir.name}", group=wandb_settings.group or name,
-                           tags=wandb_settings.tags, notes=wandb_settings.notes, config=plain)
-    exit_code = 1
-    try:
-        loaded = load_model_weights(model, weights)
-        model = model.to(dist.device).eval()
-        if calibration is not None:
-            model.set_mask_threshold(calibration.value, calibration.to_json())  # type: ignore[operator]
-            log.update_manifest(predict_mask_threshold=calibration.to_json())
-        exit_code = predict_all(model, pairs, settings, thresholds, prep, outputs=outputs, device=dist.device,
-                                seed=experiment.seed, log=log)
-        label = getattr(model, "inference_label", None)
-        log.update_manifest(predict_model={**{k: str(v) for k, v in model.provenance().items()},
-                                           **({"inference": str(label())} if callable(label) else {})})
-        log.update_manifest(predict_weights={"path": str(weights), "which": loaded}, predict_output=str(out_dir),
-                            predict_thresholds=[asdict(t) for t in thresholds],
-                            predict_preprocessing={"target_size": list(prep.target_size), "intensity": prep.intensity})
-    except RunInterrupted as err:
-        err.outcome = f"the prediction in {run_dir} stopped early (outputs written so far are in {out_dir})"
-        raise
-    finally:
-        log.close(exit_code=exit_code)
-    logger.info("predict: run folder %s, outputs in %s", run_dir, out_dir)
+    run = Run.create(output_dir=experiment.output_dir, experiment=experiment.name, name=name, device=dist.device,
+                     seed=experiment.seed, config=config)
+    with run.recording(task="predict"):
+        run.start(config_path=config_path, task="predict", weights=experiment.weights)
+        outputs = OutputFolder(chosen_dir or run.run_dir / "predictions", run_dir=run.run_dir)
+        run.open_logger(mode=wandb_settings.mode, project=wandb_settings.project or experiment.name,
+                        name=f"{name}/{run.run_dir.name}", entity=wandb_settings.entity,
+                        group=wandb_settings.group or name, job_type=wandb_settings.job_type,
+                        tags=wandb_settings.tags, notes=wandb_settings.notes)
+        try:
+            loaded = load_model_weights(model, weights)
+            model = model.to(dist.device).eval()
+            if calibration is not None:
+                model.set_mask_threshold(calibration.value, calibration.to_json())  # type: ignore[operator]
+                run.update_manifest(predict_mask_threshold=calibration.to_json())
+            exit_code = predict_all(model, pairs, settings, thresholds, prep, outputs=outputs, run=run)
+            label = getattr(model, "inference_label", None)
+            run.update_manifest(predict_model={**{k: str(v) for k, v in model.provenance().items()},
+                                               **({"inference": str(label())} if callable(label) else {})})
+            run.update_manifest(predict_weights={"path": str(weights), "which": loaded},
+                                predict_output=str(outputs.path), predict_thresholds=[asdict(t) for t in thresholds],
+                                predict_preprocessing={"target_size": list(prep.target_size),
+                                                       "intensity": prep.intensity})
+        except RunInterrupted as err:
+            err.outcome = (f"the prediction in {run.run_dir} stopped early (outputs written so far are in "
+                           f"{outputs.path})")
+            raise
+        if exit_code != 0:
+            run.fail("predict: stopped at a bad input or predicted no input (see the log and skipped.csv)")
+    logger.info("predict: run folder %s, outputs in %s", run.run_dir, outputs.path)
     return exit_code
 
 
 def predict_all(model: torch.nn.Module, pairs: list[tuple[Path, Path | None, str]], settings: PredictSettings,
-                thresholds: list[Threshold], prep: Preprocessing, *, outputs: OutputFolder, device: torch.device,
-                seed: int, log: Any) -> int:
+                thresholds: list[Threshold], prep: Preprocessing, *, outputs: OutputFolder, run: Run) -> int:
     """Predict on every (input, mask, source); write maps, ``scores.csv`` and the summary.
 
     The per-input boundary is reading and preprocessing: a :class:`~dl_utils.errors.DataError` there (a
@@ -244,7 +227,8 @@ def predict_all(model: torch.nn.Module, pairs: list[tuple[Path, Path | None, str
     for path, mask, source in progress:
         try:
             scan = read_scan(path, mask, axial_range=settings.axial_range, source=source)
-            result = predict_scan(model, scan, prep, device=device, batch_size=settings.batch_size, seed=seed)
+            result = predict_scan(model, scan, prep, device=run.device, batch_size=settings.batch_size,
+                                  seed=run.seed)
         except DataError as err:
             skipped.append({"input": str(path), "reason": _one_line(err)})
             if settings.on_error == "stop":
@@ -255,17 +239,18 @@ def predict_all(model: torch.nn.Module, pairs: list[tuple[Path, Path | None, str
             continue
         stem = _unique(output_stem(path), used)
         outputs.record(write_maps(scan, result, thresholds, outputs.path, stem))
-        outputs.record(write_overlays(scan, result, thresholds, outputs.path, stem, n=settings.n_overlays, log=log))
+        outputs.record(write_overlays(scan, result, thresholds, outputs.path, stem, n=settings.n_overlays,
+                                      log=run.logger))
         rows.extend(score_rows(scan, result, thresholds, stem))
         predicted += 1
     for name, table in (("scores", rows), ("skipped", skipped)):
         if table:
             _write_csv(outputs.path / f"{name}.csv", table)
             outputs.record([outputs.path / f"{name}.csv"])
-            log.log_table(f"predict/{name}", table)
-    log.log_scalars({"predict/n_inputs": len(pairs), "predict/n_predicted": predicted,
+            run.logger.log_table(f"predict/{name}", table)
+    run.logger.log_scalars({"predict/n_inputs": len(pairs), "predict/n_predicted": predicted,
                      "predict/n_skipped": len(skipped)})
-    log.update_manifest(predict_skipped=skipped, predict_counts={"inputs": len(pairs), "predicted": predicted,
+    run.update_manifest(predict_skipped=skipped, predict_counts={"inputs": len(pairs), "predicted": predicted,
                                                                  "skipped": len(skipped)})
     return _summarise(len(pairs), predicted, skipped, stopped, time.perf_counter() - start, outputs.path)
 

@@ -114,10 +114,10 @@ def _main() -> None:
         model = KillableWGAN()
         torch.manual_seed(100 + info.rank)  # different z, alpha and dropout per rank
         data, params = FakeData(n_train=16, batch_size=4, shuffle=False), {**gan_params(), "max_epochs": 2}
-    run = make_run(args.run_dir, rank=info.rank, world_size=info.world_size,
-                   resume_from=args.run_dir / "checkpoints" / "latest.pt" if args.resume else None)
     log = RecordingLogger()
-    trainer = Trainer(model=model, data=data, logger=log, run=run, **params)
+    run = make_run(args.run_dir, rank=info.rank, world_size=info.world_size, logger=log,
+                   resume_from=args.run_dir / "checkpoints" / "latest.pt" if args.resume else None)
+    trainer = Trainer(model=model, data=data, run=run, **params)
     trainer.fit()
     if args.mode == "ddp-gan":
         torch.save(model.state_dict(), args.out.with_name(f"{args.out.stem}_rank{info.rank}.pt"))

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 from data.batch import Batch, Sample, collate
-from dl_utils.run import RunContext
+from dl_utils.run import Run
 from model_zoo.base import AnomalyModel, AnomalyOutput
 
 
@@ -118,16 +118,15 @@ class RecordingLogger:
     def log_scalars(self, values: Mapping[str, float], *, step: int | None = None) -> None:
         self.scalars.append((step, dict(values)))
 
-    def update_manifest(self, **entries: Any) -> None:
-        self.manifest.update(entries)
-
     def update_config(self, **entries: Any) -> None:
         self.config.update(entries)
 
 
-def make_run(run_dir: Path, **kwargs: Any) -> RunContext:
-    return RunContext(run_dir=Path(run_dir), device=torch.device("cpu"), seed=kwargs.pop("seed", 7),
-                      config=kwargs.pop("config", {"name": "tiny", "trainer": {"max_epochs": 3}}), **kwargs)
+def make_run(run_dir: Path, **kwargs: Any) -> Run:
+    """A CPU :class:`Run` in ``run_dir`` (seed 7) that logs to a new :class:`RecordingLogger` unless given one."""
+    return Run(run_dir=Path(run_dir), device=torch.device("cpu"), seed=kwargs.pop("seed", 7),
+               config=kwargs.pop("config", {"name": "tiny", "trainer": {"max_epochs": 3}}),
+               logger=kwargs.pop("logger", None) or RecordingLogger(), **kwargs)
 
 
 def resume_params() -> dict[str, Any]:
@@ -175,10 +174,10 @@ def _main() -> None:
         data = FakeData(n_train=16, batch_size=8 // info.world_size, shuffle=False)
         params = {"max_epochs": 2, "log_interval": 1, "progress": False,
                   "optimizer": {"module_name": "torch.optim", "class_name": "SGD", "params": {"lr": 0.5}}}
-    run = make_run(args.run_dir, rank=info.rank, world_size=info.world_size,
-                   resume_from=args.run_dir / "checkpoints" / "latest.pt" if args.resume else None)
     log = RecordingLogger()
-    trainer = Trainer(model=model, data=data, logger=log, run=run, **params)
+    run = make_run(args.run_dir, rank=info.rank, world_size=info.world_size, logger=log,
+                   resume_from=args.run_dir / "checkpoints" / "latest.pt" if args.resume else None)
+    trainer = Trainer(model=model, data=data, run=run, **params)
     best = trainer.fit()
     if info.rank == 0:
         torch.save({"model": model.state_dict(), "ema": trainer.ema.state_dict() if trainer.ema else None,

@@ -46,7 +46,7 @@ def test_bad_requests_are_clear_errors(no_torchrun_env: None, monkeypatch: pytes
 
 def test_trainer_refuses_world_size_without_process_group(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="world_size=2 but no process group"):
-        Trainer(model=TinyAE(), data=FakeData(), logger=RecordingLogger(), run=make_run(tmp_path, world_size=2))
+        Trainer(model=TinyAE(), data=FakeData(), run=make_run(tmp_path, world_size=2))
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
@@ -62,8 +62,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
     # The same global batch (8) in one process: 16 images, no shuffling, no randomness.
     torch.manual_seed(0)
     model, log = TinyAE(), RecordingLogger()
-    Trainer(model=model, data=FakeData(n_train=16, batch_size=8, shuffle=False), logger=log,
-            run=make_run(tmp_path / "single"), max_epochs=2, log_interval=1, progress=False,
+    Trainer(model=model, data=FakeData(n_train=16, batch_size=8, shuffle=False),
+            run=make_run(tmp_path / "single", logger=log), max_epochs=2, log_interval=1, progress=False,
             optimizer={"module_name": "torch.optim", "class_name": "SGD", "params": {"lr": 0.5}}).fit()
 
     rank0 = json.loads((tmp_path / "ddp_rank0.json").read_text())

@@ -32,7 +32,7 @@ def _launch(*args: str) -> subprocess.Popen:
 def _gan_trainer(tmp_path: Path, **params: Any) -> Trainer:
     torch.manual_seed(0)
     defaults: dict[str, Any] = {"max_epochs": 1, "progress": False, "monitor": "wasserstein", "optimizer": ADAM}
-    return Trainer(model=KillableWGAN(), data=FakeData(), logger=RecordingLogger(), run=make_run(tmp_path),
+    return Trainer(model=KillableWGAN(), data=FakeData(), run=make_run(tmp_path),
                    **{**defaults, **params})
 
 
@@ -86,7 +86,7 @@ def test_generator_steps_on_every_n_critic_th_batch_and_schedulers_step_per_epoc
     assert generator.param_groups[0]["betas"] == (0.5, 0.999)
     assert critic.param_groups[0]["lr"] == pytest.approx(0.001)
     assert generator.param_groups[0]["lr"] == pytest.approx(0.002)
-    step, logged = trainer.exp_logger.train[-1]
+    step, logged = trainer.run.logger.train[-1]
     assert {"loss", "critic", "gp", "wasserstein", "generator", "lr_critic", "lr_generator"} <= set(logged)
 
 
@@ -121,11 +121,11 @@ def test_checkpoint_holds_every_group_and_refuses_a_single_optimizer_file(tmp_pa
     state = torch.load(tmp_path / "gan" / "checkpoints" / "latest.pt", weights_only=True)
     assert state["optimizer"] is None and state["scheduler"] is None
     assert set(state["optimizers"]) == set(state["schedulers"]) == set(state["scalers"]) == {"critic", "generator"}
-    single = Trainer(model=TinyAE(), data=FakeData(), logger=RecordingLogger(), run=make_run(tmp_path / "ae"),
+    single = Trainer(model=TinyAE(), data=FakeData(), run=make_run(tmp_path / "ae"),
                      max_epochs=1, progress=False)
     single.fit()
     wrong = make_run(tmp_path / "gan2", resume_from=tmp_path / "ae" / "checkpoints" / "latest.pt")
-    gan = Trainer(model=KillableWGAN(), data=FakeData(), logger=RecordingLogger(), run=wrong, progress=False,
+    gan = Trainer(model=KillableWGAN(), data=FakeData(), run=wrong, progress=False,
                   monitor="wasserstein")
     with pytest.raises(ckpt.CheckpointError):
         gan.fit()
@@ -148,9 +148,9 @@ def test_groups_must_partition_the_trainable_parameters(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match=r"trainable parameters in no group .*generator\."):
         Trainer(model=Orphan(image_size=8, latent_dim=4, generator_channels=(4, 4), critic_channels=(4, 4)),
-                data=FakeData(), logger=RecordingLogger(), run=make_run(tmp_path), progress=False)
+                data=FakeData(), run=make_run(tmp_path), progress=False)
     with pytest.raises(ValueError, match="declares no optimizer_groups"):
-        Trainer(model=TinyAE(), data=FakeData(), logger=RecordingLogger(), run=make_run(tmp_path), progress=False,
+        Trainer(model=TinyAE(), data=FakeData(), run=make_run(tmp_path), progress=False,
                 optimizers={"critic": {}})
 
 
@@ -173,8 +173,8 @@ def test_torchrun_two_processes_match_one_process_with_two_groups(tmp_path: Path
 
     torch.manual_seed(0)
     model, log = TwoPartAE(), RecordingLogger()
-    Trainer(model=model, data=FakeData(n_train=16, batch_size=8, shuffle=False), logger=log,
-            run=make_run(tmp_path / "single"), **ddp_params()).fit()
+    Trainer(model=model, data=FakeData(n_train=16, batch_size=8, shuffle=False),
+            run=make_run(tmp_path / "single", logger=log), **ddp_params()).fit()
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert ddp["train_logs"] == pytest.approx([values["loss"] for _, values in log.train], rel=1e-5)
     for key, value in model.state_dict().items():

@@ -13,6 +13,7 @@ from core.Configurator import ConfigError, build
 from core.Trainer import Trainer
 from data.batch import Batch
 from dl_utils import checkpoint as ckpt
+from dl_utils.run import Run
 from tests.core._trainer_fixtures import FakeData, RecordingLogger, TinyAE, make_run
 
 TRAINER_BLOCK = {"module_name": "core.Trainer", "class_name": "Trainer"}
@@ -26,7 +27,7 @@ def make_trainer(tmp_path: Path, model: TinyAE | None = None, data: FakeData | N
     log = RecordingLogger()
     params.setdefault("progress", False)
     trainer = build({**TRAINER_BLOCK, "params": params}, "trainer", base=Trainer, model=model or TinyAE(),
-                    data=data or FakeData(), logger=log, run=make_run(tmp_path))
+                    data=data or FakeData(), run=make_run(tmp_path, logger=log))
     return trainer, log
 
 
@@ -85,7 +86,7 @@ def test_yaml_options_are_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="max_epoch.*did you mean 'max_epochs'"):
         make_trainer(tmp_path, max_epoch=3)
     with pytest.raises(ValueError, match="lr_scheduler_interval='batch' is not one of 'epoch', 'step'"):
-        Trainer(model=TinyAE(), data=FakeData(), logger=RecordingLogger(), run=make_run(tmp_path),
+        Trainer(model=TinyAE(), data=FakeData(), run=make_run(tmp_path),
                 lr_scheduler_interval="batch")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="trainer.params.optimizer.class_name: torch.optim has no class 'Adamm'"):
         make_trainer(tmp_path, optimizer={"module_name": "torch.optim", "class_name": "Adamm"})
@@ -223,7 +224,8 @@ def test_training_step_needs_neither_data_nor_logger_and_fit_refuses_without_the
     full, _ = make_trainer(tmp_path / "full", max_epochs=1, max_steps=3, optimizer=adam)
     full.fit()
     torch.manual_seed(0)
-    step_only = Trainer(model=TinyAE(), run=make_run(tmp_path / "step"), optimizer=adam, progress=False)
+    step_only = Trainer(model=TinyAE(), run=Run(run_dir=tmp_path / "step", device=torch.device("cpu")),
+                        optimizer=adam, progress=False)
     step_only.model.train()
     batches = list(FakeData().train_dataloader(seed=make_run(tmp_path).seed))[:3]
     losses = [float(step_only.training_step(batch)["loss"]) for batch in batches]
@@ -231,7 +233,8 @@ def test_training_step_needs_neither_data_nor_logger_and_fit_refuses_without_the
     assert all(torch.equal(full.model.state_dict()[k], v) for k, v in step_only.model.state_dict().items())
     with pytest.raises(ValueError, match=r"Trainer.fit\(\) needs data and logger"):
         step_only.fit()
-    no_logger = Trainer(model=TinyAE(), data=FakeData(), run=make_run(tmp_path / "nolog"), progress=False)
+    no_logger = Trainer(model=TinyAE(), data=FakeData(), progress=False,
+                        run=Run(run_dir=tmp_path / "nolog", device=torch.device("cpu")))
     with pytest.raises(ValueError, match=r"Trainer.train_epoch\(\) needs logger:"):
         no_logger.train_epoch()
 
@@ -242,8 +245,9 @@ def test_training_time_is_checkpointed_and_summed_over_a_resume(tmp_path: Path) 
     spent = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)["trainer"]["train_seconds"]
     assert spent > 0
     second = build({**TRAINER_BLOCK, "params": {"max_epochs": 2, "progress": False}}, "trainer", base=Trainer,
-                   model=TinyAE(), data=FakeData(), logger=(log := RecordingLogger()),
-                   run=make_run(tmp_path, resume_from=tmp_path / "checkpoints" / "latest.pt"))
+                   model=TinyAE(), data=FakeData(),
+                   run=make_run(tmp_path, logger=(log := RecordingLogger()),
+                                resume_from=tmp_path / "checkpoints" / "latest.pt"))
     second.fit()
     (_, timing), = [(step, v) for step, v in log.scalars if "train/wall_s" in v]
     assert timing["train/wall_s"] > spent  # the first run's seconds plus the resumed epoch's

@@ -14,7 +14,7 @@ from core.evaluation import build_downstream, run_downstream
 from core.optimizer_groups import StepContext
 from core.Trainer import MODEL_MODE_LABELS, Trainer
 from data.batch import Batch
-from dl_utils.run import RunContext, update_manifest
+from dl_utils.run import Run
 from model_zoo.soft_intro import SoftIntroVAE
 from tests.core._trainer_fixtures import FakeData, RecordingLogger, TinyAE, make_run
 from tests.core.evaluation.fakes import FakeData as EvalData
@@ -50,7 +50,7 @@ def test_every_training_step_runs_in_the_configured_mode(tmp_path: Path, mode: s
     model = ModeRecorder()
     start = model.norm.running_mean.clone()
     log = RecordingLogger()
-    trainer = Trainer(model=model, data=FakeData(n_train=8), logger=log, run=make_run(tmp_path), max_epochs=2,
+    trainer = Trainer(model=model, data=FakeData(n_train=8), run=make_run(tmp_path, logger=log), max_epochs=2,
                       progress=False, model_mode=mode)
     trainer.fit()
     assert len(model.modes) == 4  # 2 epochs of 2 batches, validation between them
@@ -58,7 +58,7 @@ def test_every_training_step_runs_in_the_configured_mode(tmp_path: Path, mode: s
     assert model.val_modes and all(m == {False} for m in model.val_modes)  # validation: eval mode either way
     # reference: BatchNorm normalised with its running statistics, which therefore never moved
     assert torch.equal(model.norm.running_mean, start) == (mode == "reference")
-    assert log.manifest["training_model_mode"] == MODEL_MODE_LABELS[mode]
+    assert trainer.run.manifest()["training_model_mode"] == MODEL_MODE_LABELS[mode]
     assert log.config["training_model_mode"] == mode
 
 
@@ -74,7 +74,7 @@ def test_reference_mode_reaches_a_model_with_optimizer_groups(tmp_path: Path, mo
         return original(self, batch, ctx)
 
     monkeypatch.setattr(SoftIntroVAE, "training_step", spy)
-    Trainer(model=model, data=FakeData(n_train=8, with_val=False), logger=RecordingLogger(), run=make_run(tmp_path),
+    Trainer(model=model, data=FakeData(n_train=8, with_val=False), run=make_run(tmp_path),
             max_steps=2, progress=False, model_mode="reference").fit()
     assert seen == [{False}, {False}]
 
@@ -86,12 +86,11 @@ def test_an_unknown_model_mode_is_refused_at_its_yaml_path(tmp_path: Path) -> No
 
 
 def test_the_report_names_the_training_mode_of_the_run(tmp_path: Path) -> None:
-    update_manifest(tmp_path, training_model_mode=MODEL_MODE_LABELS["reference"])  # what Trainer.fit wrote
-    log = EvalLogger()
-    run = RunContext(run_dir=tmp_path, device=torch.device("cpu"), seed=0)
+    run = Run(run_dir=tmp_path, device=torch.device("cpu"), seed=0, logger=EvalLogger())
+    run.update_manifest(training_model_mode=MODEL_MODE_LABELS["reference"])  # what Trainer.fit wrote
     run_downstream(build_downstream({"detection": block("detection")}), model=TinyModel().eval(), data=EvalData(),
-                   logger=log, run=run, progress=False)
-    assert log.manifest["backends"]["training_model_mode"] == MODEL_MODE_LABELS["reference"]
+                   run=run, progress=False)
+    assert run.manifest()["backends"]["training_model_mode"] == MODEL_MODE_LABELS["reference"]
     header = (tmp_path / "report.md").read_text().split("\n## ")[1]
     assert header.startswith("Backends and settings")
     assert f"| training_model_mode | {MODEL_MODE_LABELS['reference']} |" in header

@@ -1,30 +1,130 @@
-"""Run-folder lifecycle: status transitions, resume events, config differences and history rewinding."""
+"""The run: folder files, status transitions, resume events, config differences and history rewinding."""
 
 import json
+import os
 
 import pytest
+import torch
+import yaml
 
-from dl_utils.run import add_event, config_differences, read_manifest, rewind_history, set_status, update_manifest
+from dl_utils.errors import RunInterrupted
+from dl_utils.run import Run, config_differences, read_manifest, read_status, rewind_history
+
+CPU = torch.device("cpu")
+
+
+class ClosingLogger:
+    """Records the exit codes it was closed with."""
+
+    def __init__(self) -> None:
+        self.closed: list[int] = []
+
+    def close(self, exit_code: int = 0) -> None:
+        self.closed.append(exit_code)
+
+
+def test_start_writes_the_resolved_config_and_the_provenance(tmp_path):
+    run = Run(run_dir=tmp_path / "r", device=CPU, seed=3, config={"name": "x", "data": {"size": (8, 8)}})
+    run.start(config_path="x.yaml", task="train", weights=None, split_files={"a.csv": "0" * 64})
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text()) == {"name": "x", "data": {"size": [8, 8]}}
+    manifest = read_manifest(tmp_path / "r")
+    assert (manifest["config_path"], manifest["task"], manifest["seed"]) == ("x.yaml", "train", 3)
+    assert manifest["split_files"] == {"a.csv": "0" * 64} and manifest["owner"]["pid"] == os.getpid()
+    assert set(manifest["git"]) == {"commit", "dirty"} and manifest["device"]["device"] == "cpu"
+    assert read_status(tmp_path / "r") == "running" and [e["event"] for e in manifest["events"]] == ["running"]
 
 
 def test_status_transitions_are_recorded_as_events(tmp_path):
-    update_manifest(tmp_path, started="t0", seed=1)
-    set_status(tmp_path, "running")
-    set_status(tmp_path, "failed", error="DataError: x.png")
-    add_event(tmp_path, "resumed", from_step=4)
-    set_status(tmp_path, "finished")
-    manifest = read_manifest(tmp_path)
+    run = Run(run_dir=tmp_path, device=CPU)
+    run.update_manifest(started="t0", seed=1)
+    run.set_status("running")
+    run.set_status("failed", error="DataError: x.png")
+    run.add_event("resumed", from_step=4)
+    run.set_status("finished")
+    manifest = run.manifest()
     assert manifest["status"] == "finished" and "error" not in manifest
     assert (manifest["started"], manifest["seed"]) == ("t0", 1)
     assert [e["event"] for e in manifest["events"]] == ["running", "failed", "resumed", "finished"]
     assert manifest["events"][1]["error"] == "DataError: x.png" and manifest["events"][2]["from_step"] == 4
     with pytest.raises(ValueError, match="status 'done' is not one of"):
-        set_status(tmp_path, "done")
+        run.set_status("done")
 
 
 def test_status_write_failure_is_logged_not_raised(tmp_path, caplog):
-    set_status(tmp_path / "missing" / "folder", "failed", error="x")
+    (tmp_path / "file").write_text("")  # a run folder that cannot exist
+    Run(run_dir=tmp_path / "file" / "folder", device=CPU).set_status("failed", error="x")
     assert "could not record run status 'failed'" in caplog.text
+
+
+def test_only_rank_zero_writes(tmp_path):
+    other = Run(run_dir=tmp_path, device=CPU, rank=1, world_size=2)
+    other.start(config_path="x.yaml", task="train")
+    other.update_manifest(a=1)
+    other.set_status("finished")
+    other.heartbeat()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_recording_finishes_and_closes_the_logger(tmp_path):
+    run = Run(run_dir=tmp_path, device=CPU, logger=ClosingLogger())
+    with run.recording(task="train"):
+        run.start(config_path="x.yaml", task="train")
+        run.heartbeat()
+    assert run.logger.closed == [0] and read_status(tmp_path) == "finished"
+    assert run.manifest()["heartbeat"] and [e["event"] for e in run.manifest()["events"]] == ["running", "finished"]
+
+
+def test_recording_records_a_failure_in_one_line_and_re_raises(tmp_path):
+    run = Run(run_dir=tmp_path, device=CPU, logger=ClosingLogger())
+    with pytest.raises(ValueError), run.recording(task="train"):
+        run.start(config_path="x.yaml", task="train")
+        raise ValueError("first line\nsecond line")
+    assert run.logger.closed == [1]
+    assert (read_status(tmp_path), run.manifest()["error"]) == ("failed", "ValueError: first line second line")
+
+
+def test_recording_an_interruption_says_how_to_resume(tmp_path):
+    run = Run(run_dir=tmp_path, device=CPU)  # interrupted before the logger was opened
+    with pytest.raises(RunInterrupted) as caught, run.recording(task="train"):
+        run.start(config_path="x.yaml", task="train")
+        raise RunInterrupted("SIGTERM")
+    assert read_status(tmp_path) == "interrupted" and run.manifest()["error"] == "interrupted by SIGTERM"
+    assert caught.value.outcome == (f"{tmp_path / 'manifest.json'} says 'interrupted' (resume with "
+                                    f"--set experiment.resume={tmp_path})")
+
+
+def test_fail_ends_the_block_as_failed_without_raising(tmp_path):
+    run = Run(run_dir=tmp_path, device=CPU, logger=ClosingLogger())
+    with run.recording(task="predict"):
+        run.start(config_path="x.yaml", task="predict")
+        run.fail("predict: stopped at a bad input")
+    assert run.logger.closed == [1] and run.manifest()["error"] == "predict: stopped at a bad input"
+    assert read_status(tmp_path) == "failed"
+
+
+def test_create_makes_a_new_folder_or_continues_the_resumed_one(tmp_path):
+    first = Run.create(output_dir=tmp_path, experiment="e", name="n", device=CPU)
+    second = Run.create(output_dir=tmp_path, experiment="e", name="n", device=CPU)
+    assert first.run_dir.parent == tmp_path / "e" / "n" and first.run_dir != second.run_dir
+    assert first.resume_from is None
+    resumed = Run.create(output_dir=tmp_path, experiment="e", name="n", resume=first.run_dir, device=CPU, seed=4)
+    assert resumed.run_dir == first.run_dir and resumed.resume_from == first.run_dir / "checkpoints" / "latest.pt"
+    assert resumed.seed == 4
+
+
+def test_resume_moves_history_records_the_event_and_runs_again(tmp_path):
+    run = Run(run_dir=tmp_path, device=CPU)
+    run.start(config_path="x.yaml", task="train")
+    run.set_status("interrupted", error="interrupted by SIGINT")
+    (tmp_path / "history.jsonl").write_text(json.dumps({"step": 2}) + "\n" + json.dumps({"step": 5}) + "\n")
+    run.resume(config_path="y.yaml", from_epoch=1, from_step=2, changed={"trainer.params.max_steps": {"old": 5,
+                                                                                                      "new": 9}})
+    manifest = run.manifest()
+    event = manifest["events"][-2]
+    assert (event["event"], event["from_step"], event["superseded_history_rows"]) == ("resumed", 2, 1)
+    assert event["changed"] == {"trainer.params.max_steps": {"old": 5, "new": 9}}
+    assert manifest["status"] == "running" and manifest["config_path"] == "x.yaml"  # provenance kept
+    assert (tmp_path / "history.jsonl").read_text() == json.dumps({"step": 2}) + "\n"
 
 
 def test_config_differences_lists_every_changed_leaf():

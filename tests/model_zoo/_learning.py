@@ -13,7 +13,7 @@ from core.DataLoader import DataModule
 from core.Trainer import Trainer
 from model_zoo.base import AnomalyModel
 from optim.metrics import pixel_auroc_auprc
-from tests.core._trainer_fixtures import RecordingLogger, make_run
+from tests.core._trainer_fixtures import make_run
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "projects" / "normative_eval" / "configs" / "_base" / "embedded_data.yaml"
@@ -41,7 +41,7 @@ class WithoutValidation:
 
 def train(model: AnomalyModel, data: DataModule, run_dir: Path, *, steps: int, **params: Any) -> Trainer:
     """``steps`` optimizer batches with the project's Trainer (no validation loader), returning the trainer."""
-    trainer = Trainer(model=model, data=WithoutValidation(data), logger=RecordingLogger(), run=make_run(run_dir),
+    trainer = Trainer(model=model, data=WithoutValidation(data), run=make_run(run_dir),
                       max_epochs=10_000, max_steps=steps, log_interval=10, progress=False, **params)
     trainer.fit()
     return trainer

@@ -28,7 +28,7 @@ from core.Trainer import Trainer
 from dl_utils.checkpoint import load_model_weights
 from model_zoo.autoddpm import AutoDDPM
 from model_zoo.base import AnomalyModel
-from tests.core._trainer_fixtures import RecordingLogger, make_run
+from tests.core._trainer_fixtures import make_run
 from tests.model_zoo._learning import WithoutValidation, hypointense_auroc
 
 CONFIGS = Path(__file__).resolve().parents[2] / "projects" / "normative_eval" / "configs"
@@ -44,7 +44,7 @@ def train_shipped(name: str, steps: int, run_dir: Path) -> tuple[AnomalyModel, D
     data = build(config["data"], "data", base=DataModule)
     model = build(config["model"], "model", base=AnomalyModel)
     trainer = build(config["trainer"], "trainer", base=Trainer, model=model, data=WithoutValidation(data),
-                    logger=RecordingLogger(), run=make_run(run_dir))
+                    run=make_run(run_dir))
     trainer.fit()
     best = run_dir / "checkpoints" / "best.pt"
     load_model_weights(model, best)

@@ -13,7 +13,7 @@ from data.batch import Batch
 from dl_utils import checkpoint as ckpt
 from dl_utils.run import file_sha256
 from model_zoo.fanogan import WGANGP, FAnoGAN
-from tests.core._trainer_fixtures import FakeData, RecordingLogger, make_run
+from tests.core._trainer_fixtures import FakeData, make_run
 from tests.model_zoo._learning import embedded_data, hypointense_auroc, train
 
 ARCH = {"image_size": 16, "latent_dim": 8, "generator_channels": (8, 8, 4), "critic_channels": (4, 8)}
@@ -52,7 +52,7 @@ def test_a_wgan_step_updates_batchnorm_statistics_from_the_real_batch_only(tmp_p
     data = FakeData(n_train=4, batch_size=4, shuffle=False, with_val=False)
     with torch.no_grad():
         real_only.critic(real_only.to_gan(next(iter(data.train_dataloader())).image))
-    Trainer(model=wgan, data=data, logger=RecordingLogger(), run=make_run(tmp_path), max_steps=1,
+    Trainer(model=wgan, data=data, run=make_run(tmp_path), max_steps=1,
             progress=False).fit()  # batch 0: a critic step (real, fakes, interpolates) and a generator step
     state, expected = wgan.state_dict(), real_only.state_dict()
     critic_stats = [k for k in state if k.startswith("critic.") and ("running_" in k or "num_batches" in k)]
@@ -69,7 +69,7 @@ def test_a_stage2_training_step_leaves_generator_and_critic_bit_identical(tmp_pa
                     wgan_checkpoint=str(path))
     before = ckpt.clone_state_dict(model)
     trainer_run = make_run(tmp_path / "run")
-    trainer = Trainer(model=model, data=FakeData(with_val=False), logger=RecordingLogger(), run=trainer_run,
+    trainer = Trainer(model=model, data=FakeData(with_val=False), run=trainer_run,
                       max_steps=2, progress=False)
     in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for p in model.encoder.parameters()}  # G and D are in no optimizer
@@ -129,7 +129,7 @@ def test_short_fanogan_training_separates_hypointense_lesions(tmp_path: Path, on
     before = _healthy_val_mse(stage2, data)
     adam_e = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": 1e-3, "betas": [0.5, 0.999]}}
     trainer = train(stage2, data, tmp_path / "encoder", steps=200, optimizer=adam_e)
-    first, last = trainer.exp_logger.train[0][1]["recon"], trainer.exp_logger.train[-1][1]["recon"]
+    first, last = trainer.run.logger.train[0][1]["recon"], trainer.run.logger.train[-1][1]["recon"]
     assert last < first, (first, last)
     assert _healthy_val_mse(stage2, data) < 0.8 * before  # the encoder found the GAN's healthy reconstructions
     # Above chance (measured 0.80). Not above trivial baselines on this data: |x - mean training image| scores

@@ -13,7 +13,7 @@ from data.batch import Batch
 from dl_utils import checkpoint as ckpt
 from dl_utils.run import file_sha256
 from model_zoo.ltm import LTM, VQVAE
-from tests.core._trainer_fixtures import FakeData, RecordingLogger, make_run
+from tests.core._trainer_fixtures import FakeData, make_run
 from tests.model_zoo._learning import embedded_data, hypointense_auroc, train
 
 ARCH = {"image_size": 8, "channels": [4, 4], "num_res_channels": [4, 4], "num_res_layers": 1, "num_embeddings": 6,
@@ -27,7 +27,7 @@ def _stage1(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     model = VQVAE(**ARCH)
     before = {k: model.state_dict()[k].clone() for k in CODEBOOK}
-    Trainer(model=model, data=FakeData(with_val=False), logger=RecordingLogger(), run=make_run(tmp_path / "vq"),
+    Trainer(model=model, data=FakeData(with_val=False), run=make_run(tmp_path / "vq"),
             max_steps=2, progress=False, optimizer={"module_name": "torch.optim", "class_name": "Adam",
                                                     "params": {"lr": 1e-3}}).fit()
     path = tmp_path / "vq" / "checkpoints" / "latest.pt"
@@ -42,7 +42,7 @@ def test_stage2_step_keeps_the_vq_codebook_bit_identical(tmp_path: Path) -> None
     path = _stage1(tmp_path)
     model = LTM(vqvae=ARCH, vqvae_checkpoint=str(path), width=8, depth=1, heads=2)
     before = ckpt.clone_state_dict(model)
-    Trainer(model=model, data=FakeData(with_val=False), logger=RecordingLogger(), run=make_run(tmp_path / "ltm"),
+    Trainer(model=model, data=FakeData(with_val=False), run=make_run(tmp_path / "ltm"),
             max_steps=2, progress=False).fit()
     after = model.state_dict()
     for key, value in before.items():
@@ -95,7 +95,7 @@ def test_short_vqvae_and_ltm_training_separate_hypointense_lesions(tmp_path: Pat
     ltm = LTM(vqvae=arch, vqvae_checkpoint=str(tmp_path / "vq" / "checkpoints" / "latest.pt"), width=32, depth=2,
               heads=4, quantile=0.1)
     trainer = train(ltm, data, tmp_path / "ltm", steps=150, optimizer=adam)
-    logs = trainer.exp_logger.train
+    logs = trainer.run.logger.train
     assert logs[-1][1]["ce"] < 0.8 * logs[0][1]["ce"]
     ltm_auroc = hypointense_auroc(ltm, data)
     # measured: VQ-VAE 0.71, LTM 0.79; healing the unlikely tokens is what improves the map

@@ -12,7 +12,7 @@ from monai.losses import DiffusionLoss
 from core.Trainer import Trainer
 from data.batch import Batch
 from model_zoo.morphaeus import MorphAEus, smoothness
-from tests.core._trainer_fixtures import FakeData, RecordingLogger, TinyAE, make_run
+from tests.core._trainer_fixtures import FakeData, TinyAE, make_run
 
 pytestmark = [pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp"),
               pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")]
@@ -76,7 +76,7 @@ def test_the_trainer_reports_each_epoch_to_the_model(tmp_path: Path) -> None:
         def on_train_epoch_start(self, epoch: int) -> None:
             seen.append(epoch)
 
-    trainer = Trainer(model=Recording(), data=FakeData(), logger=RecordingLogger(), run=make_run(tmp_path),
+    trainer = Trainer(model=Recording(), data=FakeData(), run=make_run(tmp_path),
                       max_epochs=3, progress=False)
     trainer.fit()
     assert seen == [0, 1, 2]

@@ -15,7 +15,7 @@ from dl_utils.run import file_sha256
 from model_zoo.phanes import PHANES, ellipse_masks, residual_masks
 from model_zoo.soft_intro import RA
 from optim.losses.perceptual import PerceptualSetting
-from tests.core._trainer_fixtures import RecordingLogger, make_run
+from tests.core._trainer_fixtures import make_run
 from tests.model_zoo._learning import embedded_data, hypointense_auroc, train
 
 RANDOM_LPIPS = PerceptualSetting(net="squeeze", backend="random")
@@ -84,13 +84,13 @@ def test_one_trainer_step_updates_all_four_networks(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = PHANES(**TINY)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = Trainer(model=model, data=_OneBatch(), logger=RecordingLogger(), run=make_run(tmp_path), max_steps=1,
+    trainer = Trainer(model=model, data=_OneBatch(), run=make_run(tmp_path), max_steps=1,
                       progress=False)
     trainer.fit()
     changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"encoder", "decoder", "inpainter", "discriminator"}
     assert set(trainer.groups.optimizers) == {"encoder", "decoder", "inpainter", "discriminator"}
-    logged = trainer.exp_logger.train[-1][1]
+    logged = trainer.run.logger.train[-1][1]
     assert {"inpaint_l1", "style", "perceptual", "discriminator_loss", "mask_fraction"} <= set(logged)
     assert "generator_adv" not in logged  # the study's recipe: no generator adversarial term
     assert not any("vgg" in k or "lpips" in k for k in model.state_dict())
@@ -124,7 +124,7 @@ def test_phanes_on_a_frozen_ra_trains_only_the_inpainter_and_the_discriminator(t
                                                "weights": "model"}
     assert f"coarse RA frozen from {path.resolve()}" in model.inference_label()
     before = ckpt.clone_state_dict(model)
-    trainer = Trainer(model=model, data=_OneBatch(), logger=RecordingLogger(), run=make_run(tmp_path / "run"),
+    trainer = Trainer(model=model, data=_OneBatch(), run=make_run(tmp_path / "run"),
                       max_steps=2, progress=False)
     assert set(trainer.groups.optimizers) == {"inpainter", "discriminator"}
     trainer.fit()
@@ -134,7 +134,7 @@ def test_phanes_on_a_frozen_ra_trains_only_the_inpainter_and_the_discriminator(t
             assert torch.equal(after[key], value), f"frozen {key} changed (weights or BatchNorm statistics)"
     assert {k.split(".")[0] for k, v in before.items() if not torch.equal(after[k], v)} == {"inpainter",
                                                                                               "discriminator"}
-    assert "encoder_loss" not in trainer.exp_logger.train[-1][1]
+    assert "encoder_loss" not in trainer.run.logger.train[-1][1]
     saved = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)
     assert saved["provenance"]["stage1_ra"]["sha256"] == file_sha256(path)
 
@@ -194,7 +194,7 @@ def test_short_phanes_training_separates_hypointense_lesions(tmp_path: Path, one
     untrained = hypointense_auroc(PHANES(**params), data)
     torch.manual_seed(0)
     trainer = train(PHANES(**params), data, tmp_path, steps=60, optimizer=adam)
-    logs = trainer.exp_logger.train
+    logs = trainer.run.logger.train
     assert logs[-1][1]["inpaint_l1"] < logs[0][1]["inpaint_l1"]
     trained = hypointense_auroc(trainer.model, data)  # measured: 0.49 untrained -> 0.74
     assert trained > 0.6 and trained > untrained + 0.1, (untrained, trained)

@@ -21,7 +21,7 @@ from model_zoo.phanes import PHANES
 from model_zoo.saliency import clahe, gaussian_blur
 from model_zoo.soft_intro import RA, SoftIntroVAE
 from optim.losses.perceptual import PerceptualSetting
-from tests.core._trainer_fixtures import RecordingLogger, make_run
+from tests.core._trainer_fixtures import make_run
 from tests.model_zoo._learning import embedded_data, hypointense_auroc, train
 
 TINY = {"image_size": 16, "channels": (4, 8), "zdim": 4, "beta_neg": 4.0}
@@ -44,7 +44,7 @@ def test_each_sub_step_updates_only_its_own_network(tmp_path: Path, monkeypatch:
                                                     warmup: int) -> None:
     torch.manual_seed(0)
     model = SoftIntroVAE(**TINY, vae_warmup_steps=warmup)
-    trainer = Trainer(model=model, data=_Data(), logger=RecordingLogger(), run=make_run(tmp_path), max_steps=1,
+    trainer = Trainer(model=model, data=_Data(), run=make_run(tmp_path), max_steps=1,
                       progress=False)
     seen: list[tuple[str, bool, bool]] = []
     original = StepContext.backward_step
@@ -62,7 +62,7 @@ def test_each_sub_step_updates_only_its_own_network(tmp_path: Path, monkeypatch:
     assert seen == [("encoder", True, False), ("decoder", False, True)]
     changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"encoder", "decoder"}
-    logged = trainer.exp_logger.train[-1][1]
+    logged = trainer.run.logger.train[-1][1]
     assert {"encoder_loss", "decoder_loss", "rec", "kl", "exp_elbo_real", "exp_elbo_fake"} <= set(logged)
 
 
@@ -72,10 +72,10 @@ def test_vae_warmup_trains_the_plain_elbo_then_turns_introspective(tmp_path: Pat
     calls: list[int] = []
     original = model._encoder_loss
     model._encoder_loss = lambda *a, **k: (calls.append(1), original(*a, **k))[1]  # the introspective loss
-    trainer = Trainer(model=model, data=_Data(), logger=RecordingLogger(), run=make_run(tmp_path), max_steps=4,
+    trainer = Trainer(model=model, data=_Data(), run=make_run(tmp_path), max_steps=4,
                       log_interval=1, progress=False)
     trainer.fit()
-    logged = [values for _, values in trainer.exp_logger.train]
+    logged = [values for _, values in trainer.run.logger.train]
     assert len(calls) == 2  # batches 3 and 4 only
     assert all(v["exp_elbo_real"] == 0 == v["exp_elbo_fake"] for v in logged[:2])
     assert all(v["exp_elbo_real"] > 0 and v["exp_elbo_fake"] > 0 for v in logged[2:])
@@ -120,7 +120,7 @@ def test_one_training_step_updates_batchnorm_statistics_from_the_real_passes_onl
     x = _Data().images[:4]  # the first training batch
     with torch.no_grad():  # the real passes alone: E(x) and D(z) with z = mu(x)
         real_only.decoder(real_only.encode(x)[0])
-    Trainer(model=model, data=_Data(), logger=RecordingLogger(), run=make_run(tmp_path), max_steps=1,
+    Trainer(model=model, data=_Data(), run=make_run(tmp_path), max_steps=1,
             progress=False).fit()
     after, expected = _running_stats(model), _running_stats(real_only)
     assert any(not torch.equal(expected[k], before[k]) for k in expected)  # the real passes did move them
@@ -137,7 +137,7 @@ def test_keeping_the_statistics_changes_no_weight(tmp_path: Path, monkeypatch: p
             monkeypatch.setattr(soft_intro, "keep_running_stats", lambda *_: contextlib.nullcontext())
         torch.manual_seed(0)
         model = RA(**TINY, perceptual=None)
-        Trainer(model=model, data=_Data(), logger=RecordingLogger(), run=make_run(tmp_path / str(guarded)),
+        Trainer(model=model, data=_Data(), run=make_run(tmp_path / str(guarded)),
                 max_steps=2, progress=False).fit()
         results.append(model.state_dict())
     guarded_state, unguarded_state = results

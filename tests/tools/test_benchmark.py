@@ -113,7 +113,7 @@ def test_reference_size_is_the_methods_network():
 def test_make_trainer_builds_a_step_only_trainer_whose_step_trains(tmp_path, one_thread):
     spec, plain = bm.SIZES["tiny"], bm.path_settings("plain", CPU)
     trainer, batch = bm.make_trainer(spec=spec, path=plain, device=CPU, run_dir=tmp_path)
-    assert trainer.data is None and trainer.exp_logger is None and trainer.model.training
+    assert trainer.data is None and trainer.run.logger is None and trainer.model.training
     assert batch.image.shape == (spec.train_batch, 1, spec.image, spec.image)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     terms = trainer.training_step(batch)

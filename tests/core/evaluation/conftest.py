@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from core.evaluation import build_downstream, run_downstream
-from dl_utils.run import RunContext
+from dl_utils.run import Run
 from tests.core.evaluation.fakes import FakeData, RecordingLogger, TinyModel, block
 
 ALL_TASKS = {
@@ -21,8 +21,7 @@ ALL_TASKS = {
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    run = RunContext(run_dir=tmp_path_factory.mktemp("run"), device=torch.device("cpu"), seed=3)
     data, model, log = FakeData(), TinyModel().eval(), RecordingLogger()
-    results = run_downstream(build_downstream(ALL_TASKS, data=data), model=model, data=data, logger=log, run=run,
-                             progress=False)
+    run = Run(run_dir=tmp_path_factory.mktemp("run"), device=torch.device("cpu"), seed=3, logger=log)
+    results = run_downstream(build_downstream(ALL_TASKS, data=data), model=model, data=data, run=run, progress=False)
     return results, run, data, model, log

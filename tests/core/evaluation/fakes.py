@@ -113,7 +113,6 @@ class RecordingLogger:
         self.evals: dict[tuple[str, str], dict] = {}
         self.figures: dict[str, object] = {}
         self.tables: dict[str, list] = {}
-        self.manifest: dict = {}
         self.config: dict = {}
 
     def log_eval(self, task, dataset, metrics):
@@ -124,9 +123,6 @@ class RecordingLogger:
 
     def log_table(self, key, rows):
         self.tables[key] = rows
-
-    def update_manifest(self, **entries):
-        self.manifest.update(entries)
 
     def update_config(self, **entries):
         self.config.update(entries)

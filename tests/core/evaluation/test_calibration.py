@@ -7,7 +7,7 @@ import torch
 
 from core.evaluation import build_downstream, run_downstream
 from core.evaluation.thresholds import MaskCalibration, Thresholds
-from dl_utils.run import RunContext
+from dl_utils.run import Run
 from tests.core.evaluation.fakes import FakeData, RecordingLogger, TinyModel, block
 from tests.model_zoo.test_autoddpm import tiny_autoddpm
 
@@ -19,10 +19,9 @@ TASKS = {
 
 
 def _run(tmp_path, model, tasks=TASKS):
-    run = RunContext(run_dir=tmp_path, device=torch.device("cpu"), seed=5)
     data, log = FakeData(), RecordingLogger()
-    results = run_downstream(build_downstream(tasks, data=data), model=model, data=data, logger=log, run=run,
-                             progress=False)
+    run = Run(run_dir=tmp_path, device=torch.device("cpu"), seed=5, logger=log)
+    results = run_downstream(build_downstream(tasks, data=data), model=model, data=data, run=run, progress=False)
     return results, run, data, log
 
 
@@ -51,7 +50,7 @@ def test_calibrated_tau_gives_the_target_fpr_of_c_at_test_time(tmp_path):
     thresholds = Thresholds.load(tmp_path / "checkpoints" / Thresholds.FILE_NAME)
     assert thresholds.mask_threshold["value"] == calibration.value
     assert json.loads((tmp_path / "checkpoints" / "thresholds.json").read_text())["mask_threshold"]["dataset"] == "val"
-    assert log.manifest["eval/calibration"]["mask_threshold"]["target_fpr"] == 0.1
+    assert run.manifest()["eval/calibration"]["mask_threshold"]["target_fpr"] == 0.1
     assert "Mask threshold tau" in (tmp_path / "report.md").read_text()
     assert model.mask_threshold_provenance["dataset"] == "val"
 

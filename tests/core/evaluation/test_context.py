@@ -3,13 +3,13 @@
 import torch
 
 from core.evaluation import EvalContext
-from dl_utils.run import RunContext
+from dl_utils.run import Run
 from tests.core.evaluation.fakes import FakeData, TinyModel
 
 
 def test_fid_reference_set_comes_from_the_unaugmented_loader(tmp_path):
     data = FakeData()
-    ctx = EvalContext.from_run(model=TinyModel().eval(), data=data, run=RunContext(run_dir=tmp_path, device="cpu"),
+    ctx = EvalContext.from_run(model=TinyModel().eval(), data=data, run=Run(run_dir=tmp_path, device="cpu"),
                                progress=False)
     feats, prov = ctx.features("random", None, "train", "input")
     train = ctx.images("train")
@@ -18,7 +18,7 @@ def test_fid_reference_set_comes_from_the_unaugmented_loader(tmp_path):
 
 
 def test_inference_runs_once_per_dataset_and_is_seeded(tmp_path):
-    run = RunContext(run_dir=tmp_path, device=torch.device("cpu"), seed=5)
+    run = Run(run_dir=tmp_path, device=torch.device("cpu"), seed=5)
     model = TinyModel().eval()
     ctx = EvalContext.from_run(model=model, data=FakeData(), run=run, progress=False)
     first = ctx.inference("val")
@@ -30,7 +30,7 @@ def test_inference_runs_once_per_dataset_and_is_seeded(tmp_path):
 
 
 def test_a_context_without_a_run_uses_the_same_seeding(tmp_path):
-    run = RunContext(run_dir=tmp_path, device=torch.device("cpu"), seed=5)
+    run = Run(run_dir=tmp_path, device=torch.device("cpu"), seed=5)
     from_run = EvalContext.from_run(model=TinyModel().eval(), data=FakeData(), run=run, progress=False)
     bare = EvalContext(model=TinyModel().eval(), data=FakeData(), device="cpu", seed=5, progress=False)
     assert bare.artifact_dir is None and from_run.artifact_dir == tmp_path / "checkpoints"

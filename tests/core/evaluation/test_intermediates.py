@@ -4,17 +4,17 @@ import numpy as np
 import torch
 
 from core.evaluation import build_downstream, run_downstream
-from dl_utils.run import RunContext
+from dl_utils.run import Run
 from tests.core.evaluation.fakes import FakeData, RecordingLogger, TinyModel, block
 from tests.model_zoo.test_autoddpm import tiny_autoddpm
 
 
 def _run(tmp_path, model, **params):
-    run = RunContext(run_dir=tmp_path, device=torch.device("cpu"), seed=5)
+    tmp_path.mkdir(parents=True, exist_ok=True)  # a run folder exists before its evaluation
     data, log = FakeData(), RecordingLogger()
+    run = Run(run_dir=tmp_path, device=torch.device("cpu"), seed=5, logger=log)
     tasks = {"inter": block("intermediates", datasets=["lesions"], n_examples=2, **params)}
-    results = run_downstream(build_downstream(tasks, data=data), model=model, data=data, logger=log, run=run,
-                             progress=False)
+    results = run_downstream(build_downstream(tasks, data=data), model=model, data=data, run=run, progress=False)
     return results, data, log
 
 

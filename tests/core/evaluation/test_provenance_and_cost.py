@@ -8,7 +8,7 @@ import torch
 
 from core.evaluation import DownstreamEvaluator, EvalContext, build_downstream, evaluate, run_downstream
 from core.evaluation import context as context_module
-from dl_utils.run import RunContext
+from dl_utils.run import Run
 from optim.inception import InceptionFeatures
 from optim.metrics import normative
 from tests.core.evaluation.fakes import CountingModel, FakeData, RecordingLogger, TinyModel, block
@@ -110,40 +110,41 @@ def test_draws_must_be_positive():
 # ------------------------------------------------------------------------------------------------ backends, cost
 @pytest.fixture()
 def reported(tmp_path):
-    run = RunContext(run_dir=tmp_path, device=torch.device("cpu"), seed=2)
+    log = RecordingLogger()
+    run = Run(run_dir=tmp_path, device=torch.device("cpu"), seed=2, logger=log)
     tasks = {"thresholds": block("thresholding"), "detection": block("detection"),
              "rqi": block("rqi", backend="random"),
              "ahi": block("ahi", backend="random", min_class_size=5, feature_cache=None),
              "caci": block("caci", backend="random")}
-    log = RecordingLogger()
-    run_downstream(build_downstream(tasks), model=CountingModel().eval(), data=FakeData(), logger=log, run=run,
-                   progress=False)
-    return log, (tmp_path / "report.md").read_text()
+    run_downstream(build_downstream(tasks), model=CountingModel().eval(), data=FakeData(), run=run, progress=False)
+    return run, (tmp_path / "report.md").read_text()
 
 
 def test_every_backend_is_in_the_manifest_the_config_and_the_report(reported):
-    log, report = reported
-    backends = log.manifest["backends"]
+    run, report = reported
+    manifest = run.manifest()
+    backends = manifest["backends"]
     assert backends["rqi_caci_lpips"].startswith("lpips/alex with a RANDOM backbone")
     assert backends["fid_network"] == "random (None)"
     assert backends["model_perceptual"] == CountingModel.PERCEPTUAL
     assert backends["model_inference"] == CountingModel.LABEL
-    assert log.config["backends"] == backends
+    assert run.logger.config["backends"] == backends
     header = report.split("\n## ")[1]
     assert header.startswith("Backends and settings")
     for key, value in backends.items():
         assert f"| {key} | {value} |" in header
     # each affected block names its network and the model's settings beside its numbers
-    assert log.manifest["eval/rqi"]["lpips_backend"] == backends["rqi_caci_lpips"]
-    assert log.manifest["eval/caci"]["lpips_backend"] == backends["rqi_caci_lpips"]
-    assert log.manifest["eval/ahi"]["fid_backend"] == "random"
+    assert manifest["eval/rqi"]["lpips_backend"] == backends["rqi_caci_lpips"]
+    assert manifest["eval/caci"]["lpips_backend"] == backends["rqi_caci_lpips"]
+    assert manifest["eval/ahi"]["fid_backend"] == "random"
     for block_name in ("detection", "rqi", "ahi", "caci"):
-        assert log.manifest[f"eval/{block_name}"]["model"] == {"model_inference": CountingModel.LABEL,
+        assert manifest[f"eval/{block_name}"]["model"] == {"model_inference": CountingModel.LABEL,
                                                                "model_perceptual": CountingModel.PERCEPTUAL}
 
 
 def test_inference_cost_per_dataset(reported):
-    log, report = reported
+    run, report = reported
+    log = run.logger
     for name in ("val", "healthy_test", "lesions", "boxes", "all_datasets"):
         cost = log.evals[("cost", name)]
         assert cost["network_calls"] == 2.0 and cost["s_per_image"] > 0, name  # two calls of the net per batch
@@ -151,13 +152,13 @@ def test_inference_cost_per_dataset(reported):
 
 
 def test_without_a_counted_network_only_seconds_are_reported(tmp_path):
-    run = RunContext(run_dir=tmp_path, device=torch.device("cpu"))
     log = RecordingLogger()
+    run = Run(run_dir=tmp_path, device=torch.device("cpu"), logger=log)
     run_downstream(build_downstream({"detection": block("detection")}), model=TinyModel().eval(), data=FakeData(),
-                   logger=log, run=run, progress=False)
+                   run=run, progress=False)
     assert set(log.evals[("cost", "lesions")]) == {"s_per_image"}
-    assert log.manifest["backends"] == {}
-    assert "eval/detection" not in log.manifest  # no provenance to record
+    assert run.manifest()["backends"] == {}
+    assert "eval/detection" not in run.manifest()  # no provenance to record
 
 
 # ------------------------------------------------------------------------------------------------ substitutes

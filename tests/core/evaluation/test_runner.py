@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from core.evaluation import TASKS, DownstreamEvaluator, build_downstream, evaluate, execution_order, run_downstream
-from dl_utils.run import RunContext
+from dl_utils.run import Run
 from tests.core.evaluation.conftest import ALL_TASKS
 from tests.core.evaluation.fakes import FakeData, RecordingLogger, TinyModel, block
 
 
 def test_missing_thresholds_file_is_a_clear_error(tmp_path):
-    run = RunContext(run_dir=tmp_path, device=torch.device("cpu"))
+    run = Run(run_dir=tmp_path, device=torch.device("cpu"), logger=RecordingLogger())
     with pytest.raises(FileNotFoundError, match="enable a 'thresholding' task"):
         run_downstream(build_downstream({"seg": block("segmentation")}), model=TinyModel().eval(), data=FakeData(),
-                       logger=RecordingLogger(), run=run, progress=False)
+                       run=run, progress=False)
 
 
 def test_every_task_produced_numbers_and_figures(evaluated):
@@ -43,8 +43,8 @@ def test_every_task_produced_numbers_and_figures(evaluated):
                 "eval/localization/per_class", "eval/rqi/healthy_test/examples"):
         assert key in log.figures
     assert log.tables["eval/localization/per_class"][-1]["class"] == "all_classes"
-    assert "random" in log.manifest["eval/rqi"]["lpips_backend"].lower()
-    assert log.manifest["eval/ahi"]["fid_backend"] == "random"
+    assert "random" in run.manifest()["eval/rqi"]["lpips_backend"].lower()
+    assert run.manifest()["eval/ahi"]["fid_backend"] == "random"
 
 
 def test_thresholds_file_and_report(evaluated):
@@ -68,12 +68,11 @@ def test_evaluation_never_sees_training_augmentation(evaluated):
 def test_with_the_real_experiment_logger(tmp_path):
     from dl_utils.experiment_logger import ExperimentLogger
 
-    run = RunContext(run_dir=tmp_path, device=torch.device("cpu"))
     log = ExperimentLogger(run_dir=tmp_path, mode="disabled")
+    run = Run(run_dir=tmp_path, device=torch.device("cpu"), logger=log)
     tasks = {"thresholds": block("thresholding"), "detection": block("detection"),
              "localization": block("localization", datasets=["boxes"])}
-    run_downstream(build_downstream(tasks), model=TinyModel().eval(), data=FakeData(), logger=log, run=run,
-                   progress=False)
+    run_downstream(build_downstream(tasks), model=TinyModel().eval(), data=FakeData(), run=run, progress=False)
     log.close()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert "eval/detection/lesions/auroc" in metrics and "eval/localization/boxes/f1_mean" in metrics

@@ -9,7 +9,7 @@ import torch
 from core.evaluation import DownstreamEvaluator, EvalContext, Thresholds, build_downstream, run_tasks
 from core.evaluation.thresholds import operating_point
 from data.batch import collate
-from dl_utils.run import RunContext
+from dl_utils.run import Run
 from optim.metrics.segmentation import ThresholdResult
 from tests.core.evaluation.fakes import FakeData, TinyModel, block
 
@@ -33,7 +33,7 @@ def test_threshold_gives_requested_fpr_on_the_healthy_data(evaluated):
 
 
 def test_explicit_threshold_overrides_file(tmp_path):
-    run = RunContext(run_dir=tmp_path, device=torch.device("cpu"))
+    run = Run(run_dir=tmp_path, device=torch.device("cpu"))
     ctx = EvalContext.from_run(model=TinyModel().eval(), data=FakeData(), run=run, progress=False)
     result = DownstreamEvaluator(task="localization", threshold=0.2, datasets=["boxes"])(ctx)
     assert result.metrics["boxes"]["threshold"] == 0.2 and result.manifest["localization_threshold"]["source"] == "yaml"
