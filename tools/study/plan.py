@@ -5,13 +5,13 @@ Also where a job's runs live and which of them counts: run folders are read, nev
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.Configurator import ConfigError, check_keys, load_config, read_yaml, to_dataclass
+from dl_utils.run import read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_REFERENCE = REPO / "docs" / "reference_results.csv"
@@ -210,14 +210,9 @@ def read_yaml_name(config: Path) -> str:
     return str(load_config(config, []).get("name") or config.stem)
 
 
-def _manifest(run_dir: Path) -> dict:
-    path = run_dir / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def run_status(run_dir: Path) -> str:
     """``finished``, ``resumable`` (a latest.pt, not finished) or ``unusable``."""
-    status = _manifest(run_dir).get("status")
+    status = read_manifest(run_dir).get("status")
     if isinstance(status, dict):
         status = status.get("state")
     if status == "finished":
@@ -230,7 +225,7 @@ def run_status(run_dir: Path) -> str:
 def runs_of_job(study: Study, job: Job) -> list[Path]:
     """The job's run folders, oldest first: its method's runs, of its seed (``manifest.json`` ``seed``) if any."""
     runs = study.runs_of(job.method)
-    return runs if job.seed is None else [r for r in runs if _manifest(r).get("seed") == job.seed]
+    return runs if job.seed is None else [r for r in runs if read_manifest(r).get("seed") == job.seed]
 
 
 def finished_run(study: Study, job: Job) -> Path | None:
