@@ -34,8 +34,9 @@ DESIGN = {
 }
 
 
-def write_run(run_dir: Path, kind: str, seed: int) -> Path:
-    """A finished, evaluated run folder of design ``kind`` with ``seed``; metrics are what its tables give."""
+def write_run(run_dir: Path, kind: str, seed: int, overrides: list[str] | None = None) -> Path:
+    """A finished, evaluated run folder of design ``kind`` with ``seed``; metrics are what its tables give;
+    ``overrides``: the --set values recorded in its config.yaml (default: the seed's)."""
     d = DESIGN[kind]
     rqi = np.asarray(d["rqi"][seed], dtype=np.float64)
     caci = np.asarray(d["caci"], dtype=np.float64)
@@ -53,6 +54,7 @@ def write_run(run_dir: Path, kind: str, seed: int) -> Path:
     (run_dir / "checkpoints").mkdir()
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     (run_dir / "manifest.json").write_text(json.dumps({"status": "finished", "seed": seed}))
+    (run_dir / "config.yaml").write_text(json.dumps({"overrides": overrides or [f"experiment.seed={seed}"]}))
     write_per_image(run_dir / "per_image", {
         "detection": {"healthy_test": PerImage.of(HEALTHY, [0, 0, 0], {"score": d["healthy"]}),
                       "lesion": PerImage.of(LESION, [1, 1, 1], {"score": d["lesion"]}, {"healthy": "healthy_test"})},

@@ -26,9 +26,13 @@ def _study_yaml(tmp_path: Path, methods: str, extra: str = "") -> Path:
 
 
 def _fake_run(root: Path, method: str, stamp: str, *, status: str | None, metrics: dict | None = None,
-              latest: bool = False, seed: int | None = None) -> Path:
+              latest: bool = False, seed: int | None = None, overrides: list[str] | None = None) -> Path:
+    """A run folder as Main leaves it; ``overrides``: its config.yaml's (default: the seed's, as a study sets it)."""
     run = root / "exp" / method / stamp
     (run / "checkpoints").mkdir(parents=True)
+    if overrides is None:
+        overrides = [] if seed is None else [f"experiment.seed={seed}"]
+    (run / "config.yaml").write_text(json.dumps({"overrides": overrides}))
     manifest = {"status": status} if status else {}
     if seed is not None:
         manifest["seed"] = seed
@@ -42,6 +46,11 @@ def _fake_run(root: Path, method: str, stamp: str, *, status: str | None, metric
 
 def _value(command: list[str], key: str) -> str:
     return next(c.split("=", 1)[1] for c in command if c.startswith(f"{key}="))
+
+
+def _sets(command: list[str]) -> list[str]:
+    """The --set values of a command line (what Main records as the config's ``overrides``)."""
+    return [command[i + 1] for i, c in enumerate(command) if c == "--set"]
 
 
 # ------------------------------------------------------------------------------------------------ the YAML
@@ -108,9 +117,15 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tmp_path):
                                                   f"  - {{config: {CONFIGS / 'vae_cpu.yaml'}, name: again, "
                                                   f"weights_from: ae_cpu}}\n",
                                         extra="overrides: [trainer.params.max_epochs=1]\nseeds: [3, 4]\n"))
-    done = _fake_run(study.output_dir, "ae_cpu", "20260101-000000", status="finished", metrics={}, seed=3)
-    crashed = _fake_run(study.output_dir, "vae_cpu", "20260101-000001", status="interrupted", latest=True, seed=3)
-    _fake_run(study.output_dir, "vae_cpu", "20260101-000002", status="interrupted", latest=True, seed=4)
+    shortened = ["trainer.params.max_epochs=1"]
+    done = _fake_run(study.output_dir, "ae_cpu", "20260101-000000", status="finished", metrics={}, seed=3,
+                     overrides=[*shortened, "experiment.seed=3", "name=ae_cpu", "wandb.group=another_study"])
+    _fake_run(study.output_dir, "ae_cpu", "20260101-000009", status="finished", metrics={}, seed=3,
+              overrides=["experiment.seed=3"])  # newer, but made without the study's override: not this job's
+    crashed = _fake_run(study.output_dir, "vae_cpu", "20260101-000001", status="interrupted", latest=True, seed=3,
+                        overrides=[*shortened, "experiment.seed=3"])
+    _fake_run(study.output_dir, "vae_cpu", "20260101-000002", status="interrupted", latest=True, seed=4,
+              overrides=[*shortened, "experiment.seed=4"])
     calls = []
 
     def launch(command, log_path):
@@ -118,7 +133,7 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tmp_path):
         name, seed = _value(command, "name"), int(_value(command, "experiment.seed"))
         resume = next((c.split("=", 1)[1] for c in command if c.startswith("experiment.resume=")), None)
         target = Path(resume) if resume else _fake_run(study.output_dir, name, f"2026010{seed}-10000{len(calls)}",
-                                                       status=None, seed=seed)
+                                                       status=None, seed=seed, overrides=_sets(command))
         (target / "manifest.json").write_text(json.dumps({"status": "finished", "seed": seed}))
         return 0
 
@@ -164,7 +179,8 @@ def test_a_second_stage_gets_its_first_stage_checkpoint_and_wall_time(tmp_path):
         calls.append(command)
         name = _value(command, "name")
         metrics = {} if name == "s1" else {"eval/detection/x/auroc": 0.9}  # stage 1: no downstream evaluation
-        _fake_run(study.output_dir, name, "20260101-000000", status="finished", metrics=metrics)
+        _fake_run(study.output_dir, name, "20260101-000000", status="finished", metrics=metrics,
+                  overrides=_sets(command))
         return 0
 
     state: dict = {}
@@ -199,7 +215,8 @@ def test_the_load_average_is_sampled_during_a_run_and_reaches_the_table(tmp_path
 
     def launch(command, log_path):
         time.sleep(0.35)  # long enough for the sampler (interval 0.1 s below) to take several samples
-        _fake_run(study.output_dir, "ae_cpu", "20260101-000000", status="finished", metrics={"eval/x/y/z": 1.0})
+        _fake_run(study.output_dir, "ae_cpu", "20260101-000000", status="finished", metrics={"eval/x/y/z": 1.0},
+                  overrides=_sets(command))
         return 0
 
     original = runner.LoadSampler.__init__
@@ -373,3 +390,31 @@ def test_a_bad_reference_file_names_the_line(tmp_path, text, message):
     with pytest.raises(ConfigError, match="reference.csv") as err:
         analysis.read_reference(path)
     assert message in str(err.value)
+
+
+def test_figures_show_the_mean_values_and_the_correlations_on_a_symmetric_scale(monkeypatch):
+    from dl_utils import visualization
+
+    drawn: list = []
+    real = visualization.heatmap
+
+    def spy(values, **kwargs):
+        drawn.append((values, kwargs))
+        return real(values, **kwargs)
+
+    monkeypatch.setattr(visualization, "heatmap", spy)
+    runs = [_points_only("a", 1, 0.7), _points_only("a", 2, 0.5), _points_only("b", 1, 0.3)]
+    found = evidence.build(runs, {}, order=["a", "b"], seeds=[1, 2], statistics=plan.Statistics())
+    from optim.stats import CorrelationTest
+    from tools.study.analysis import CorrelationRow
+
+    test = CorrelationTest(method="spearman", estimate=-0.5, low=-1.0, high=0.5, p_value=0.5, n=2, n_replicates=9,
+                           exact=True)
+    rho = [CorrelationRow(index="RQI", target="x image AUROC", test=test)]
+    figures = report.figures(found, rho)
+    assert set(figures) == {"image AUROC", "pixel AUROC", "indices", "cost vs detection", "correlations"}
+    image, pixel, indices, correlations = drawn
+    assert image[0] == {"a": {"x": 0.6}, "b": {"x": 0.6}} and pixel[0] == {"a": {}, "b": {}}
+    assert indices[0]["a"] == {"RQI": pytest.approx(0.6)}  # the mean over a's two seeds
+    assert correlations[0] == {"RQI": {"x (image)": -0.5}}
+    assert (correlations[1]["vmin"], correlations[1]["vmax"]) == (-1.0, 1.0)

@@ -56,7 +56,8 @@ def study_run(tmp_path_factory):
     def launch(command, log_path):
         commands.append(list(command))
         name, seed = _value(command, "name"), int(_value(command, "experiment.seed"))
-        fakes.write_run(tmp_path / "runs" / "exp" / name / f"2026010{seed}-000000", KINDS[name], seed)
+        sets = [command[i + 1] for i, c in enumerate(command) if c == "--set"]
+        fakes.write_run(tmp_path / "runs" / "exp" / name / f"2026010{seed}-000000", KINDS[name], seed, sets)
         return 0
 
     monkey = pytest.MonkeyPatch()

@@ -25,10 +25,12 @@ The study YAML lists the methods and what every run shares::
          stage1: {from: vqvae_cpu, set: model.params.vqvae_checkpoint, checkpoint: best.pt}}
 
 Each (method, seed) is a job (:mod:`.plan`), run as its own process (``python core/Main.py --config_path <config>
---set ...``) by :mod:`.runner`, so one crash stops nothing but that job. A job whose newest run folder of its seed
-(``manifest.json`` ``seed``) finished is skipped; an interrupted one (``checkpoints/latest.pt``, not finished) is
-resumed (``experiment.resume``); otherwise it starts fresh. ``weights_from`` and ``stage1`` use the named earlier
-method's finished run of the same seed (``stage1`` sets ``set``, a ``key.path``, to its
+--set ...``) by :mod:`.runner`, so one crash stops nothing but that job. A job's runs are its method's run folders of
+its seed (``manifest.json`` ``seed``) made with its defining overrides (``config.yaml`` ``overrides``: the study's,
+the seed, the method's; the run's place, wandb settings and dependency paths aside), so another study's runs with
+other settings are never taken for it: a finished one is reused, an interrupted one (``checkpoints/latest.pt``, not
+finished) is resumed (``experiment.resume``); otherwise the job starts fresh. ``weights_from`` and ``stage1`` use
+the named earlier method's finished run of the same seed (``stage1`` sets ``set``, a ``key.path``, to its
 ``checkpoints/<checkpoint>``, default ``latest.pt``); a stage-1 run without downstream evaluation (f-AnoGAN's
 WGAN-GP) is not a row of the comparison, and its wall time is added to its second stage's. Every run joins the
 study's wandb group (``wandb.group`` = the study name, ``wandb.job_type`` = the method). A job's log goes to

@@ -6,7 +6,7 @@ Also where a job's runs live and which of them counts: run folders are read, nev
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,8 @@ from dl_utils.run import read_manifest
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_REFERENCE = REPO / "docs" / "reference_results.csv"
 STUDY_KEYS = ("name", "experiment", "output_dir", "overrides", "seeds", "statistics", "reference", "methods")
+PLACING_KEYS = ("experiment.name", "experiment.output_dir", "name", "experiment.resume", "experiment.task",
+                "experiment.weights")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +86,18 @@ class Job:
     def key(self) -> str:
         """The job's name in ``runs.json`` and the logs: ``<method>`` or ``<method>/seed<k>``."""
         return self.method.name if self.seed is None else f"{self.method.name}/seed{self.seed}"
+
+    def overrides(self, study: Study) -> tuple[str, ...]:
+        """The ``--set`` values that make this run what it is: the study's, the seed, the method's."""
+        seed = () if self.seed is None else (f"experiment.seed={self.seed}",)
+        return (*study.overrides, *seed, *self.method.overrides)
+
+    def defining(self, overrides: Sequence[str]) -> tuple[str, ...]:
+        """``overrides`` without those that only place the run or point at other runs (folder, name, wandb, resume,
+        the weights or stage-1 checkpoint of a dependency): what two runs of one job must share."""
+        placing = {*PLACING_KEYS, *((self.method.stage1.key,) if self.method.stage1 else ())}
+        return tuple(o for o in overrides if (k := o.split("=", 1)[0].strip()) not in placing
+                     and not k.startswith("wandb."))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,10 +236,27 @@ def run_status(run_dir: Path) -> str:
     return "unusable"
 
 
+def recorded_overrides(run_dir: Path) -> tuple[str, ...] | None:
+    """The ``--set`` values a run was started with (its ``config.yaml`` ``overrides``); None without a config."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    return tuple(str(o) for o in (read_yaml(path).get("overrides") or ()))
+
+
 def runs_of_job(study: Study, job: Job) -> list[Path]:
-    """The job's run folders, oldest first: its method's runs, of its seed (``manifest.json`` ``seed``) if any."""
-    runs = study.runs_of(job.method)
-    return runs if job.seed is None else [r for r in runs if read_manifest(r).get("seed") == job.seed]
+    """The job's run folders, oldest first: its method's runs made with the job's defining overrides
+    (:meth:`Job.defining`: the study's, the seed, the method's; a run of another study with other settings does
+    not count) and, with a seed, of that seed (``manifest.json`` ``seed``)."""
+    expected = job.defining(job.overrides(study))
+    out = []
+    for run in study.runs_of(job.method):
+        recorded = recorded_overrides(run)
+        if recorded is None or job.defining(recorded) != expected:
+            continue
+        if job.seed is None or read_manifest(run).get("seed") == job.seed:
+            out.append(run)
+    return out
 
 
 def finished_run(study: Study, job: Job) -> Path | None:

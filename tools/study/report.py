@@ -123,7 +123,7 @@ def comparison_markdown(evidence: Evidence) -> str:
                  "resamples of every dataset's images with replacement, the same for every method and seed]. **Bold**: "
                  f"the column's best; ≈: not distinguishable from it (paired bootstrap p >= {s.alpha:g}; "
                  "`comparisons.csv` has every difference, its interval and p). Combined = ((harmonic mean of RQI and "
-                 "CACI) + AHI) / 2 on the raw indices.\n")
+                 "CACI) + AHI) / 2 on the raw indices. Cost: the mean over the seeds' runs.\n")
     dropped = empty_columns(evidence)
     if dropped:
         parts.append("Left out, no method has a value (not computed in these runs): "

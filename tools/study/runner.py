@@ -33,14 +33,12 @@ def launch_local(command: Sequence[str], log_path: Path) -> int:
 
 
 def command(study: Study, job: Job, extra: Sequence[str]) -> list[str]:
-    """``python core/Main.py --config_path <config> --set ...``: the study's overrides, the run's place, the seed,
-    the wandb group (the study) and job type (the method), the method's overrides, then ``extra``."""
-    sets = [*study.overrides, f"experiment.name={study.experiment}", f"experiment.output_dir={study.output_dir}",
-            f"name={job.method.name}", f"wandb.group={study.name}", f"wandb.job_type={job.method.name}"]
-    if job.seed is not None:
-        sets.append(f"experiment.seed={job.seed}")
+    """``python core/Main.py --config_path <config> --set ...``: the job's defining overrides (the study's, the
+    seed, the method's), the run's place, the wandb group (the study) and job type (the method), then ``extra``."""
+    placing = [f"experiment.name={study.experiment}", f"experiment.output_dir={study.output_dir}",
+               f"name={job.method.name}", f"wandb.group={study.name}", f"wandb.job_type={job.method.name}"]
     out = [sys.executable, str(REPO / "core" / "Main.py"), "--config_path", str(job.method.config)]
-    for s in [*sets, *job.method.overrides, *extra]:
+    for s in [*job.overrides(study), *placing, *extra]:  # the study's placing wins over an override
         out += ["--set", s]
     return out
 
@@ -70,8 +68,9 @@ def run_job(study: Study, job: Job, state: State, *, launch: Launcher | None = N
 
     ``launch`` starts the run (default :func:`launch_local`, looked up at call time).
 
-    A finished run of the job is kept as it is; the newest run of the job that holds ``checkpoints/latest.pt``
-    but did not finish is resumed (``experiment.resume``); otherwise a new run starts. A started run's wall time,
+    A finished run of the job (:func:`tools.study.plan.runs_of_job`: same method, seed and defining overrides) is
+    kept as it is; the newest run of the job that holds ``checkpoints/latest.pt`` but did not finish is resumed
+    (``experiment.resume``); otherwise a new run starts. A started run's wall time,
     mean 1-minute load average and CPU count go to ``state[job.key]``.
     """
     done = finished_run(study, job)
@@ -80,6 +79,10 @@ def run_job(study: Study, job: Job, state: State, *, launch: Launcher | None = N
         return done
     extra: list[str] = []
     runs = runs_of_job(study, job)
+    other = [r for r in study.runs_of(job.method) if r not in runs and run_status(r) == "finished"]
+    if other:
+        logger.info("%s: %d finished run(s) of %s made with another seed or other overrides are not reused (newest: "
+                    "%s)", job.key, len(other), job.method.name, other[-1])
     resumed = bool(runs) and run_status(runs[-1]) == "resumable"
     if resumed:
         extra.append(f"experiment.resume={runs[-1]}")
