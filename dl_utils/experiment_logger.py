@@ -103,10 +103,10 @@ class ExperimentLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for name in (PARTIAL_METRICS, METRICS):  # resumed run: keep what was logged before
-            if (self.run_dir / name).exists():
+        for saved in (PARTIAL_METRICS, METRICS):  # resumed run: keep what was logged before
+            if (self.run_dir / saved).exists():
                 self._latest = {k: (math.nan if v is None else v)
-                                for k, v in json.loads((self.run_dir / name).read_text()).items()}
+                                for k, v in json.loads((self.run_dir / saved).read_text()).items()}
                 break
         if self.mode != "disabled":
             import wandb  # imported here: wandb's import costs ~1 s and is not needed when disabled

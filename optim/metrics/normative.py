@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from skimage.metrics import structural_similarity
 
-from optim.metrics.distribution import GaussianStats, as_features, frechet_distance, kernel_inception_distance
+from optim.metrics.distribution import FeatureRows, GaussianStats, as_features, kernel_inception_distance
 from optim.metrics.segmentation import per_image
 
 SSIM_DATA_RANGE = 1.0
@@ -139,7 +139,9 @@ def ahi_equal_n(reference: Any, healthy: Any, pathological: Any, restored: Any, 
     used whole) and R(P) takes the same rows as P (``restored[j]`` is the restoration of
     ``pathological[j]``). Each FID is the mean over the draws; AHI is :func:`ahi` of the mean FIDs. The
     reference N is shared by all three FIDs and used whole. KID is unbiased at any n, so it is computed once
-    on the full sets.
+    on the full sets. The FIDs are taken in Gram form (:class:`optim.metrics.distribution.FeatureRows`, through
+    :func:`ahi_equal_n_rows`): milliseconds each at n = 60 and d = 2048 instead of seconds for a d x d product
+    and eigen-decomposition, the same value up to round-off.
 
     Args:
         reference: [n_N, d] features of the healthy training set N.
@@ -168,19 +170,50 @@ def ahi_equal_n(reference: Any, healthy: Any, pathological: Any, restored: Any, 
     stats = reference_stats if reference_stats is not None else GaussianStats.from_features(n_feat)
     if stats.n != len(n_feat):
         raise ValueError(f"ahi_equal_n: reference_stats has n={stats.n} but reference has {len(n_feat)} rows")
-    rng = np.random.default_rng(seed)
-    fids = np.zeros((draws, 3))
-    for k in range(draws):
-        u_rows = rng.choice(len(u_feat), n, replace=False)
-        p_rows = rng.choice(len(p_feat), n, replace=False)
-        fids[k] = [frechet_distance(stats, u_feat[u_rows]), frechet_distance(stats, p_feat[p_rows]),
-                   frechet_distance(stats, r_feat[p_rows])]
-    fid_u, fid_p, fid_rp = (float(v) for v in fids.mean(axis=0))
-    return {"ahi": ahi(fid_p, fid_rp, fid_u), "fid_u": fid_u, "fid_p": fid_p, "fid_rp": fid_rp,
-            "n_fid": float(n), "draws": float(draws),
+    rows = FeatureRows(stats, np.concatenate([u_feat, p_feat, r_feat]))
+    n_u, n_p = len(u_feat), len(p_feat)
+    out = ahi_equal_n_rows(rows, np.arange(n_u), n_u + np.arange(n_p), n_u + n_p + np.arange(n_p), draws=draws,
+                           seed=seed)
+    return {**out, "draws": float(draws),
             "kid_u": kernel_inception_distance(n_feat, u_feat), "kid_p": kernel_inception_distance(n_feat, p_feat),
             "kid_rp": kernel_inception_distance(n_feat, r_feat), "n_u": float(len(u_feat)),
             "n_p": float(len(p_feat)), "n_reference": float(len(n_feat))}
+
+
+def ahi_equal_n_rows(rows: FeatureRows, healthy: Any, pathological: Any, restored: Any, *, draws: int = 5,
+                     seed: int = 0) -> dict[str, float]:
+    """:func:`ahi_equal_n` on row indices of :class:`optim.metrics.distribution.FeatureRows`.
+
+    The same rule and the same generator calls: n = min(|U|, |P|); in each of ``draws`` draws U and P are
+    subsampled to n without replacement, R(P) takes P's positions; AHI of the mean FIDs. A bootstrap resample
+    passes indices with repeats (rows drawn twice count twice).
+
+    Args:
+        rows: the prepared feature rows.
+        healthy: [n_U] row indices of U.
+        pathological: [n_P] row indices of P.
+        restored: [n_P] row indices of R(P), position j the restoration of ``pathological[j]``.
+        draws, seed: as in ``ahi_equal_n``.
+
+    Returns:
+        ``ahi`` (NaN with a warning when FID(P,N) <= FID(U,N)), ``fid_u``, ``fid_p``, ``fid_rp``, ``n_fid``.
+    """
+    u, p, r = (np.asarray(v, dtype=np.int64).reshape(-1) for v in (healthy, pathological, restored))
+    if p.shape != r.shape:
+        raise ValueError(f"ahi_equal_n_rows: {r.size} restored rows for {p.size} pathological rows")
+    if draws < 1:
+        raise ValueError(f"ahi_equal_n_rows: draws must be >= 1, got {draws}")
+    n = min(u.size, p.size)
+    if n < 2:
+        raise ValueError(f"ahi_equal_n_rows: need >= 2 healthy and pathological rows, got {u.size} and {p.size}")
+    rng = np.random.default_rng(seed)
+    fids = np.zeros((draws, 3))
+    for k in range(draws):
+        u_pick = rng.choice(u.size, n, replace=False)
+        p_pick = rng.choice(p.size, n, replace=False)
+        fids[k] = [rows.fid(u[u_pick]), rows.fid(p[p_pick]), rows.fid(r[p_pick])]
+    fid_u, fid_p, fid_rp = (float(v) for v in fids.mean(axis=0))
+    return {"ahi": ahi(fid_p, fid_rp, fid_u), "fid_u": fid_u, "fid_p": fid_p, "fid_rp": fid_rp, "n_fid": float(n)}
 
 
 def caci_per_image(conservation: Any, correction: Any) -> np.ndarray:

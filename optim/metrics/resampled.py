@@ -1,4 +1,4 @@
-"""Metrics in the form a bootstrap recomputes them: AUROC from counts, pixel histograms, FIDs of feature rows.
+"""Metrics in the form a bootstrap recomputes them: AUROC from counts and per-image pixel histograms.
 
 A study resamples images (see :mod:`optim.stats`); these functions turn what a run stores per image into the
 metric of any resample without the maps or the model:
@@ -12,10 +12,9 @@ metric of any resample without the maps or the model:
   dataset's region values). Summing the histograms of any multiset of images gives that multiset's pooled
   pixel AUROC through :func:`auroc_from_counts`; it differs from the exact pooled AUROC only inside bins that
   hold more than one distinct value, by at most ``bound`` (returned, typically ~1e-4).
-* :class:`FeatureRows` and :func:`ahi_equal_n_rows`: the FID against a fixed reference set N of any multiset of
-  stored feature rows (U, P, R(P)) through Gram matrices, O(n^2 d) per FID instead of a d x d eigen-
-  decomposition, and the equal-n AHI of :func:`optim.metrics.normative.ahi_equal_n` on row indices (same
-  draws, same value on the same rows).
+
+The FIDs of resampled feature rows are :class:`optim.metrics.distribution.FeatureRows` and
+:func:`optim.metrics.normative.ahi_equal_n_rows` (which the runs' own AHI uses as well).
 
 Pure functions; inputs are never mutated.
 """
@@ -28,8 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from optim.metrics.distribution import GaussianStats, as_features
-from optim.metrics.normative import ahi
 from optim.metrics.segmentation import per_image
 
 #: Bins of the per-image pixel histograms (quantile bins of a dataset's evaluation-region map values).
@@ -126,88 +123,3 @@ def pixel_histograms(maps: Any, masks: Any, region: Any | None = None, *, bins: 
     pairs = float(pos.sum()) * float(neg.sum())
     bound = float(0.5 * (pos * neg)[mixed].sum() / pairs) if pairs > 0 else float("nan")
     return PixelHistograms(edges=edges, anomaly=anomaly, healthy=healthy, bound=bound)
-
-
-class FeatureRows:
-    """Feature rows (e.g. U, P and R(P) stacked) prepared for the FID of any multiset of them against a reference.
-
-    With g_i = S f_i (S the PSD square root of the reference covariance), the FID of rows r (n of them, repeats
-    allowed) is |mean f_r - mu_N|^2 + tr(Sigma_N) + tr(Sigma_r) - 2 sum sqrt(eig(C K_g C / (n - 1))), where
-    K_g = g g^T restricted to r and C centres it: the same value as
-    :func:`optim.metrics.distribution.frechet_distance` on ``features[r]`` (the non-zero eigenvalues of
-    S Sigma_r S are those of the n x n centred Gram matrix), at O(n^2) per FID after O(m d^2) set-up. Round-off
-    differs: ``frechet_distance`` takes the square roots of the d - n + 1 round-off "zero" eigenvalues of a
-    rank-deficient covariance (d > n), adding up to about (d - n) sqrt(eps * max eigenvalue); here they are zeros.
-
-    Args:
-        reference: :class:`GaussianStats` of the reference set N (its square root is computed once and cached).
-        rows: [m, d] feature rows.
-    """
-
-    def __init__(self, reference: GaussianStats, rows: Any) -> None:
-        f = as_features(rows, "FeatureRows: rows")
-        if f.shape[1] != reference.mu.size:
-            raise ValueError(f"FeatureRows: rows have {f.shape[1]} features, the reference {reference.mu.size}")
-        g = f @ reference.sqrt_sigma()
-        self.n_rows = f.shape[0]
-        self._kf, self._kg = f @ f.T, g @ g.T
-        self._f_mu = f @ reference.mu
-        self._mu_mu = float(reference.mu @ reference.mu)
-        self._trace_reference = float(np.trace(reference.sigma))
-
-    def fid(self, rows: Any) -> float:
-        """FID against the reference of the rows ``rows`` ([n] int indices, n >= 2, repeats allowed); >= 0."""
-        r = np.asarray(rows, dtype=np.int64).reshape(-1)
-        n = r.size
-        if n < 2:
-            raise ValueError(f"FeatureRows.fid: need >= 2 rows, got {n}")
-        if r.min() < 0 or r.max() >= self.n_rows:
-            raise ValueError(f"FeatureRows.fid: row indices outside range({self.n_rows})")
-        kf = self._kf[np.ix_(r, r)]
-        mean_square = float(kf.mean())  # |mean f_r|^2
-        distance = mean_square - 2.0 * float(self._f_mu[r].mean()) + self._mu_mu
-        trace_rows = (float(np.trace(kf)) - n * mean_square) / (n - 1)
-        kg = self._kg[np.ix_(r, r)]
-        centred = kg - kg.mean(0, keepdims=True) - kg.mean(1, keepdims=True) + kg.mean()
-        eig = np.linalg.eigvalsh((centred + centred.T) / (2.0 * (n - 1)))
-        # The centred Gram matrix has rank <= n - 1 (fewer with repeated rows): its zero eigenvalues come out as
-        # +-n*eps*max, whose square roots (~1e-8 each) would add up; they are zeros.
-        eig[eig <= n * np.finfo(np.float64).eps * max(float(eig[-1]), 0.0)] = 0.0
-        trace_sqrt = float(np.sqrt(eig).sum())
-        return max(distance + self._trace_reference + trace_rows - 2.0 * trace_sqrt, 0.0)
-
-
-def ahi_equal_n_rows(rows: FeatureRows, healthy: Any, pathological: Any, restored: Any, *, draws: int = 5,
-                     seed: int = 0) -> dict[str, float]:
-    """:func:`optim.metrics.normative.ahi_equal_n` on row indices of :class:`FeatureRows`.
-
-    The same rule and the same generator calls: n = min(|U|, |P|); in each of ``draws`` draws U and P are
-    subsampled to n without replacement, R(P) takes P's positions; AHI of the mean FIDs. A bootstrap resample
-    passes indices with repeats (rows drawn twice count twice).
-
-    Args:
-        rows: the prepared feature rows.
-        healthy: [n_U] row indices of U.
-        pathological: [n_P] row indices of P.
-        restored: [n_P] row indices of R(P), position j the restoration of ``pathological[j]``.
-        draws, seed: as in ``ahi_equal_n``.
-
-    Returns:
-        ``ahi`` (NaN with a warning when FID(P,N) <= FID(U,N)), ``fid_u``, ``fid_p``, ``fid_rp``, ``n_fid``.
-    """
-    u, p, r = (np.asarray(v, dtype=np.int64).reshape(-1) for v in (healthy, pathological, restored))
-    if p.shape != r.shape:
-        raise ValueError(f"ahi_equal_n_rows: {r.size} restored rows for {p.size} pathological rows")
-    if draws < 1:
-        raise ValueError(f"ahi_equal_n_rows: draws must be >= 1, got {draws}")
-    n = min(u.size, p.size)
-    if n < 2:
-        raise ValueError(f"ahi_equal_n_rows: need >= 2 healthy and pathological rows, got {u.size} and {p.size}")
-    rng = np.random.default_rng(seed)
-    fids = np.zeros((draws, 3))
-    for k in range(draws):
-        u_pick = rng.choice(u.size, n, replace=False)
-        p_pick = rng.choice(p.size, n, replace=False)
-        fids[k] = [rows.fid(u[u_pick]), rows.fid(p[p_pick]), rows.fid(r[p_pick])]
-    fid_u, fid_p, fid_rp = (float(v) for v in fids.mean(axis=0))
-    return {"ahi": ahi(fid_p, fid_rp, fid_u), "fid_u": fid_u, "fid_p": fid_p, "fid_rp": fid_rp, "n_fid": float(n)}

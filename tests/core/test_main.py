@@ -107,7 +107,7 @@ def test_quickstart_reduced_end_to_end(tmp_path, monkeypatch, capsys):
     logged = {k for row in run["history"] for k in row}
     assert "train/loss" in logged
     assert run["summary"].keys() >= {k for k in metrics if k.startswith("eval/")}
-    assert run["run"]["group"] == "a_study" and run["run"]["job_type"] == "quickstart"
+    assert run["run"] == {"name": f"quickstart/{run_dir.name}", "group": "a_study", "job_type": "quickstart"}
     assert {"train", "healthy_test", "hypointense_lesion"} <= {p.stem for p in (run_dir / "per_image").glob("*.npz")}
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from optim.metrics.distribution import GaussianStats, frechet_distance, kernel_inception_distance
+from optim.metrics.distribution import FeatureRows, GaussianStats, frechet_distance, kernel_inception_distance
 
 
 def test_frechet_hand_computed_diagonal():
@@ -47,3 +47,20 @@ def test_kid_hand_computed_and_unbiased():
     assert shifted > 10 * np.std(same)
     with pytest.warns(RuntimeWarning):
         assert np.isnan(kernel_inception_distance(x[:1], y))
+
+
+# d = 30 > n: frechet_distance's d x d covariance is rank-deficient and the square roots of its round-off zeros
+# (~1e-8 each) shift it; the tolerance allows for that
+@pytest.mark.parametrize(("d", "rel"), [(4, 1e-10), (30, 1e-6)])
+def test_feature_rows_fid_equals_the_frechet_distance(d, rel):
+    rng = np.random.default_rng(d)
+    reference = rng.normal(size=(40, d))
+    rows = rng.normal(0.3, 1.2, size=(12, d))
+    stats = GaussianStats.from_features(reference)
+    prepared = FeatureRows(stats, rows)
+    for pick in ([0, 1, 2, 3, 4], [5, 5, 7, 11, 2, 2, 0], list(range(12))):
+        assert prepared.fid(pick) == pytest.approx(frechet_distance(stats, rows[pick]), rel=rel)
+    with pytest.raises(ValueError, match=">= 2 rows"):
+        prepared.fid([3])
+    with pytest.raises(ValueError, match="outside"):
+        prepared.fid([0, 12])

@@ -7,10 +7,11 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from optim.metrics.distribution import GaussianStats, frechet_distance, kernel_inception_distance
+from optim.metrics.distribution import FeatureRows, GaussianStats, frechet_distance, kernel_inception_distance
 from optim.metrics.normative import (
     ahi,
     ahi_equal_n,
+    ahi_equal_n_rows,
     caci,
     caci_per_image,
     combined_score,
@@ -129,3 +130,24 @@ def test_per_image_terms_are_what_the_indices_average():
     per = caci_per_image([0.9, 1.0, np.nan], [0.5, 0.0, 0.3])
     np.testing.assert_allclose(per, [2 * 0.9 * 0.5 / 1.4, 0.0, np.nan])
     assert np.nanmean(per) == pytest.approx(caci([0.9, 1.0, np.nan], [0.5, 0.0, 0.3])["caci"])
+
+
+def test_ahi_of_rows_matches_ahi_equal_n_and_a_resample():
+    rng = np.random.default_rng(5)
+    d = 6
+    reference = rng.normal(size=(50, d))
+    healthy = rng.normal(size=(8, d))
+    pathological = rng.normal(1.0, 1.0, size=(14, d))
+    restored = 0.5 * pathological + 0.5 * rng.normal(size=(14, d))
+    stats = GaussianStats.from_features(reference)
+    rows = FeatureRows(stats, np.concatenate([healthy, pathological, restored]))
+    u, p, r = np.arange(8), 8 + np.arange(14), 22 + np.arange(14)
+    direct = ahi_equal_n(reference, healthy, pathological, restored, draws=3, seed=9)
+    via_rows = ahi_equal_n_rows(rows, u, p, r, draws=3, seed=9)
+    for key in ("ahi", "fid_u", "fid_p", "fid_rp", "n_fid"):
+        assert via_rows[key] == pytest.approx(direct[key], rel=1e-10)
+    iu, ip = rng.integers(0, 8, 8), rng.integers(0, 14, 14)  # a bootstrap resample: repeats allowed
+    resampled = ahi_equal_n(reference, healthy[iu], pathological[ip], restored[ip], draws=3, seed=9)
+    assert ahi_equal_n_rows(rows, u[iu], p[ip], r[ip], draws=3, seed=9)["ahi"] == pytest.approx(resampled["ahi"])
+    with pytest.raises(ValueError, match="restored rows"):
+        ahi_equal_n_rows(rows, u, p, r[:-1])

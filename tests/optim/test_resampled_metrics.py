@@ -1,18 +1,10 @@
-"""optim.metrics.resampled: AUROC from counts, per-image pixel histograms, FIDs and AHI of feature rows."""
+"""optim.metrics.resampled: AUROC from counts and per-image pixel histograms."""
 
 import numpy as np
 import pytest
 
 from optim.metrics.classification import auroc
-from optim.metrics.distribution import GaussianStats, frechet_distance
-from optim.metrics.normative import ahi_equal_n
-from optim.metrics.resampled import (
-    FeatureRows,
-    ahi_equal_n_rows,
-    auroc_from_counts,
-    pixel_histograms,
-    score_bins,
-)
+from optim.metrics.resampled import auroc_from_counts, pixel_histograms, score_bins
 from optim.metrics.segmentation import pixel_auroc_auprc
 
 
@@ -84,41 +76,3 @@ def test_pooled_pixel_auroc_from_histograms_is_within_the_bound_of_the_exact_val
     resampled = float(auroc_from_counts(weights @ hist.anomaly, weights @ hist.healthy))
     assert resampled == pytest.approx(pixel_auroc_auprc(maps[pick], masks[pick], region[pick])["auroc_pooled"],
                                       abs=2 * hist.bound + 1e-12)
-
-
-# d = 30 > n: frechet_distance's d x d covariance is rank-deficient and the square roots of its round-off zeros
-# (~1e-8 each) shift it; the tolerance allows for that
-@pytest.mark.parametrize(("d", "rel"), [(4, 1e-10), (30, 1e-6)])
-def test_feature_rows_fid_equals_the_frechet_distance(d, rel):
-    rng = np.random.default_rng(d)
-    reference = rng.normal(size=(40, d))
-    rows = rng.normal(0.3, 1.2, size=(12, d))
-    stats = GaussianStats.from_features(reference)
-    prepared = FeatureRows(stats, rows)
-    for pick in ([0, 1, 2, 3, 4], [5, 5, 7, 11, 2, 2, 0], list(range(12))):
-        assert prepared.fid(pick) == pytest.approx(frechet_distance(stats, rows[pick]), rel=rel)
-    with pytest.raises(ValueError, match=">= 2 rows"):
-        prepared.fid([3])
-    with pytest.raises(ValueError, match="outside"):
-        prepared.fid([0, 12])
-
-
-def test_ahi_of_rows_matches_ahi_equal_n_and_a_resample():
-    rng = np.random.default_rng(5)
-    d = 6
-    reference = rng.normal(size=(50, d))
-    healthy = rng.normal(size=(8, d))
-    pathological = rng.normal(1.0, 1.0, size=(14, d))
-    restored = 0.5 * pathological + 0.5 * rng.normal(size=(14, d))
-    stats = GaussianStats.from_features(reference)
-    rows = FeatureRows(stats, np.concatenate([healthy, pathological, restored]))
-    u, p, r = np.arange(8), 8 + np.arange(14), 22 + np.arange(14)
-    direct = ahi_equal_n(reference, healthy, pathological, restored, draws=3, seed=9)
-    via_rows = ahi_equal_n_rows(rows, u, p, r, draws=3, seed=9)
-    for key in ("ahi", "fid_u", "fid_p", "fid_rp", "n_fid"):
-        assert via_rows[key] == pytest.approx(direct[key], rel=1e-10)
-    iu, ip = rng.integers(0, 8, 8), rng.integers(0, 14, 14)  # a bootstrap resample: repeats allowed
-    resampled = ahi_equal_n(reference, healthy[iu], pathological[ip], restored[ip], draws=3, seed=9)
-    assert ahi_equal_n_rows(rows, u[iu], p[ip], r[ip], draws=3, seed=9)["ahi"] == pytest.approx(resampled["ahi"])
-    with pytest.raises(ValueError, match="restored rows"):
-        ahi_equal_n_rows(rows, u, p, r[:-1])

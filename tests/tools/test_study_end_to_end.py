@@ -155,7 +155,7 @@ def test_the_summary_run_holds_the_tables_and_the_agreement(study_run):
     _, folder, _, _ = study_run
     run_file = find_run_file(folder / "summary")
     run = read_run(run_file)
-    assert run["run"]["group"] == "s" and run["run"]["job_type"] == "study"
+    assert run["run"] == {"name": "s/summary", "group": "s", "job_type": "study"}
     values = {k: v for row in run["history"] for k, v in row.items()}
     for table in ("comparison", "comparisons", "correlations", "agreement"):
         assert values[f"study/tables/{table}/_type"] == "table-file", table

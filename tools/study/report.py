@@ -119,8 +119,9 @@ def comparison_markdown(evidence: Evidence) -> str:
     seeds = [x for x in evidence.seeds if x is not None]
     spread = (f"mean over {len(seeds)} seeds ({', '.join(map(str, seeds))}) ± the standard deviation across seeds"
               if len(seeds) > 1 else "one run per method (no spread across seeds)")
-    parts.append(f"Each quality cell: {spread}, [the {s.level:.0%} bootstrap interval over images: {s.replicates} "
-                 "resamples of every dataset's images with replacement, the same for every method and seed]. **Bold**: "
+    parts.append(f"Each quality cell: {spread}, [the {s.level * 100:g} % bootstrap interval over the evaluation "
+                 f"images: {s.replicates} resamples of every dataset's subjects with replacement (one image per "
+                 "subject unless the splits name subjects), the same for every method and seed]. **Bold**: "
                  f"the column's best; ≈: not distinguishable from it (paired bootstrap p >= {s.alpha:g}; "
                  "`comparisons.csv` has every difference, its interval and p). Combined = ((harmonic mean of RQI and "
                  "CACI) + AHI) / 2 on the raw indices. Cost: the mean over the seeds' runs.\n")

@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from core.evaluation.per_image import PerImage, read_per_image
-from optim.metrics.distribution import GaussianStats
-from optim.metrics.resampled import FeatureRows, ahi_equal_n_rows, auroc_from_counts, score_bins
+from optim.metrics.distribution import FeatureRows, GaussianStats
+from optim.metrics.normative import ahi_equal_n_rows
+from optim.metrics.resampled import auroc_from_counts, score_bins
 from optim.stats import bootstrap_indices, multiplicities
 from tools.study.plan import Job, Study, finished_run
 

@@ -7,9 +7,9 @@ import pytest
 
 from core.evaluation.per_image import PerImage, merge, read_per_image, write_per_image
 from optim.metrics.classification import auroc
-from optim.metrics.distribution import GaussianStats
-from optim.metrics.normative import ahi_equal_n
-from optim.metrics.resampled import FeatureRows, ahi_equal_n_rows, auroc_from_counts
+from optim.metrics.distribution import FeatureRows, GaussianStats
+from optim.metrics.normative import ahi_equal_n, ahi_equal_n_rows
+from optim.metrics.resampled import auroc_from_counts
 
 
 @pytest.fixture(scope="module")
