@@ -162,6 +162,9 @@ def healthy_fpr(ctx: EvalContext, *, dataset: DatasetName = "healthy_test", thre
         metrics[f"{tag}_pooled"] = float(false_pos.sum() / counted)
         fprs[tag], targets[tag] = rates, point.target_fpr
     figure = vis.subject_fpr_figure(fprs, targets, title=f"per-subject healthy FPR ({dataset})")
+    counted_region = "all" if foreground is None else "brain"
+    mismatch = " (the thresholds counted brain pixels, but this set has no brain masks)" if (
+        thresholds.region == "foreground" and foreground is None) else ""
     return TaskResult(metrics={dataset: metrics}, figures={"fpr_per_subject": figure},
-                      notes=[f"Per-subject FPR on '{dataset}' at the thresholds from '{thresholds.dataset}' "
-                             f"({thresholds.region} pixels). {_subjects_note(ctx, [dataset])}"])
+                      notes=[f"Per-subject FPR on '{dataset}' ({counted_region} pixels{mismatch}) at the thresholds "
+                             f"from '{thresholds.dataset}'. {_subjects_note(ctx, [dataset])}"])
