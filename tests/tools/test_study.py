@@ -412,7 +412,8 @@ def test_figures_show_the_mean_values_and_the_correlations_on_a_symmetric_scale(
                            exact=True)
     rho = [CorrelationRow(index="RQI", target="x image AUROC", test=test)]
     figures = report.figures(found, rho)
-    assert set(figures) == {"image AUROC", "pixel AUROC", "indices", "cost vs detection", "correlations"}
+    assert set(figures) == {"image AUROC", "pixel AUROC", "indices", "cost vs detection",
+                            "correlation heatmap"}
     image, pixel, indices, correlations = drawn
     assert image[0] == {"a": {"x": 0.6}, "b": {"x": 0.6}} and pixel[0] == {"a": {}, "b": {}}
     assert indices[0]["a"] == {"RQI": pytest.approx(0.6)}  # the mean over a's two seeds

@@ -159,13 +159,23 @@ def test_the_summary_run_holds_the_tables_and_the_agreement(study_run):
     values = {k: v for row in run["history"] for k, v in row.items()}
     for table in ("comparison", "comparisons", "correlations", "agreement"):
         assert values[f"study/tables/{table}/_type"] == "table-file", table
-    for figure in ("image_AUROC", "pixel_AUROC", "indices", "cost_vs_detection", "correlations"):
+    for figure in ("image_AUROC", "pixel_AUROC", "indices", "cost_vs_detection", "correlation_heatmap"):
         assert values[f"study/figures/{figure}/_type"] == "image-file", figure
     assert values["agreement/RQI/kendall_tau"] == 1.0 and values["agreement/CACI/kendall_tau"] == -1.0
     (table,) = run_file.parent.glob("files/media/table/study/tables/agreement_*.table.json")
     logged = json.loads(table.read_text())
     rqi = dict(zip(logged["columns"], next(r for r in logged["data"] if r[0] == "RQI"), strict=True))
     assert rqi["kendall_tau"] == 1.0 and rqi["methods"] == "ae_cpu=AE-S;vae_cpu=VAE"
+
+
+def test_the_command_lists_every_output_once(study_run, capsys, monkeypatch):
+    _, folder, _, tmp_path = study_run
+    monkeypatch.setattr(runner, "launch_local", lambda *_: pytest.fail("--report-only launched a run"))
+    assert cli.main([str(tmp_path / "s.yaml"), "--report-only", "--no-wandb"]) == 0
+    listed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert listed["correlations"].endswith("correlations.csv")
+    assert listed["correlation heatmap"].endswith("figures/correlations.png")
+    assert all(fakes.Path(p).is_file() for p in listed.values())
 
 
 def test_a_report_only_rerun_reproduces_every_number(study_run, monkeypatch):

@@ -238,7 +238,7 @@ def figures(evidence: Evidence, correlation: Sequence[CorrelationRow]) -> dict[s
     rho = {r.index: {} for r in correlation}
     for r in correlation:
         rho[r.index][_short(r.target)] = r.test.estimate
-    out["correlations"] = ("correlations.png", heatmap(
+    out["correlation heatmap"] = ("correlations.png", heatmap(
         rho, title=f"Spearman's rho across {len(evidence.methods)} methods: index vs per-pathology number",
         vmin=-1.0, vmax=1.0, cmap="RdBu_r"))
     return out
