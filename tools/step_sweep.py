@@ -124,6 +124,7 @@ class FirstImages:
                 return
             if len(batch) > left:
                 batch = replace(batch, image=batch.image[:left], label=batch.label[:left], path=batch.path[:left],
+                                subject=batch.subject[:left],
                                 anomaly_mask=None if batch.anomaly_mask is None else batch.anomaly_mask[:left],
                                 brain_mask=None if batch.brain_mask is None else batch.brain_mask[:left])
             left -= len(batch)
