@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from core.Configurator import ConfigError, check_keys, load_config, read_yaml, to_dataclass
 from dl_utils.run import read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_REFERENCE = REPO / "docs" / "reference_results.csv"
-STUDY_KEYS = ("name", "experiment", "output_dir", "overrides", "seeds", "statistics", "reference", "methods")
+STUDY_KEYS = ("name", "experiment", "output_dir", "overrides", "seeds", "statistics", "reference", "launcher",
+              "methods")
 PLACING_KEYS = ("experiment.name", "experiment.output_dir", "name", "experiment.resume", "experiment.task",
                 "experiment.weights")
 
@@ -75,6 +77,91 @@ class Statistics:
                              f"{math.ceil(2.0 / self.alpha)} replicates")
 
 
+# sbatch options the study sets itself (the typed fields of SlurmSettings, or what submitit and the dependencies own)
+SBATCH_OWNED = {"partition": "partition", "time": "time_min", "gpus-per-node": "gpus_per_job",
+                "cpus-per-task": "cpus_per_job", "mem": "mem_gb", "signal": "signal_delay_s", "job-name": None,
+                "output": None, "error": None, "dependency": None, "array": None, "open-mode": None, "wrap": None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlurmSettings:
+    """The ``launcher.slurm:`` block: what each job of the study asks SLURM for (one job = one method and seed).
+
+    Attributes:
+        partition: the partition (None: the cluster's default).
+        time_min: the wall-time limit of one job in minutes. A job that reaches it (or is preempted) ends its run as
+            interrupted and is requeued; the requeued job resumes the run from its ``latest.pt``.
+        gpus_per_job: GPUs of one job (``--gpus-per-node``); 0 for CPU-only jobs.
+        cpus_per_job: CPUs of one job (``--cpus-per-task``); also the job's ``OMP_NUM_THREADS`` unless the
+            submitting shell set one.
+        mem_gb: memory of one job in GB (``--mem``; None: the partition's default).
+        max_requeues: how many times a job that reached its time limit is requeued before it counts as failed.
+        signal_delay_s: seconds before the time limit at which SLURM signals the job (``--signal=USR2@...``), the time
+            the run has to end cleanly.
+        sbatch: further ``sbatch`` options, ``{option: value}`` without the leading dashes (``{account: lab, qos:
+            high, constraint: a100}``; ``true`` for a flag such as ``exclusive``).
+        setup: shell lines run at the start of each job, before Python (``module load cuda/12.4``, ``source
+            venv/bin/activate``).
+        poll_s: seconds between two looks at the queue (``squeue``).
+    """
+
+    partition: str | None = None
+    time_min: int = 240
+    gpus_per_job: int = 0
+    cpus_per_job: int = 1
+    mem_gb: float | None = None
+    max_requeues: int = 3
+    signal_delay_s: int = 120
+    sbatch: Mapping[str, str | int | bool] = field(default_factory=dict)
+    setup: tuple[str, ...] = ()
+    poll_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "setup", tuple(self.setup))
+        object.__setattr__(self, "sbatch", dict(self.sbatch))
+        for name, low in (("time_min", 1), ("gpus_per_job", 0), ("cpus_per_job", 1), ("max_requeues", 0),
+                          ("signal_delay_s", 10)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be >= {low}")
+        if self.mem_gb is not None and self.mem_gb <= 0:
+            raise ValueError(f"mem_gb: {self.mem_gb!r} must be > 0")
+        if self.poll_s <= 0:
+            raise ValueError(f"poll_s: {self.poll_s!r} must be > 0")
+        if self.signal_delay_s >= self.time_min * 60:
+            raise ValueError(f"signal_delay_s: {self.signal_delay_s} s is not shorter than time_min "
+                             f"({self.time_min} min): the job would be signalled before it starts")
+        for key in self.sbatch:
+            if key.startswith("-") or "_" in key or not key:
+                raise ValueError(f"sbatch: {key!r}: write the option as sbatch spells it, without dashes "
+                                 f"(e.g. 'mail-user')")
+            if key in SBATCH_OWNED:
+                owner = SBATCH_OWNED[key]
+                raise ValueError(f"sbatch: {key!r} is set by the study" + (f"; use {owner}:" if owner else ""))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LauncherSettings:
+    """The ``launcher:`` block: where the study's jobs run (the command line's ``--launcher``, ``--jobs``, ... win).
+
+    Attributes:
+        kind: ``local`` (on this machine) or ``slurm`` (each job a SLURM job, submitted through submitit).
+        jobs: local only: how many jobs run at once (each pinned to its own GPU when there are GPUs, else to its
+            share of the CPU threads).
+        slurm: what each SLURM job asks for (:class:`SlurmSettings`).
+    """
+
+    kind: Literal["local", "slurm"] = "local"
+    jobs: int = 1
+    slurm: SlurmSettings = SlurmSettings()
+
+    def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise ValueError(f"jobs: {self.jobs!r} must be >= 1")
+        if self.kind == "slurm" and self.jobs != 1:
+            raise ValueError(f"jobs: {self.jobs} applies to kind 'local' (SLURM runs as many jobs at once as the "
+                             f"cluster allows)")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Job:
     """One run of a study: a method with one seed (None: the config's own seed, when the study lists no seeds)."""
@@ -113,6 +200,7 @@ class Study:
     seeds: tuple[int | None, ...] = (None,)
     statistics: Statistics = Statistics()
     reference: Path | None = DEFAULT_REFERENCE
+    launcher: LauncherSettings = LauncherSettings()
 
     @property
     def folder(self) -> Path:
@@ -216,7 +304,8 @@ def load_study(path: str | Path) -> Study:
                  overrides=overrides, methods=tuple(methods), source=path,
                  seeds=_seeds(raw.get("seeds"), overrides, where),
                  statistics=to_dataclass(Statistics, raw.get("statistics") or {}, f"{where}: statistics"),
-                 reference=_reference(raw, path))
+                 reference=_reference(raw, path),
+                 launcher=to_dataclass(LauncherSettings, raw.get("launcher") or {}, f"{where}: launcher"))
 
 
 def read_yaml_name(config: Path) -> str:

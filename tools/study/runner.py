@@ -1,8 +1,10 @@
 """Running a study's jobs: skip a finished run, resume an interrupted one, start the rest, record wall times.
 
-The seam for other launchers: :func:`run_jobs` hands each job's command line and log file to a ``launch`` callable
-(:data:`Launcher`) that returns the exit code; :func:`launch_local` runs it here, one after another. A job runs
-after the jobs it needs (``weights_from``, ``stage1``, same seed), which :meth:`Study.jobs` lists before it.
+The seam for other launchers: :func:`run_job` hands a job's command line and log file to a ``launch`` callable
+(:data:`Launcher`) that returns the exit code; :func:`launch_local` runs it here. :func:`run_jobs` runs jobs one after
+another, each after the jobs it needs (``weights_from``, ``stage1``, same seed), which :meth:`Study.jobs` lists
+before it; :mod:`tools.study.launchers` runs them several at a time or on SLURM, calling :func:`run_job` where the
+job runs (so a job resolves its dependencies when it starts, not when it is queued).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from tools.study.plan import REPO, Job, Study, finished_run, run_status, runs_of_job
@@ -25,11 +27,12 @@ Launcher = Callable[[Sequence[str], Path], int]
 State = dict[str, dict[str, object]]
 
 
-def launch_local(command: Sequence[str], log_path: Path) -> int:
-    """Run ``command`` in this machine's working directory, appending its output to ``log_path``; its exit code."""
+def launch_local(command: Sequence[str], log_path: Path, *, env: Mapping[str, str] | None = None) -> int:
+    """Run ``command`` in this machine's working directory, appending its output to ``log_path``; its exit code.
+    ``env``: variables set for it on top of this process's environment (a GPU or thread pinning)."""
     with log_path.open("a", encoding="utf-8") as log:
-        return subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd(), check=False
-                              ).returncode
+        return subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd(), check=False,
+                              env={**os.environ, **env} if env else None).returncode
 
 
 def command(study: Study, job: Job, extra: Sequence[str]) -> list[str]:
@@ -63,10 +66,17 @@ def _dependency_sets(study: Study, job: Job) -> list[str] | None:
     return extra
 
 
-def run_job(study: Study, job: Job, state: State, *, launch: Launcher | None = None) -> Path | None:
+def log_path(study: Study, job: Job) -> Path:
+    """The job's log: ``<study folder>/logs/<job key, '/' as '_'>.log`` (every attempt appends to it)."""
+    return study.folder / "logs" / f"{job.key.replace('/', '_')}.log"
+
+
+def run_job(study: Study, job: Job, state: State, *, launch: Launcher | None = None,
+            env: Mapping[str, str] | None = None) -> Path | None:
     """Run (or skip, or resume) one job; returns its finished run folder, or None if it failed.
 
-    ``launch`` starts the run (default :func:`launch_local`, looked up at call time).
+    ``launch`` starts the run (default :func:`launch_local`, looked up at call time); ``env`` (variables for the
+    run's process, e.g. ``CUDA_VISIBLE_DEVICES``) is passed to it as ``env=`` when given.
 
     A finished run of the job (:func:`tools.study.plan.runs_of_job`: same method, seed and defining overrides) is
     kept as it is; the newest run of the job that holds ``checkpoints/latest.pt`` but did not finish is resumed
@@ -90,17 +100,17 @@ def run_job(study: Study, job: Job, state: State, *, launch: Launcher | None = N
     needed = _dependency_sets(study, job)
     if needed is None:
         return None
-    log_path = study.folder / "logs" / f"{job.key.replace('/', '_')}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path(study, job)
+    log.parent.mkdir(parents=True, exist_ok=True)
     line = command(study, job, [*extra, *needed])
-    logger.info("%s: %s (log: %s)", job.key, " ".join(line[1:]), log_path)
+    logger.info("%s: %s (log: %s)", job.key, " ".join(line[1:]), log)
     start = time.perf_counter()
     with LoadSampler() as load:
-        code = (launch or launch_local)(line, log_path)
+        code = (launch or launch_local)(line, log, **({"env": env} if env else {}))
     wall = time.perf_counter() - start
     done = finished_run(study, job)
     if code != 0 or done is None:
-        logger.error("%s: failed (exit %d) after %.0f s; see %s", job.key, code, wall, log_path)
+        logger.error("%s: failed (exit %d) after %.0f s; see %s", job.key, code, wall, log)
         return None
     state[job.key] = {"run": str(done), "wall_s": wall, "resumed": resumed, "load_average": load.mean,
                       "cpus": os.cpu_count()}
@@ -116,15 +126,12 @@ def read_state(study: Study) -> State:
 
 
 def run_jobs(study: Study, jobs: Sequence[Job], state: State, *, launch: Launcher | None = None) -> list[str]:
-    """Run ``jobs`` in order, writing ``runs.json`` after each; the keys of the jobs that failed."""
-    failed: list[str] = []
-    path = study.folder / "runs.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for job in jobs:
-        if run_job(study, job, state, launch=launch) is None:
-            failed.append(job.key)
-        path.write_text(json.dumps(state, indent=2, sort_keys=True))
-    return failed
+    """Run ``jobs`` here, one after another in dependency order, writing ``runs.json`` after each; the keys of the
+    jobs that failed (or could not start because a job they need failed). See :mod:`tools.study.launchers`."""
+    from tools.study import launchers  # it builds on this module
+
+    backend = launchers.LocalBackend(study, jobs=1, launch=launch)
+    return launchers.failed_keys(launchers.run_schedule(study, jobs, state, backend))
 
 
 class LoadSampler:
