@@ -29,9 +29,11 @@ dir="$(cd "$dir" && pwd)"
 conf="$dir/slurm.conf"
 
 stop_daemon() {  # $1: pid file
-  if [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; then
-    kill "$(cat "$1")"
-    for _ in $(seq 50); do kill -0 "$(cat "$1")" 2>/dev/null || break; sleep 0.1; done
+  local pid
+  pid="$(cat "$1" 2>/dev/null || true)"
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill "$pid"
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   fi
   rm -f "$1"
 }
@@ -64,8 +66,6 @@ host="$(hostname -s)"
 cpus="$(nproc)"
 mem_mb="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
 mkdir -p "$dir/ctld" "$dir/spool" "$dir/munge"
-chown munge: "$dir/munge" 2>/dev/null || true
-chmod 755 "$dir/munge"
 
 cat >"$conf" <<EOF
 # Written by tools/slurm_local/setup.sh: a single-node cluster on $host.
@@ -102,17 +102,26 @@ NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 
-# munged: its own socket and pid file in $dir, the key of the munge package
+stop_daemon "$dir/slurmd.pid"
+stop_daemon "$dir/slurmctld.pid"
+for port in 6817 6818; do  # another cluster's daemons (another --dir, a system SLURM) would answer in ours' place
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "setup.sh: port $port is in use (another slurmctld/slurmd?); stop it, or use its SLURM_CONF" >&2
+    exit 5
+  fi
+done
+
+# munged: its own socket and pid file in $dir, the key of the munge package; as root (--force), like the other
+# daemons, so that $dir may sit in a folder only root can enter (a test's temporary folder)
 if ! { [ -f "$dir/munged.pid" ] && kill -0 "$(cat "$dir/munged.pid")" 2>/dev/null; }; then
-  runuser -u munge -- munged --socket="$dir/munge/munge.socket" --pid-file="$dir/munge/munged.pid" \
+  rm -f "$dir/munge/munged.pid"
+  munged --force --socket="$dir/munge/munge.socket" --pid-file="$dir/munge/munged.pid" \
     --log-file="$dir/munge/munged.log" --seed-file="$dir/munge/munged.seed"
-  for _ in $(seq 50); do [ -f "$dir/munge/munged.pid" ] && break; sleep 0.1; done
+  for _ in $(seq 50); do [ -s "$dir/munge/munged.pid" ] && break; sleep 0.1; done
   cp "$dir/munge/munged.pid" "$dir/munged.pid"
 fi
 
 export SLURM_CONF="$conf"
-stop_daemon "$dir/slurmd.pid"
-stop_daemon "$dir/slurmctld.pid"
 slurmctld -f "$conf" -i   # -i: ignore state left by an earlier start (a fresh queue)
 slurmd -f "$conf"
 for _ in $(seq 100); do
