@@ -5,7 +5,7 @@ indices with per-pathology performance, and the agreement with the reference stu
 Usage::
 
     python -m tools.study projects/normative_eval/studies/cpu_study.yaml [--only ae_cpu vae_cpu] [--report-only]
-        [--readme README.md] [--no-wandb]
+        [--readme README.md] [--no-wandb] [--launcher local|slurm] [--jobs N] [--partition P] [--time-min M] ...
 
 The study YAML lists the methods and what every run shares::
 
@@ -25,16 +25,17 @@ The study YAML lists the methods and what every run shares::
          stage1: {from: vqvae_cpu, set: model.params.vqvae_checkpoint, checkpoint: best.pt}}
 
 Each (method, seed) is a job (:mod:`.plan`), run as its own process (``python core/Main.py --config_path <config>
---set ...``) by :mod:`.runner`, so one crash stops nothing but that job. A job's runs are its method's run folders of
-its seed (``manifest.json`` ``seed``) made with its defining overrides (``config.yaml`` ``overrides``: the study's,
-the seed, the method's; the run's place, wandb settings and dependency paths aside), so another study's runs with
-other settings are never taken for it: a finished one is reused, an interrupted one (``checkpoints/latest.pt``, not
-finished) is resumed (``experiment.resume``); otherwise the job starts fresh. ``weights_from`` and ``stage1`` use
-the named earlier method's finished run of the same seed (``stage1`` sets ``set``, a ``key.path``, to its
-``checkpoints/<checkpoint>``, default ``latest.pt``); a stage-1 run without downstream evaluation (f-AnoGAN's
-WGAN-GP) is not a row of the comparison, and its wall time is added to its second stage's. Every run joins the
-study's wandb group (``wandb.group`` = the study name, ``wandb.job_type`` = the method). A job's log goes to
-``<study>/logs/<job>.log``, its wall time and load to ``<study>/runs.json``.
+--set ...``) by :mod:`.runner`, so one crash stops nothing but that job; :mod:`.launchers` runs the jobs one or
+several at a time here, or each as a SLURM job (:mod:`.slurm`), as the ``launcher:`` block or the command line says.
+A job's runs are its method's run folders of its seed (``manifest.json`` ``seed``) made with its defining overrides
+(``config.yaml`` ``overrides``: the study's, the seed, the method's; the run's place, wandb settings and dependency
+paths aside), so another study's runs with other settings are never taken for it: a finished one is reused, an
+interrupted one (``checkpoints/latest.pt``, not finished) is resumed (``experiment.resume``); otherwise the job
+starts fresh. ``weights_from`` and ``stage1`` use the named earlier method's finished run of the same seed
+(``stage1`` sets ``set``, a ``key.path``, to its ``checkpoints/<checkpoint>``, default ``latest.pt``); a stage-1 run
+without downstream evaluation (f-AnoGAN's WGAN-GP) is not a row of the comparison, and its wall time is added to its
+second stage's. Every run joins the study's wandb group (``wandb.group`` = the study name, ``wandb.job_type`` = the
+method). A job's log goes to ``<study>/logs/<job>.log``, its wall time and load to ``<study>/runs.json``.
 
 The comparison (:mod:`.results`, :mod:`.evidence`, :mod:`.analysis`, :mod:`.report`) reads every finished run's
 ``metrics.json`` and ``per_image/`` tables: point values are the runs' own numbers, averaged over seeds with their
