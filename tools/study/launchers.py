@@ -135,7 +135,7 @@ def run_schedule(study: Study, jobs: Sequence[Job], state: runner.State, backend
         t.state, t.detail, t.changed_at = update.state, update.detail, time.monotonic()
         if update.entry is not None:
             t.entry = state[t.key] = update.entry
-            path.write_text(json.dumps(state, indent=2, sort_keys=True))
+            write_state(path, state)
         logger.info("%s", progress_line(study, t))
 
     for key, update in backend.adopt(list(tracked.values())).items():
@@ -159,8 +159,15 @@ def run_schedule(study: Study, jobs: Sequence[Job], state: runner.State, backend
         logger.error("interrupted with %d job(s) queued or running; %s", len(active), backend.interrupted(active))
         raise
     finally:
-        path.write_text(json.dumps(state, indent=2, sort_keys=True))
+        write_state(path, state)
     return list(tracked.values())
+
+
+def write_state(path: Path, state: runner.State) -> None:
+    """Write ``runs.json`` atomically (a temporary file renamed over it: a reader never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+    os.replace(tmp, path)
 
 
 def _advance(t: Tracked, deps: Sequence[Tracked], backend: Backend, apply: Callable[[Tracked, Update], None]) -> None:
