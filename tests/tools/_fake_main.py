@@ -39,7 +39,8 @@ def main(argv: list[str]) -> int:
         manifest.write_text(json.dumps({"status": state, "seed": seed, "events": events}))
 
     call = {"pid": os.getpid(), "run": str(run), "argv": argv, "env_threads": os.environ.get("OMP_NUM_THREADS"),
-            "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": time.time()}
+            "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": time.time(),
+            "usr2_ignored": signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN}
 
     def record(outcome: str) -> None:
         with (run / "calls.jsonl").open("a") as f:

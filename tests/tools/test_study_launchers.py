@@ -237,6 +237,7 @@ def test_a_job_signalled_before_its_time_limit_is_requeued_and_resumes_its_run(t
                                                                          "finished"]
     first, second = _calls(study, "a")
     assert first["outcome"] == "interrupted" and second["outcome"] == "finished"
+    assert first["usr2_ignored"]  # SLURM signals every process of the job; the run must not die of it
     assert _set(second, "experiment.resume") == str(run) and state["a"]["resumed"] is True
 
 

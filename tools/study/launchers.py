@@ -201,7 +201,8 @@ def progress_line(study: Study, t: Tracked) -> str:
     if t.state == "blocked":
         return f"{t.key}: blocked: {t.detail}"
     if t.state == "running":
-        return f"{t.key}: running{where}; log: {runner.log_path(study, t.job)}"
+        return f"{t.key}: running{where}" + (f": {t.detail}" if t.detail else "") + \
+            f"; log: {runner.log_path(study, t.job)}"
     return f"{t.key}: {t.state}{where}" + (f": {t.detail}" if t.detail else "")
 
 

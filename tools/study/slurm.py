@@ -77,6 +77,16 @@ def thread_env() -> dict[str, str]:
     return {}
 
 
+def checkpoint_signal() -> signal.Signals:
+    """The signal SLURM sends before a job's time limit, as submitit asks for it (``USR2`` unless
+    ``SUBMITIT_PREEMPT_SIGNAL`` says otherwise)."""
+    return signal.Signals[f"SIG{submitit.JobEnvironment.USR_SIG}"]
+
+
+def _ignore_checkpoint_signal() -> None:
+    signal.signal(checkpoint_signal(), signal.SIG_IGN)
+
+
 class StudyJob(submitit.helpers.Checkpointable):
     """One study job where SLURM (or submitit's local executor) runs it; submitit pickles it with the parsed study.
 
@@ -119,8 +129,10 @@ class StudyJob(submitit.helpers.Checkpointable):
     def _launch(self, command: Sequence[str], log_path: Path, *, env: Mapping[str, str] | None = None) -> int:
         line = [*self.program, *command[2:]] if self.program else list(command)
         with log_path.open("a", encoding="utf-8") as log:
+            # SLURM sends the checkpoint signal to every process of the job: the run ignores it (its default action
+            # would kill the run unrecorded) and is ended by checkpoint() with SIGTERM instead
             self._process = subprocess.Popen(line, stdout=log, stderr=subprocess.STDOUT,
-                                             env={**os.environ, **(env or {})})
+                                             env={**os.environ, **(env or {})}, preexec_fn=_ignore_checkpoint_signal)
             # poll rather than wait(): the checkpoint signal's handler must be able to wait for the process itself
             while (code := self._process.poll()) is None:
                 time.sleep(0.5)
@@ -308,10 +320,10 @@ class SubmititBackend:
                 row = rows.get(job_id)
                 if row is not None and row.state in LIVE_STATES:
                     state = LIVE_STATES[row.state]
-                    if row.state in REQUEUED_STATES:
-                        detail = f"requeued ({row.state}): the run resumes when it starts again"
-                    else:
-                        detail = t.detail if state == "queued" else ""
+                    if row.state in REQUEUED_STATES or (state == "queued" and t.state == "running"):
+                        detail = "requeued (time limit or preemption): the run resumes when the job starts again"
+                    else:  # a queued job keeps what it waits for, a running one what it was (attached)
+                        detail = t.detail if state == t.state or state == "queued" else ""
                     out[t.key] = Update(state, detail=detail, where=self._where(job_id, row.node))  # type: ignore[arg-type]
                     continue
                 ended = row.state if row is not None else "no longer listed by squeue"
