@@ -21,10 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -62,7 +61,6 @@ class Tracked:
     entry: dict[str, Any] | None = None
     handle: Any = None
     launcher_id: str | None = None
-    changed_at: float = field(default_factory=time.monotonic)
 
     @property
     def key(self) -> str:
@@ -132,7 +130,7 @@ def run_schedule(study: Study, jobs: Sequence[Job], state: runner.State, backend
             t.where = update.where
         if update.state == t.state and update.detail == t.detail:
             return
-        t.state, t.detail, t.changed_at = update.state, update.detail, time.monotonic()
+        t.state, t.detail = update.state, update.detail
         if update.entry is not None:
             t.entry = state[t.key] = update.entry
             write_state(path, state)

@@ -41,16 +41,17 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError, pickle_lo
 
 from core.Configurator import ConfigError
 from tools.study import runner
-from tools.study.launchers import Tracked, Update
+from tools.study.launchers import JobState, Tracked, Update
 from tools.study.plan import REPO, Job, SlurmSettings, Study, finished_run
 
 logger = logging.getLogger(__name__)
 
 # squeue's job states that are not final, and what the study calls them
-LIVE_STATES = {"PENDING": "queued", "CONFIGURING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued",
-               "REQUEUE_FED": "queued", "PREEMPTED": "queued", "SUSPENDED": "queued", "RESV_DEL_HOLD": "queued",
-               "RUNNING": "running", "COMPLETING": "running", "RESIZING": "running", "SIGNALING": "running",
-               "STAGE_OUT": "running"}
+LIVE_STATES: dict[str, JobState] = {
+    "PENDING": "queued", "CONFIGURING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued",
+    "REQUEUE_FED": "queued", "PREEMPTED": "queued", "SUSPENDED": "queued", "RESV_DEL_HOLD": "queued",
+    "RUNNING": "running", "COMPLETING": "running", "RESIZING": "running", "SIGNALING": "running",
+    "STAGE_OUT": "running"}
 REQUEUED_STATES = ("REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED")
 RESULT_GRACE_S = 120.0  # how long a job that left the queue may take to show its result (a slow shared filesystem)
 EXIT_MEANINGS = {1: "the run failed", 2: "a configuration error",
@@ -283,7 +284,7 @@ class SubmititBackend:
             job = self._job(job_id)
             if row is not None and row.name == self.job_name(t.job) and row.state in LIVE_STATES:
                 t.handle, t.launcher_id = job, job_id
-                out[t.key] = Update(LIVE_STATES[row.state], detail="submitted earlier, attached",  # type: ignore[arg-type]
+                out[t.key] = Update(LIVE_STATES[row.state], detail="submitted earlier, attached",
                                     where=self._where(job_id, row.node))
                 continue
             if not job.paths.result_pickle.is_file():
@@ -324,7 +325,7 @@ class SubmititBackend:
                         detail = "requeued (time limit or preemption): the run resumes when the job starts again"
                     else:  # a queued job keeps what it waits for, a running one what it was (attached)
                         detail = t.detail if state == t.state or state == "queued" else ""
-                    out[t.key] = Update(state, detail=detail, where=self._where(job_id, row.node))  # type: ignore[arg-type]
+                    out[t.key] = Update(state, detail=detail, where=self._where(job_id, row.node))
                     continue
                 ended = row.state if row is not None else "no longer listed by squeue"
             else:
