@@ -16,9 +16,11 @@ Run lifecycle (``manifest.json``): ``status`` is ``running`` once the folder hol
 ``metrics.partial.json``). Nothing is written before the config, the data CSVs, ``experiment.weights`` and
 a resumed checkpoint have been checked.
 
-Resume (``--set experiment.resume=<run folder>``): ``checkpoints/latest.pt`` must load strictly into the
-network the config builds, and the config may differ from the run's ``config.yaml`` only in
-:data:`RESUME_MAY_CHANGE` (run length, logging, evaluation); any other difference (a learning rate, a batch
+Resume (``--set experiment.resume=<run folder>``, for any config, with or without an ``experiment:`` block):
+a finished run and a run whose process still runs are refused (:func:`check_resumable`; a run whose process is
+gone has ``died`` and is resumed); ``checkpoints/latest.pt`` must load strictly into the network the config builds,
+and the config may differ from the run's ``config.yaml`` only in :data:`RESUME_MAY_CHANGE` (run length, logging,
+evaluation), leaf by leaf, a block one side lacks counting as empty; any other difference (a learning rate, a batch
 size) is refused with the differences listed: start a new run instead. ``config.yaml`` and the manifest's
 provenance are never rewritten: the resume is appended to the manifest's ``events`` (with the allowed
 differences), and history rows logged after the checkpoint move to ``history.superseded.jsonl``.
@@ -45,6 +47,10 @@ from typing import TYPE_CHECKING, Any, Literal
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dl_utils import threads  # noqa: E402
+
+threads.prepare_environment()  # OpenMP reads its wait policy once, when torch loads it
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -55,7 +61,7 @@ from dl_utils.run import one_line  # noqa: E402
 
 if TYPE_CHECKING:
     from core.DataLoader import DataModule
-    from dl_utils.run import Run
+    from dl_utils.run import Run, RunState
     from model_zoo.base import AnomalyModel
 
 logger = logging.getLogger("core.Main")
@@ -64,7 +70,8 @@ TOP_LEVEL_KEYS = ("name", "experiment", "wandb", "data", "model", "trainer", "do
                   "overrides", "allow_imports")
 # YAML paths (and everything below them) a resumed run may change: how long, how it logs, what it evaluates.
 RESUME_MAY_CHANGE = (
-    "experiment.resume", "experiment.output_dir", "wandb", "downstream_tasks", "overrides",
+    "experiment.resume", "experiment.force_resume", "experiment.output_dir", "experiment.threads", "wandb",
+    "downstream_tasks", "overrides",
     "trainer.params.max_epochs", "trainer.params.max_steps", "trainer.params.progress",
     "data.params.num_workers", "data.params.pin_memory",
 )
@@ -85,9 +92,15 @@ class ExperimentSettings:
         device: 'auto' (CUDA when present), 'gpu' (error without CUDA) or 'cpu'.
         weights: checkpoint to evaluate or predict with (tasks 'evaluate', 'predict'), or to initialise the
             model from before training (task 'train'); loaded strictly.
-        resume: a run folder whose ``checkpoints/latest.pt`` training continues from (task 'train').
+        resume: a run folder whose ``checkpoints/latest.pt`` training continues from (task 'train'); refused for a
+            finished run and for a run whose process still runs (see :func:`check_resumable`).
+        force_resume: resume a ``running`` run whose owner cannot be checked from here (another host, or no owner
+            recorded); never a run whose process is seen running on this host.
         output_dir: where run folders go (relative: against the working directory).
         deterministic: ask torch for deterministic algorithms (slower on GPU).
+        threads: the CPU thread policy (:mod:`dl_utils.threads`): 'auto' (the measured default; an
+            ``OMP_NUM_THREADS`` in the environment is kept), 'torch' (torch's own count), 'free' (one thread per
+            core idle at the start) or a thread count; recorded in the manifest (``threads``).
     """
 
     name: str = "normative_eval"
@@ -96,8 +109,10 @@ class ExperimentSettings:
     device: Literal["auto", "gpu", "cpu"] = "auto"
     weights: str | None = None
     resume: str | None = None
+    force_resume: bool = False
     output_dir: str = "runs"
     deterministic: bool = False
+    threads: str | int = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,6 +151,10 @@ def validate(config: dict[str, Any]) -> tuple[ExperimentSettings, WandbSettings]
         check_params(cls, section, key)
         sections[key] = cls(**section)
     experiment: ExperimentSettings = sections["experiment"]
+    try:
+        threads.check_setting(experiment.threads)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if experiment.task in ("evaluate", "predict") and not experiment.weights:
         raise ConfigError(f"experiment.weights: required when experiment.task is {experiment.task!r}")
     if experiment.weights and experiment.resume:
@@ -148,8 +167,8 @@ def validate(config: dict[str, Any]) -> tuple[ExperimentSettings, WandbSettings]
                           "use 'auto' or 'cpu'")
     if experiment.weights and not Path(experiment.weights).is_file():
         raise ConfigError(f"experiment.weights: file not found: {experiment.weights}")
-    if experiment.resume and not (Path(experiment.resume) / "checkpoints" / "latest.pt").is_file():
-        raise ConfigError(f"experiment.resume: {experiment.resume}/checkpoints/latest.pt not found")
+    if experiment.resume:
+        check_resumable(Path(experiment.resume), force=experiment.force_resume)
     if experiment.task == "train" and "trainer" not in config:
         raise ConfigError("trainer: required when experiment.task is 'train'")
     return experiment, sections["wandb"]
@@ -173,12 +192,48 @@ def split_hashes(data: DataModule) -> dict[str, str | None]:
 
 @dataclass(frozen=True)
 class ResumePlan:
-    """What :func:`check_resume` found: the run folder, where its checkpoint stands, the allowed changes."""
+    """What :func:`check_resume` found: the run folder, where its checkpoint stands, the allowed changes, and
+    the run's state (``died`` when its manifest says running but its process is gone)."""
 
     run_dir: Path
     epoch: int
     step: int
     changes: list[tuple[str, Any, Any]]
+    state: RunState
+
+
+def check_resumable(run_dir: Path, *, force: bool = False) -> RunState:
+    """Refuse to resume a run that must not be continued, before anything is read further or written.
+
+    A finished run is refused (its metrics, report and figures would be overwritten; the line says how to
+    evaluate it or train on from its weights in a new run), and so is a ``running`` run whose process is seen
+    alive on this host (two trainers would write one folder) or whose owner cannot be checked from here
+    (another host, or none recorded) unless ``force`` (``experiment.force_resume``). A ``running`` run whose
+    process is gone has ``died`` and is resumed. Then ``checkpoints/latest.pt`` must exist.
+
+    Raises:
+        ConfigError: naming ``experiment.resume``, the run folder and what to do instead.
+    """
+    from dl_utils.run import describe_heartbeat, run_state
+
+    state = run_state(run_dir)
+    if state.status == "finished":
+        raise ConfigError(
+            f"experiment.resume: {run_dir} is a finished run; resuming it would overwrite its metrics.json, report "
+            f"and figures. To evaluate it: --set experiment.task=evaluate --set experiment.weights="
+            f"{run_dir / 'checkpoints' / 'best.pt'}; to train on: a new run from its weights, --set "
+            f"experiment.weights={run_dir / 'checkpoints' / 'latest.pt'} (without experiment.resume)")
+    heartbeat = describe_heartbeat(state.heartbeat)
+    if state.owner_state == "alive":
+        raise ConfigError(f"experiment.resume: {run_dir} is still running: {state.why} ({heartbeat}); two trainers "
+                          "would write one folder. Wait for it to end, or stop it (it then records 'interrupted') and "
+                          "resume again")
+    if state.owner_state == "unknown" and not force:
+        raise ConfigError(f"experiment.resume: {run_dir} says 'running', owned by {state.why} ({heartbeat}). If that "
+                          "process is gone, resume with --set experiment.force_resume=true")
+    if not (run_dir / "checkpoints" / "latest.pt").is_file():
+        raise ConfigError(f"experiment.resume: {run_dir}/checkpoints/latest.pt not found")
+    return state
 
 
 def check_resume(run_dir: Path, config: dict[str, Any], model: Any) -> ResumePlan:
@@ -190,7 +245,7 @@ def check_resume(run_dir: Path, config: dict[str, Any], model: Any) -> ResumePla
         ConfigError: the run has no ``config.yaml``, or the config differs outside :data:`RESUME_MAY_CHANGE`.
     """
     from dl_utils import checkpoint as ckpt
-    from dl_utils.run import config_differences, plain_config
+    from dl_utils.run import config_differences, plain_config, run_state
 
     original_path = run_dir / "config.yaml"
     if not original_path.is_file():
@@ -210,7 +265,7 @@ def check_resume(run_dir: Path, config: dict[str, Any], model: Any) -> ResumePla
         raise ckpt.CheckpointError(f"{latest} is not a training checkpoint (no {', '.join(missing)})")
     ckpt.load_state_strict(model, state["model"], f"'model' weights of {latest}")
     return ResumePlan(run_dir=run_dir, epoch=int(state["epoch"]), step=int(state["step"]),
-                      changes=[c for c in changes if c[0] != "experiment.resume"])
+                      changes=[c for c in changes if c[0] != "experiment.resume"], state=run_state(run_dir))
 
 
 def build_objects(config: dict[str, Any]) -> tuple[DataModule, AnomalyModel]:
@@ -228,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config_path, args.overrides)
     allow_imports(config.get("allow_imports"))  # before anything is built; never from a checkpoint's config
     experiment, wandb_settings = validate(config)
+    thread_record = threads.apply_policy(experiment.threads)
     name = config.get("name") or Path(args.config_path).stem
     if experiment.task == "predict":  # needs neither the trainer nor the evaluation modules
         from core.prediction import run_prediction
@@ -276,11 +332,14 @@ def run(args: argparse.Namespace) -> int:
                          rank=dist.rank, world_size=dist.world_size)
         with run.recording(task=experiment.task):
             if plan is not None:
+                if plan.state.owner_state is not None:  # its manifest says 'running', its process is not seen
+                    logger.warning("resuming %s: %s", plan.run_dir, plan.state.describe())
                 run.resume(config_path=args.config_path, from_epoch=plan.epoch, from_step=plan.step,
-                           changed={where: {"old": old, "new": new} for where, old, new in plan.changes})
+                           changed={where: {"old": old, "new": new} for where, old, new in plan.changes},
+                           previous=plan.state, threads=thread_record)
             else:
                 run.start(config_path=args.config_path, task=experiment.task, weights=experiment.weights,
-                          split_files=split_hashes(data))
+                          split_files=split_hashes(data), threads=thread_record)
             run.open_logger(mode=wandb_settings.mode, project=wandb_settings.project or experiment.name,
                             name=f"{name}/{run.run_dir.name}", entity=wandb_settings.entity,
                             group=wandb_settings.group or name, job_type=wandb_settings.job_type,

@@ -496,6 +496,7 @@ class Trainer:
             values["lr"] = float(self.optimizer.param_groups[0]["lr"])
         if self.run.is_main:
             self.run.logger.log_train(values, step=self.step)
+            self.run.heartbeat(step=self.step)  # the run is alive (written at most every 30 s)
         bar.set_postfix(loss=f"{values['loss']:.4g}", img_s=f"{images_per_s:.0f}")
         self._running, self._running_count = None, 0
 
@@ -625,6 +626,7 @@ class Trainer:
         if self.run.is_main:
             path = ckpt.save_checkpoint(self.run.checkpoint_dir / name, self.state_dict(rng))
             logger.debug("wrote %s (epoch %d, step %d)", path, self.epoch, self.step)
+            self.run.heartbeat(step=self.step, force=True)
 
     def _resume(self, path: Path) -> dict[str, Any]:
         """Restore the loop from a checkpoint; return this rank's RNG state (restored when the data is)."""

@@ -11,12 +11,20 @@ Training, evaluation and prediction runs all go through one :class:`Run`; it is 
 
 The manifest carries the run's ``status``: ``running`` from the moment the folder holds files, then ``finished``,
 ``failed`` (with ``error``, one line) or ``interrupted`` (SIGINT/SIGTERM). Every transition and every resume is
-appended to its ``events`` list; the provenance written at the start is never rewritten. ``owner`` (host and
-process id of the process that started or last resumed the run) and ``heartbeat`` (the time of the latest
-checkpoint) tell whether a ``running`` run is still alive.
+appended to its ``events`` list; the provenance written at the start is never rewritten.
 
-Readers of finished run folders (``tools/study.py``, ``tools/report.py``) use :func:`read_manifest` and
-:func:`read_status`.
+Liveness: a process killed by SIGKILL, the out-of-memory killer or a power cut records nothing, so ``running`` alone
+does not say a run is alive. ``owner`` names the process that started or last resumed the run (host, process id,
+the process's start time in clock ticks after boot, and the boot id), and ``heartbeat`` (time and step) is renewed
+at log and checkpoint time (:meth:`Run.heartbeat`, at most every :data:`HEARTBEAT_INTERVAL_S` seconds between
+checkpoints). :func:`owner_state` tells, on the owner's host, whether that process still runs: a process id that
+exists but belongs to a process started at another time (the id was reused), a zombie, or a boot id that changed
+(the machine rebooted) all count as gone. From another host nothing about the process can be known: the state is
+``unknown`` and only the heartbeat's age is told. :func:`run_state` combines both: a ``running`` run whose owner is
+gone is ``died``.
+
+Readers of run folders (``tools/study``, ``tools/report.py``, a resume) use :func:`read_manifest`,
+:func:`read_status` and :func:`run_state`.
 """
 
 from __future__ import annotations
@@ -192,6 +200,7 @@ class Run:
     resume_from: Path | None = None
     logger: Any = None
     _failure: str | None = field(default=None, init=False, repr=False)
+    _last_heartbeat: float | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def create(cls, *, output_dir: str | Path, experiment: str, name: str, resume: str | Path | None = None,
@@ -264,9 +273,25 @@ class Run:
         except (OSError, ValueError) as err:
             logger.warning("could not record run status %r in %s: %s", status, self.run_dir, err)
 
-    def heartbeat(self) -> None:
-        """Record that the run is alive (the trainer calls it at every checkpoint)."""
-        self.update_manifest(heartbeat=now())
+    def heartbeat(self, *, step: int | None = None, force: bool = False) -> None:
+        """Record that the run is alive: ``heartbeat`` = ``{"time", "step"}`` in the manifest.
+
+        The trainer calls it at every log step and (``force``) at every checkpoint; without ``force`` the manifest
+        is written at most every :data:`HEARTBEAT_INTERVAL_S` seconds, so a short log interval costs nothing.
+        Best effort, like :meth:`set_status`: a manifest that cannot be written is logged, never raised here (the
+        next write of the run's own files reports a full disk).
+        """
+        if not self.is_main:
+            return
+        clock = time.monotonic()
+        if not force and self._last_heartbeat is not None and clock - self._last_heartbeat < HEARTBEAT_INTERVAL_S:
+            return
+        try:
+            self.update_manifest(heartbeat={"time": now(), "step": step})
+        except OSError as err:
+            logger.warning("could not record the heartbeat in %s: %s", self.run_dir, err)
+            return
+        self._last_heartbeat = clock
 
     # ------------------------------------------------------------------------------------------ the lifecycle
     def start(self, *, config_path: str | Path, task: str, **provenance: Any) -> None:
@@ -287,22 +312,34 @@ class Run:
             "git": git_state(), "packages": package_versions(), "python": sys.version.split()[0],
             "seed": self.seed, "device": device_description(self.device), "world_size": self.world_size,
             "torch_threads": torch.get_num_threads(),  # CPU results are reproducible at a fixed thread count
-            "owner": _owner(), **provenance,
+            "owner": owner_record(), **provenance,
             "status": "running", "events": [{"event": "running", "time": now()}],
         })
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(plain_config(self.config), sort_keys=False))
 
     def resume(self, *, config_path: str | Path, from_epoch: int, from_step: int,
-               changed: Mapping[str, Mapping[str, Any]]) -> None:
+               changed: Mapping[str, Mapping[str, Any]], previous: RunState | None = None,
+               **details: Any) -> None:
         """Continue this run folder: history rows logged after the checkpoint move to ``history.superseded.jsonl``,
-        the resume (with the allowed config changes) is appended to the events, the status becomes ``running``.
-        ``config.yaml`` and the provenance stay as the first start wrote them."""
+        the resume (with the allowed config changes) is appended to the events, the status becomes ``running``
+        and this process the ``owner``. ``config.yaml`` and the provenance stay as the first start wrote them.
+
+        ``previous`` (the folder's :func:`run_state` before the resume): a ``running`` run whose owner is gone first
+        gets a ``died`` event, one whose owner could not be checked (``experiment.force_resume``) an
+        ``owner_unverified`` event, each with the old owner and its last heartbeat. ``details`` (e.g. the thread
+        policy this process applied) go into the ``resumed`` event.
+        """
         if not self.is_main:
             return
+        if previous is not None and previous.owner_state in ("gone", "unknown"):
+            self.add_event("died" if previous.owner_state == "gone" else "owner_unverified", owner=previous.owner,
+                           why=previous.why, last_heartbeat=previous.heartbeat)
         moved = rewind_history(self.run_dir, from_step)
+        owner = owner_record()
         self.add_event("resumed", config_path=str(config_path), command=sys.argv, from_epoch=from_epoch,
-                       from_step=from_step, superseded_history_rows=moved, changed=dict(changed), owner=_owner())
-        self.update_manifest(owner=_owner())
+                       from_step=from_step, superseded_history_rows=moved, changed=dict(changed), owner=owner,
+                       **details)
+        self.update_manifest(owner=owner, heartbeat={"time": now(), "step": from_step})
         self.set_status("running")
 
     def open_logger(self, *, mode: str | None, project: str, name: str, entity: str | None = None,
@@ -358,8 +395,134 @@ class Run:
             self.logger.close(exit_code=exit_code)
 
 
-def _owner() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid()}
+# ------------------------------------------------------------------------------------------------ liveness
+HEARTBEAT_INTERVAL_S = 30.0
+OwnerState = Literal["alive", "gone", "unknown"]
+
+
+def _boot_id() -> str | None:
+    """The kernel's id of this boot (Linux; None elsewhere): a process recorded under another boot is gone."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _process_stat(pid: int) -> tuple[str, int] | None:
+    """``(state letter, start time in clock ticks after boot)`` of a process from ``/proc/<pid>/stat`` (Linux), or
+    None when there is no such process or no ``/proc``."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()  # the command name (field 2) may hold spaces and parentheses
+    return fields[0], int(fields[19])  # fields 3 (state) and 22 (starttime) of proc(5)
+
+
+def owner_record(pid: int | None = None) -> dict[str, Any]:
+    """Who owns a run: ``host``, ``pid``, ``start_ticks`` (the process's start time, so that a reused process id
+    is not taken for the owner; None without ``/proc``), ``boot_id`` and ``since`` (when it took the run)."""
+    pid = os.getpid() if pid is None else pid
+    stat = _process_stat(pid)
+    return {"host": socket.gethostname(), "pid": pid, "start_ticks": stat[1] if stat else None,
+            "boot_id": _boot_id(), "since": now()}
+
+
+def owner_state(owner: Any) -> tuple[OwnerState, str]:
+    """Whether the process an ``owner`` record names still runs, and why (one phrase for a message).
+
+    ``alive``: on this host, that process id exists and (where ``/proc`` tells) started at the recorded time;
+    ``gone``: on this host it does not (exited, killed, a zombie, the id now belongs to another process, or the
+    machine rebooted); ``unknown``: no owner recorded, or another host (whose processes cannot be seen from here).
+    """
+    if not isinstance(owner, Mapping) or not isinstance(owner.get("pid"), int):
+        return "unknown", "no owner process recorded (a run from before owners were recorded)"
+    pid, host = owner["pid"], owner.get("host")
+    who = f"process {pid} on host {host}"
+    here = socket.gethostname()
+    if host != here:
+        return "unknown", f"{who}, not this host ({here}): whether it still runs cannot be seen from here"
+    boot = _boot_id()
+    if owner.get("boot_id") and boot and owner["boot_id"] != boot:
+        return "gone", f"{who} is gone (the machine rebooted since)"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "gone", f"{who} is gone"
+    except PermissionError:  # it exists, under another user
+        pass
+    stat = _process_stat(pid)
+    if stat is not None and stat[0] in ("Z", "X"):
+        return "gone", f"{who} is gone (it ended; a zombie awaits its parent)"
+    if stat is not None and owner.get("start_ticks") is not None and stat[1] != owner["start_ticks"]:
+        return "gone", f"{who} is gone (that process id now belongs to another process)"
+    return "alive", f"{who} is running"
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What a run folder's manifest says, with the liveness of a ``running`` run checked.
+
+    Attributes:
+        status: the recorded status (one of :data:`RUN_STATUSES`), or None when none is recorded.
+        state: ``status``, except ``died`` for a ``running`` run whose owner is gone (see :func:`owner_state`).
+        owner_state: ``alive``/``gone``/``unknown`` for a ``running`` run, None otherwise.
+        why: the owner phrase (e.g. ``process 12 on host h is gone``); '' when not running.
+        owner: the manifest's ``owner`` record ({} when none).
+        heartbeat: the last ``{"time", "step"}`` recorded, or None.
+    """
+
+    status: str | None
+    state: str | None
+    owner_state: OwnerState | None
+    why: str
+    owner: dict[str, Any]
+    heartbeat: dict[str, Any] | None
+
+    def describe(self) -> str:
+        """One phrase for a message: ``died (process 12 on host h is gone; last heartbeat ... at step 40, 3 min
+        ago)``, ``running (process 12 on host h is running; ...)``, or the status."""
+        if self.owner_state is None:
+            return str(self.state)
+        return f"{self.state} ({self.why}; {describe_heartbeat(self.heartbeat)})"
+
+
+def describe_heartbeat(heartbeat: Any) -> str:
+    """``last heartbeat <time> at step <n>, <age> ago`` (``no heartbeat recorded`` when there is none)."""
+    if not isinstance(heartbeat, Mapping) or not heartbeat.get("time"):
+        return "no heartbeat recorded"
+    stamp = str(heartbeat["time"])
+    text = f"last heartbeat {stamp}"
+    if heartbeat.get("step") is not None:
+        text += f" at step {heartbeat['step']}"
+    try:
+        age = time.time() - time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z"))
+    except ValueError:
+        return text
+    return text + f", {_duration(age)} ago"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def run_state(run_dir: str | Path) -> RunState:
+    """The run's :class:`RunState` (``died`` when its manifest says ``running`` but its owner is gone)."""
+    manifest = read_manifest(run_dir)
+    status = manifest.get("status") if isinstance(manifest.get("status"), str) else None
+    owner = manifest.get("owner") if isinstance(manifest.get("owner"), dict) else {}
+    heartbeat = manifest.get("heartbeat")
+    heartbeat = heartbeat if isinstance(heartbeat, dict) else ({"time": heartbeat} if heartbeat else None)
+    if status != "running":
+        return RunState(status=status, state=status, owner_state=None, why="", owner=owner, heartbeat=heartbeat)
+    alive, why = owner_state(owner)
+    return RunState(status=status, state="died" if alive == "gone" else "running", owner_state=alive, why=why,
+                    owner=owner, heartbeat=heartbeat)
 
 
 def one_line(err: BaseException) -> str:
@@ -372,13 +535,26 @@ def one_line(err: BaseException) -> str:
     return " ".join(lines)
 
 
+ABSENT = "<absent>"
+
+
 def config_differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
-    """``(yaml.path, old, new)`` for every leaf that differs between two plain configs (absent = ``<absent>``)."""
+    """``(yaml.path, old, new)`` for every leaf that differs between two plain configs (absent = ``<absent>``).
+
+    A block that is absent (or null) on one side and a mapping on the other compares as an empty mapping: the
+    differences are its leaves (``experiment.resume: <absent> -> 'runs/x'``), never the whole block, so a block
+    that one side lacks is judged by the keys the other side gives it.
+    """
+    if isinstance(old, dict) or isinstance(new, dict):
+        if old in (ABSENT, None):
+            old = {}
+        if new in (ABSENT, None):
+            new = {}
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[tuple[str, Any, Any]] = []
         for key in list(old) + [k for k in new if k not in old]:
             where = f"{path}.{key}" if path else str(key)
-            out += config_differences(old.get(key, "<absent>"), new.get(key, "<absent>"), where)
+            out += config_differences(old.get(key, ABSENT), new.get(key, ABSENT), where)
         return out
     return [] if old == new else [(path, old, new)]
 
@@ -388,25 +564,36 @@ def rewind_history(run_dir: str | Path, step: int) -> int:
 
     Rows after the last training/validation row with ``step <= step`` were logged by the interrupted run
     after its last checkpoint; the resumed run logs them again. They move (appended, with the resume step) to
-    ``history.superseded.jsonl``, so no row is duplicated and none is lost.
+    ``history.superseded.jsonl``, so no row is duplicated and none is lost. A last line that is no JSON (a run
+    killed while it wrote the line) moves too, as ``{"unparsed": <the text>}``.
 
     Returns:
         The number of rows moved.
+
+    Raises:
+        RunFolderError: a line before the last one is no JSON (the file was damaged; nothing is moved).
     """
     path = Path(run_dir) / HISTORY
     if not path.is_file():
         return 0
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise RunFolderError(f"{path} line {number} is not JSON ({err}); the run's history is damaged") from err
+            rows.append({"unparsed": line})
     keep = 0
-    for index, line in enumerate(lines):
-        row_step = json.loads(line).get("step")
+    for index, row in enumerate(rows):
+        row_step = row.get("step")
         if row_step is not None and row_step <= step:
             keep = index + 1
-    moved = lines[keep:]
+    moved = rows[keep:]
     if moved:
         with (Path(run_dir) / SUPERSEDED_HISTORY).open("a", encoding="utf-8") as f:
-            f.writelines(json.dumps({"superseded_by_resume_from_step": step, **json.loads(line)}) + "\n"
-                         for line in moved)
+            f.writelines(json.dumps({"superseded_by_resume_from_step": step, **row}) + "\n" for row in moved)
         tmp = path.with_name(f".{HISTORY}.tmp-{os.getpid()}")
         tmp.write_text("".join(line + "\n" for line in lines[:keep]), encoding="utf-8")
         os.replace(tmp, path)

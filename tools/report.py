@@ -19,8 +19,11 @@ Min-max normalisation maps each index to [0,1] across the given runs; when all r
 
 Only finished runs are compared: a folder whose manifest says ``running``, ``failed`` or ``interrupted``, or
 that has no ``metrics.json`` or holds an unreadable one, is skipped with one line on stderr saying why (a
-shell glob such as ``runs/normative_eval/*/*`` may name such folders and stray files). A run written before
-run status existed (no ``status`` in its manifest) is compared, with a warning. Exit 1 when no run is left.
+shell glob such as ``runs/normative_eval/*/*`` may name such folders and stray files). For a ``running`` run the
+line tells whether its process still runs, ``died`` when it is gone (killed without a chance to record it), with
+its last heartbeat; a run owned by another host "may still be running" (its process cannot be seen from here).
+A run written before run status existed (no ``status`` in its manifest) is compared, with a warning. Exit 1 when
+no run is left.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from core.Configurator import ConfigError, read_yaml
-from dl_utils.run import MANIFEST, read_manifest
+from dl_utils.run import MANIFEST, describe_heartbeat, read_manifest, run_state
 from optim.metrics.normative import combined_score
 
 logger = logging.getLogger(__name__)
@@ -89,6 +92,12 @@ def skip_reason(folder: str | Path) -> str | None:
         if status is None:
             logger.warning("%s: no run status recorded (a run from before run status existed); compared as is",
                            folder)
+        elif status == "running":
+            state = run_state(folder)
+            if state.state == "died":
+                return f"the run died ({state.why}; {describe_heartbeat(state.heartbeat)}; its manifest says 'running')"
+            still = "is still running" if state.owner_state == "alive" else "may still be running"
+            return f"the run {still} ({state.why}; {describe_heartbeat(state.heartbeat)})"
         elif status != "finished":
             error = manifest.get("error")
             return f"the run did not finish (status {status!r}{f': {error}' if error else ''})"

@@ -1,7 +1,9 @@
-"""Resume: a run SIGKILLed mid-epoch and resumed ends with exactly the weights of an uninterrupted run."""
+"""Resume: a run SIGKILLed mid-epoch and resumed ends with exactly the weights of an uninterrupted run; an
+interrupted run of every shipped ``_cpu`` config resumes by the command its interruption names."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,12 +12,24 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from core.Main import main
 from core.Trainer import Trainer
 from dl_utils import checkpoint as ckpt
+from dl_utils.errors import RunInterrupted
 from tests.core._trainer_fixtures import FakeData, TinyAE, make_run
 
 ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "projects" / "normative_eval" / "configs"
+# Every shipped _cpu config (one per method family; a second stage names the stage-1 config and its key).
+CPU_CONFIGS = sorted(p.stem for p in CONFIGS.glob("*_cpu.yaml"))
+SECOND_STAGE = {"fanogan_cpu": ("fanogan_wgan_cpu", "wgan_checkpoint"), "ltm_cpu": ("vqvae_cpu", "vqvae_checkpoint")}
+# Tiny runs: two logged steps of batch 2 with a checkpoint after each, one validation batch, no evaluation.
+TINY = ("data.params.batch_size=2", "data.params.eval_batch_size=2", "trainer.params.max_steps=2",
+        "trainer.params.max_epochs=1", "trainer.params.checkpoint_every_steps=1", "trainer.params.log_interval=1",
+        "trainer.params.val_max_batches=1",
+        "downstream_tasks=null", "wandb.mode=disabled")
 
 
 def _launch(run_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -82,3 +96,56 @@ def test_resume_refuses_missing_and_weights_only_files(tmp_path: Path) -> None:
     ckpt.save_checkpoint(weights_only, {"model": TinyAE().state_dict(), "config": {}})
     with pytest.raises(ckpt.CheckpointError, match=r"imported.pt is not a training checkpoint \(no optimizer"):
         _trainer(tmp_path, weights_only).fit()
+
+
+def _main(config: str, *sets: str) -> int:
+    """``core/Main.py`` on a shipped config, tiny; runs go to ``./runs`` (no ``experiment.*`` override, so the
+    stored config has no ``experiment:`` block, as a user's first run of a method file has none)."""
+    args = ["--config_path", str(CONFIGS / f"{config}.yaml"), "--log_level", "WARNING"]
+    for value in (*TINY, *sets):
+        args += ["--set", value]
+    return main(args)
+
+
+def _interrupt_after_first_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first write of ``latest.pt`` completes, then the run is interrupted as SIGINT interrupts it."""
+    real = ckpt.save_checkpoint
+
+    def save(path, state):
+        written = real(path, state)
+        if Path(path).name == "latest.pt":
+            monkeypatch.setattr(ckpt, "save_checkpoint", real)
+            raise RunInterrupted("SIGINT")
+        return written
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+
+
+@pytest.mark.parametrize("config", CPU_CONFIGS)
+def test_every_cpu_config_resumes_an_interrupted_run_by_the_documented_command(
+        config: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+    assert len(CPU_CONFIGS) >= 17  # the shipped families: the glob found them
+    sets: tuple[str, ...] = ()
+    if config in SECOND_STAGE:  # a stage-1 checkpoint first (one step of its own config)
+        stage1, key = SECOND_STAGE[config]
+        (tmp_path / "stage1").mkdir()
+        monkeypatch.chdir(tmp_path / "stage1")
+        assert _main(stage1, "trainer.params.max_steps=1") == 0
+        (first,) = (tmp_path / "stage1").glob("runs/*/*/*/checkpoints/latest.pt")
+        sets = (f"model.params.{key}={first}",)
+    monkeypatch.chdir(tmp_path)
+    _interrupt_after_first_checkpoint(monkeypatch)
+    assert _main(config, *sets) == 130
+    (run_dir,) = (tmp_path / "runs").glob("*/*/*")
+    assert "experiment" not in yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "interrupted"
+    config_before = (run_dir / "config.yaml").read_bytes()
+    # the line the interruption logs: "resume with --set experiment.resume=<run folder>"; the stored config has no
+    # experiment: block (this exited 2 before: "the config differs ... in experiment: '<absent>' -> {'resume': ...}")
+    assert _main(config, *sets, f"experiment.resume={run_dir}") == 0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [e["event"] for e in manifest["events"]] == ["running", "interrupted", "resumed", "running", "finished"]
+    assert manifest["events"][2]["from_step"] == 1 and (run_dir / "config.yaml").read_bytes() == config_before
+    rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+    assert torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["step"] == 2

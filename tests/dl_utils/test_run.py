@@ -1,14 +1,27 @@
-"""The run: folder files, status transitions, resume events, config differences and history rewinding."""
+"""The run: folder files, status transitions, resume events, config differences, history rewinding, liveness."""
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import yaml
 
-from dl_utils.errors import RunInterrupted
-from dl_utils.run import Run, config_differences, read_manifest, read_status, rewind_history
+from dl_utils.errors import RunFolderError, RunInterrupted
+from dl_utils.run import (
+    Run,
+    config_differences,
+    owner_record,
+    owner_state,
+    read_manifest,
+    read_status,
+    rewind_history,
+    run_state,
+)
 
 CPU = torch.device("cpu")
 
@@ -143,3 +156,97 @@ def test_rewind_history_moves_rows_after_the_checkpoint(tmp_path):
     assert kept == rows[:3]
     assert moved == [{"superseded_by_resume_from_step": 2, **r} for r in rows[3:]]
     assert rewind_history(tmp_path, 2) == 0  # nothing after the checkpoint any more
+
+
+def test_a_block_absent_from_the_stored_config_compares_leaf_by_leaf():
+    stored = {"model": {"lr": 1}}  # a method file: no experiment block of its own
+    assert config_differences(stored, {"model": {"lr": 1}, "experiment": {"resume": "r"}}) == [
+        ("experiment.resume", "<absent>", "r")]
+    assert config_differences({**stored, "experiment": None}, {**stored, "experiment": {"seed": 3}}) == [
+        ("experiment.seed", "<absent>", 3)]
+    assert config_differences(stored, {"model": None}) == [("model.lr", 1, "<absent>")]
+    assert config_differences({"a": {"b": 1}}, {"a": 2}) == [("a", {"b": 1}, 2)]  # a block against a value
+
+
+def _sleeper() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_owner_state_sees_a_live_process_a_dead_one_and_a_reused_process_id(tmp_path):
+    me = owner_record()
+    assert (me["host"], me["pid"]) == (socket.gethostname(), os.getpid()) and me["start_ticks"] is not None
+    assert owner_state(me) == ("alive", f"process {os.getpid()} on host {me['host']} is running")
+    child = _sleeper()
+    record = owner_record(child.pid)
+    assert owner_state(record)[0] == "alive"
+    child.kill()
+    time.sleep(0.2)  # killed, not yet reaped: a zombie
+    assert owner_state(record) == ("gone", f"process {child.pid} on host {me['host']} is gone (it ended; a zombie "
+                                           "awaits its parent)")
+    child.wait()
+    assert owner_state(record) == ("gone", f"process {child.pid} on host {me['host']} is gone")
+    reused = {**me, "start_ticks": me["start_ticks"] - 1}  # our process id, recorded for a process started earlier
+    assert owner_state(reused) == ("gone", f"process {os.getpid()} on host {me['host']} is gone (that process id "
+                                           "now belongs to another process)")
+    assert owner_state({**me, "boot_id": "another-boot"})[0] == "gone"
+
+
+def test_owner_state_cannot_tell_for_another_host_or_no_owner():
+    state, why = owner_state({**owner_record(), "host": "elsewhere"})
+    assert state == "unknown" and "on host elsewhere, not this host" in why and "cannot be seen from here" in why
+    assert owner_state({}) == ("unknown", "no owner process recorded (a run from before owners were recorded)")
+
+
+def test_run_state_reports_a_running_run_whose_process_is_gone_as_died(tmp_path):
+    run = Run(run_dir=tmp_path, device=CPU)
+    run.start(config_path="x.yaml", task="train")
+    run.heartbeat(step=7)
+    state = run_state(tmp_path)
+    assert (state.status, state.state, state.owner_state) == ("running", "running", "alive")
+    child = _sleeper()
+    child.kill()
+    child.wait()
+    run.update_manifest(owner=owner_record(os.getpid()) | {"pid": child.pid})
+    state = run_state(tmp_path)
+    assert (state.status, state.state, state.owner_state) == ("running", "died", "gone")
+    assert state.heartbeat["step"] == 7
+    assert state.describe().startswith(f"died (process {child.pid} on host ")
+    assert " at step 7, " in state.describe() and state.describe().endswith(" ago)")
+    run.set_status("interrupted", error="interrupted by SIGINT")
+    assert run_state(tmp_path).state == "interrupted" and run_state(tmp_path).owner_state is None
+
+
+def test_heartbeat_is_written_at_most_every_interval_unless_forced(tmp_path):
+    run = Run(run_dir=tmp_path, device=CPU)
+    run.start(config_path="x.yaml", task="train")
+    run.heartbeat(step=1)
+    assert run.manifest()["heartbeat"]["step"] == 1
+    run.heartbeat(step=2)  # within HEARTBEAT_INTERVAL_S of the last one: not written
+    assert run.manifest()["heartbeat"]["step"] == 1
+    run.heartbeat(step=3, force=True)  # a checkpoint
+    assert run.manifest()["heartbeat"]["step"] == 3
+
+
+def test_resume_of_a_died_run_records_the_death_and_takes_ownership(tmp_path):
+    run = Run(run_dir=tmp_path, device=CPU)
+    run.start(config_path="x.yaml", task="train")
+    run.update_manifest(owner={"host": socket.gethostname(), "pid": 2 ** 22 + 1}, heartbeat={"time": "t", "step": 4})
+    previous = run_state(tmp_path)
+    assert previous.state == "died"
+    run.resume(config_path="x.yaml", from_epoch=0, from_step=4, changed={}, previous=previous)
+    manifest = run.manifest()
+    assert [e["event"] for e in manifest["events"]] == ["running", "died", "resumed", "running"]
+    assert manifest["events"][1]["last_heartbeat"] == {"time": "t", "step": 4}
+    assert manifest["owner"]["pid"] == os.getpid() and run_state(tmp_path).state == "running"
+
+
+def test_rewind_history_moves_a_line_cut_by_a_kill_and_refuses_a_damaged_file(tmp_path):
+    rows = [{"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.9}]
+    (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "tra')
+    assert rewind_history(tmp_path, 2) == 1
+    assert [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()] == rows
+    moved = json.loads((tmp_path / "history.superseded.jsonl").read_text())
+    assert moved == {"superseded_by_resume_from_step": 2, "unparsed": '{"step": 3, "tra'}
+    (tmp_path / "history.jsonl").write_text('{"step": 1\n' + json.dumps(rows[1]) + "\n")
+    with pytest.raises(RunFolderError, match=r"history.jsonl line 1 is not JSON"):
+        rewind_history(tmp_path, 2)

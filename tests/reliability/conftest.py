@@ -200,8 +200,45 @@ def history_steps(run_dir: Path) -> list[int]:
     return [row["step"] for row in rows if "train/loss" in row]
 
 
+def faults_cmd(*fault_args: str) -> list[str]:
+    """``python -m tests.reliability._faults <fault_args> --`` (append the ``core/Main.py`` arguments)."""
+    return [sys.executable, "-m", "tests.reliability._faults", *fault_args, "--"]
+
+
+def interrupt_after_first_checkpoint(config: Path, **extra_env: str) -> Result:
+    """Train ``config`` until its first ``latest.pt`` is written, then SIGINT (exit 130: an interrupted run)."""
+    return run([*faults_cmd("--interrupt-after-checkpoint", "latest.pt"), "--config_path", str(config)],
+               config.parent, **extra_env)
+
+
 _SHARED: dict[str, Any] = {}
 _SHARED_LOCK = threading.Lock()
+
+
+def _shared_copy(kind: str, tmp: Path) -> tuple[Path, Path, dict[str, Any]]:
+    """Copy the shared run ``kind`` (made once per session) into ``tmp/runs``: (run folder, config file, config)."""
+    with _SHARED_LOCK:
+        if kind not in _SHARED:
+            root = _SHARED["root"] / kind
+            root.mkdir()
+            if "data" not in _SHARED:
+                _SHARED["data"] = make_data(_SHARED["root"])
+            data = _SHARED["data"]
+            config = base_config(root, data)
+            if kind == "finished":
+                result = run_main(write_config(root / "train.yaml", config))
+                assert result.rc == 0, result.stderr
+            else:
+                config["trainer"]["params"]["max_epochs"] = 2
+                result = interrupt_after_first_checkpoint(write_config(root / "train.yaml", config))
+                assert result.rc == 130, result.stderr
+            _SHARED[kind] = (the_run(root), config)
+    source, config = _SHARED[kind]
+    run_dir = tmp / "runs" / source.relative_to(source.parents[2])
+    shutil.copytree(source, run_dir)
+    config = copy.deepcopy(config)
+    config["experiment"]["output_dir"] = str(tmp / "runs")
+    return run_dir, write_config(tmp / "train.yaml", config), config
 
 
 def trained_run(tmp: Path) -> tuple[Path, Path, dict[str, Any]]:
@@ -211,16 +248,10 @@ def trained_run(tmp: Path) -> tuple[Path, Path, dict[str, Any]]:
         (the copy's run folder, a config file whose ``output_dir`` is ``tmp/runs``, that config). The data
         is shared by every case: do not modify it (make your own with :func:`make_data`).
     """
-    with _SHARED_LOCK:
-        if "run_dir" not in _SHARED:
-            root = _SHARED["root"]
-            config = base_config(root, make_data(root))
-            result = run_main(write_config(root / "train.yaml", config))
-            assert result.rc == 0, result.stderr
-            _SHARED.update(run_dir=the_run(root), config=config)
-    source: Path = _SHARED["run_dir"]
-    run_dir = tmp / "runs" / source.relative_to(source.parents[2])
-    shutil.copytree(source, run_dir)
-    config = copy.deepcopy(_SHARED["config"])
-    config["experiment"]["output_dir"] = str(tmp / "runs")
-    return run_dir, write_config(tmp / "train.yaml", config), config
+    return _shared_copy("finished", tmp)
+
+
+def interrupted_run(tmp: Path) -> tuple[Path, Path, dict[str, Any]]:
+    """A run of the tiny config with ``max_epochs: 2``, interrupted by SIGINT right after its first checkpoint
+    (``latest.pt`` at the end of epoch 1, step 2), copied into ``tmp/runs`` like :func:`trained_run`."""
+    return _shared_copy("interrupted", tmp)

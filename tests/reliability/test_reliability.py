@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +24,15 @@ from PIL import Image
 from tests.reliability.conftest import (
     CASES,
     REPO,
+    TIMEOUT_S,
     Result,
     base_config,
     case,
+    env,
+    faults_cmd,
     history_steps,
+    interrupt_after_first_checkpoint,
+    interrupted_run,
     make_data,
     manifest,
     run,
@@ -103,6 +109,23 @@ def case_trainer_option_values_refused_at_dry_run(tmp: Path) -> None:
         result = run_main(write_config(tmp / "run.yaml", config, **{f"trainer.params.{key}": value}), "--dry-run")
         assert result.rc == 2 and f"config error: trainer.params.{key}: {message}" in result.one_error()
     _no_run_folder(tmp)
+
+
+@case
+def case_thread_setting_refused_at_dry_run_and_recorded(tmp: Path) -> None:
+    config = base_config(tmp, make_data(tmp))
+    for value, message in ((0, "a thread count must be >= 1, got 0"),
+                           ("fast", "'fast' is not one of auto, torch, free (or a positive integer)")):
+        result = run_main(write_config(tmp / "run.yaml", config, **{"experiment.threads": value}), "--dry-run")
+        assert result.rc == 2 and f"config error: experiment.threads: {message}" in result.one_error()
+    _no_run_folder(tmp)
+    result = run_main(write_config(tmp / "run.yaml", config, **{"experiment.threads": 2}), OMP_NUM_THREADS="")
+    assert result.rc == 0, result.stderr
+    record = manifest(the_run(tmp))
+    assert (record["threads"]["setting"], record["threads"]["threads"], record["torch_threads"]) == (2, 2, 2)
+    shared, _, _ = trained_run(tmp / "shared")  # the default, with OMP_NUM_THREADS=1 in the environment
+    assert manifest(shared)["threads"] == {**manifest(shared)["threads"], "setting": "auto", "policy": "environment",
+                                           "threads": 1}
 
 
 @case
@@ -550,7 +573,7 @@ def _resume_config(tmp: Path, config: dict, run_dir: Path, **changes: object) ->
 
 @case
 def case_resume_from_truncated_checkpoint_changes_nothing(tmp: Path) -> None:
-    run_dir, path, config = trained_run(tmp)
+    run_dir, path, config = interrupted_run(tmp)
     latest = run_dir / "checkpoints" / "latest.pt"
     latest.write_bytes(latest.read_bytes()[:300])
     before = snapshot(run_dir)
@@ -561,7 +584,7 @@ def case_resume_from_truncated_checkpoint_changes_nothing(tmp: Path) -> None:
 
 @case
 def case_resume_from_another_architecture_changes_nothing(tmp: Path) -> None:
-    run_dir, path, config = trained_run(tmp)
+    run_dir, path, config = interrupted_run(tmp)
     latest = run_dir / "checkpoints" / "latest.pt"
     state = torch.load(latest, weights_only=True)
     state["model"] = torch.load(_other_architecture_checkpoint(tmp), weights_only=True)["model"]
@@ -574,7 +597,7 @@ def case_resume_from_another_architecture_changes_nothing(tmp: Path) -> None:
 
 @case
 def case_resume_with_changed_network_refused(tmp: Path) -> None:
-    run_dir, path, config = trained_run(tmp)
+    run_dir, path, config = interrupted_run(tmp)
     before = snapshot(run_dir)
     result = run_main(_resume_config(tmp, config, run_dir, **{"model.params.channels": [8, 16]}))
     assert result.rc == 2 and "model.params.channels: [4, 8] -> [8, 16]" in result.one_error()
@@ -583,7 +606,7 @@ def case_resume_with_changed_network_refused(tmp: Path) -> None:
 
 @case
 def case_resume_with_changed_lr_refused(tmp: Path) -> None:
-    run_dir, path, config = trained_run(tmp)
+    run_dir, path, config = interrupted_run(tmp)
     before = snapshot(run_dir)
     result = run_main(_resume_config(tmp, config, run_dir), "--set", "trainer.params.optimizer.params.lr=2e-3")
     line = result.one_error()
@@ -594,18 +617,119 @@ def case_resume_with_changed_lr_refused(tmp: Path) -> None:
 
 @case
 def case_resume_extends_training_and_records_the_event(tmp: Path) -> None:
-    run_dir, path, config = trained_run(tmp)
+    run_dir, path, config = interrupted_run(tmp)
     original_config = (run_dir / "config.yaml").read_bytes()
     started = manifest(run_dir)["started"]
-    result = run_main(_resume_config(tmp, config, run_dir, **{"trainer.params.max_epochs": 2}))
+    result = run_main(_resume_config(tmp, config, run_dir, **{"trainer.params.max_epochs": 3}))
     assert result.rc == 0, result.stderr
     record = manifest(run_dir)
     assert (run_dir / "config.yaml").read_bytes() == original_config and record["started"] == started
     assert record["status"] == "finished"
-    assert [e["event"] for e in record["events"]] == ["running", "finished", "resumed", "running", "finished"]
+    assert [e["event"] for e in record["events"]] == ["running", "interrupted", "resumed", "running", "finished"]
     resumed = record["events"][2]
-    assert resumed["from_step"] == 2 and resumed["changed"]["trainer.params.max_epochs"] == {"old": 1, "new": 2}
-    assert history_steps(run_dir) == [1, 2, 3, 4]
+    assert resumed["from_step"] == 2 and resumed["changed"]["trainer.params.max_epochs"] == {"old": 2, "new": 3}
+    assert history_steps(run_dir) == [1, 2, 3, 4, 5, 6]
+
+
+@case
+def case_resume_without_an_experiment_block(tmp: Path) -> None:
+    config = base_config(tmp, make_data(tmp))
+    del config["experiment"]  # as every method file: runs go to ./runs (the config's folder here)
+    config["trainer"]["params"]["max_epochs"] = 2
+    path = write_config(tmp / "method.yaml", config)
+    assert interrupt_after_first_checkpoint(path).rc == 130
+    run_dir = the_run(tmp)
+    original_config = (run_dir / "config.yaml").read_bytes()
+    result = run_main(path, "--set", f"experiment.resume={run_dir}")  # the command the interruption names
+    assert result.rc == 0 and not result.errors, result.stderr
+    assert (run_dir / "config.yaml").read_bytes() == original_config and history_steps(run_dir) == [1, 2, 3, 4]
+    events = manifest(run_dir)["events"]
+    assert [e["event"] for e in events] == ["running", "interrupted", "resumed", "running", "finished"]
+    assert list(events[2]["changed"]) == ["overrides"]  # the --set list; experiment.resume itself is no change
+
+
+@case
+def case_resume_of_a_finished_run_refused(tmp: Path) -> None:
+    run_dir, path, config = trained_run(tmp)
+    before = snapshot(run_dir)
+    result = run_main(_resume_config(tmp, config, run_dir, **{"trainer.params.max_epochs": 2}))
+    line = result.one_error()
+    assert result.rc == 2 and f"config error: experiment.resume: {run_dir} is a finished run" in line
+    assert f"--set experiment.task=evaluate --set experiment.weights={run_dir}/checkpoints/best.pt" in line
+    assert f"a new run from its weights, --set experiment.weights={run_dir}/checkpoints/latest.pt" in line
+    assert snapshot(run_dir) == before
+
+
+def _start_live_run(tmp: Path) -> tuple[subprocess.Popen, Path, dict]:
+    """A training (3 epochs, a checkpoint every step) that sleeps after its first checkpoint, once it sleeps."""
+    config = base_config(tmp, make_data(tmp))
+    config["trainer"]["params"].update(max_epochs=3, checkpoint_every_steps=1)
+    path = write_config(tmp / "live.yaml", config)
+    proc = subprocess.Popen([*faults_cmd("--pause-after-checkpoint", "latest.pt"), "--config_path", str(path)],
+                            cwd=tmp, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: bool(run_dirs(tmp)) and (run_dirs(tmp)[0] / "checkpoints" / "latest.pt").exists()
+             and "heartbeat" in manifest(run_dirs(tmp)[0]), proc, "the first checkpoint")
+    return proc, run_dirs(tmp)[0], config
+
+
+@case
+def case_resume_of_a_live_run_refused(tmp: Path) -> None:
+    proc, run_dir, config = _start_live_run(tmp)
+    try:
+        result = run_main(_resume_config(tmp, config, run_dir))
+        line = result.one_error()
+        assert result.rc == 2 and f"config error: experiment.resume: {run_dir} is still running: process " in line
+        assert f"process {proc.pid} on host {socket.gethostname()} is running" in line and "last heartbeat" in line
+        report = _report(tmp, run_dir)
+        assert f"skipping {run_dir}: the run is still running (process {proc.pid} on host" in report.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err  # the live run was untouched by the refused resume
+    record = manifest(run_dir)
+    assert [e["event"] for e in record["events"]] == ["running", "interrupted"] and history_steps(run_dir) == [1]
+
+
+@case
+def case_sigkilled_run_is_reported_died_and_resumed(tmp: Path) -> None:
+    proc, run_dir, config = _start_live_run(tmp)
+    proc.kill()  # SIGKILL: nothing can be recorded
+    proc.communicate(timeout=120)
+    assert manifest(run_dir)["status"] == "running"
+    report = _report(tmp, run_dir)
+    assert report.returncode == 1
+    assert f"skipping {run_dir}: the run died (process {proc.pid} on host {socket.gethostname()} is gone; last " \
+           "heartbeat " in report.stderr and "its manifest says 'running'" in report.stderr
+    step = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["step"]
+    result = run_main(_resume_config(tmp, config, run_dir, **{"trainer.params.max_steps": step + 2}))
+    assert result.rc == 0 and not result.errors, result.stderr
+    (warning,) = [w for w in _warnings(result) if "resuming" in w]
+    assert f"resuming {run_dir}: died (process {proc.pid} on host" in warning
+    record = manifest(run_dir)
+    assert [e["event"] for e in record["events"]] == ["running", "died", "resumed", "running", "finished"]
+    assert record["events"][1]["owner"]["pid"] == proc.pid and record["owner"]["pid"] != proc.pid
+    assert history_steps(run_dir) == list(range(1, step + 3))
+
+
+@case
+def case_resume_of_a_run_owned_by_another_host(tmp: Path) -> None:
+    run_dir, path, config = interrupted_run(tmp)
+    record = manifest(run_dir)
+    record.update(status="running", owner={**record["owner"], "host": "elsewhere"})  # a shared run folder
+    (run_dir / "manifest.json").write_text(json.dumps(record))
+    before = snapshot(run_dir)
+    result = run_main(_resume_config(tmp, config, run_dir))
+    line = result.one_error()
+    assert result.rc == 2 and f"experiment.resume: {run_dir} says 'running', owned by process " in line
+    assert "on host elsewhere, not this host" in line and "cannot be seen from here" in line
+    assert "--set experiment.force_resume=true" in line and snapshot(run_dir) == before
+    report = _report(tmp, run_dir)
+    assert f"skipping {run_dir}: the run may still be running (process" in report.stderr
+    result = run_main(_resume_config(tmp, config, run_dir, **{"experiment.force_resume": True}))
+    assert result.rc == 0, result.stderr
+    events = manifest(run_dir)["events"]
+    assert [e["event"] for e in events][-4:] == ["owner_unverified", "resumed", "running", "finished"]
+    assert events[-4]["owner"]["host"] == "elsewhere" and history_steps(run_dir) == [1, 2, 3, 4]
 
 
 @case
@@ -615,11 +739,12 @@ def case_resume_with_offline_wandb_keeps_the_first_wandb_run(tmp: Path) -> None:
     data = make_data(tmp)
     config = base_config(tmp, data)
     config["wandb"]["mode"] = "offline"
-    assert run_main(write_config(tmp / "run.yaml", config), WANDB_MODE="").rc == 0
+    config["trainer"]["params"]["max_epochs"] = 2
+    assert interrupt_after_first_checkpoint(write_config(tmp / "run.yaml", config), WANDB_MODE="").rc == 130
     run_dir = the_run(tmp)
     first = manifest(run_dir)["wandb"]
     first_files = snapshot(Path(first["dir"]))
-    result = run_main(_resume_config(tmp, config, run_dir, **{"trainer.params.max_epochs": 2}), WANDB_MODE="")
+    result = run_main(_resume_config(tmp, config, run_dir), WANDB_MODE="")
     assert result.rc == 0, result.stderr
     record = manifest(run_dir)
     assert record["wandb"] == first and snapshot(Path(first["dir"])) == first_files
@@ -685,8 +810,6 @@ def case_sigterm_marks_the_run_interrupted(tmp: Path) -> None:
 
 @case
 def case_interrupt_while_loading_names_no_run_folder(tmp: Path) -> None:
-    from tests.reliability.conftest import env
-
     path = _config(tmp)
     marker = tmp / "loading"
     proc = subprocess.Popen([sys.executable, "-m", "tests.reliability._faults", "--slow-loading", str(marker), "--",
@@ -762,6 +885,19 @@ def case_permission_denied_output_folder(tmp: Path) -> None:
 
 
 @case
+def case_disk_full_while_writing_a_checkpoint(tmp: Path) -> None:
+    path = _config(tmp, **{"trainer.params.checkpoint_every_steps": 1})
+    result = run([*faults_cmd("--enospc-checkpoint", "latest.pt", "--after", "1"), "--config_path", str(path)], REPO)
+    line = result.one_error()
+    run_dir = the_run(tmp)
+    latest = run_dir / "checkpoints" / "latest.pt"
+    assert result.rc == 1 and f"output error: disk full while writing {latest}: No space left on device" in line
+    assert torch.load(latest, weights_only=True)["step"] == 1  # the checkpoint before the full disk is intact
+    assert sorted(p.name for p in latest.parent.iterdir()) == ["latest.pt"]  # no half-written temporary file
+    _failed_run(tmp, str(latest))
+
+
+@case
 def case_disk_full_while_logging(tmp: Path) -> None:
     path = _config(tmp)
     cmd = [sys.executable, "-m", "tests.reliability._faults", "--enospc", "history.jsonl", "--",
@@ -774,8 +910,6 @@ def case_disk_full_while_logging(tmp: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ tools
 def _report(tmp: Path, *folders: Path) -> subprocess.CompletedProcess:
-    from tests.reliability.conftest import env
-
     return subprocess.run([sys.executable, "-m", "tools.report", *map(str, folders), "--out", str(tmp / "report")],
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=240, check=False)
 
@@ -826,6 +960,50 @@ def case_report_over_an_interrupted_copy(tmp: Path) -> None:
     (copy / "manifest.json").write_text(json.dumps(record))
     done = _report(tmp, run_dir, copy)
     assert done.returncode == 0 and f"skipping {copy}: the run did not finish (status 'interrupted'" in done.stderr
+
+
+_LOCK_HOLDER = ("import sys, time; from pathlib import Path; from tools.study.runner import lock_study; "
+                "lock = lock_study(Path(sys.argv[1])); print('held', flush=True); time.sleep(float(sys.argv[2]))")
+
+
+def _lock_holder(folder: Path, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(folder), str(seconds)], cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@case
+def case_one_study_process_per_study_folder(tmp: Path) -> None:
+    method = _config(tmp)
+    study = tmp / "study.yaml"
+    study.write_text(f"name: s\nexperiment: exp\noutput_dir: {tmp / 'runs'}\nmethods:\n  - {{config: {method}}}\n")
+    folder = tmp / "runs" / "exp" / "_studies" / "s"
+    command = [sys.executable, "-m", "tools.study", str(study), "--report-only", "--no-wandb"]
+    holder = _lock_holder(folder, 120)
+    try:
+        result = run(command, REPO)
+        line = result.one_error()
+        assert result.rc == 1 and f"study error: {folder} is in use by tools.study process {holder.pid} on " in line
+        assert "--wait" in line and not (folder / "study.md").exists()
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock
+        holder.wait()
+    result = run(command, REPO)
+    assert result.rc == 0 and (folder / "study.md").exists(), result.stderr
+    (folder / "study.md").unlink()
+    holder = _lock_holder(folder, 120)
+    log = tmp / "waiting.log"
+    with log.open("w") as stderr:
+        waiting = subprocess.Popen([*command, "--wait"], cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                                   stderr=stderr, text=True)
+        wait_for(lambda: f"waiting for tools.study process {holder.pid} on host" in log.read_text(), waiting,
+                 "the second study to wait for the lock")
+        assert waiting.poll() is None and not (folder / "study.md").exists()
+        holder.kill()
+        holder.wait()
+        assert waiting.wait(timeout=TIMEOUT_S) == 0, log.read_text()
+    assert (folder / "study.md").exists()
 
 
 @pytest.mark.parametrize("name", list(CASES))

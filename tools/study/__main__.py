@@ -10,7 +10,7 @@ from pathlib import Path
 
 from core.Configurator import ConfigError
 from tools.study import analysis, evidence, launchers, report, results, runner
-from tools.study.plan import load_study
+from tools.study.plan import Job, LauncherSettings, Study, load_study
 
 logger = logging.getLogger("tools.study")
 
@@ -35,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     where.add_argument("--mem-gb", type=float, default=None, metavar="GB", help="slurm: memory of one job")
     where.add_argument("--sbatch", action="append", default=[], metavar="OPTION[=VALUE]",
                        help="slurm: a further sbatch option, without dashes (repeatable): --sbatch account=lab")
+    parser.add_argument("--wait", action="store_true", help="if another process runs this study, wait for it to end")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -51,7 +52,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             study.launcher, kind=args.launcher, jobs=args.jobs, sbatch=args.sbatch,
             slurm={"partition": args.partition, "time_min": args.time_min, "gpus_per_job": args.gpus_per_job,
                    "cpus_per_job": args.cpus_per_job, "mem_gb": args.mem_gb})
-        study.folder.mkdir(parents=True, exist_ok=True)
+        lock = runner.lock_study(study.folder, wait=args.wait)
+    except ConfigError as err:
+        logger.error("study error: %s", err)
+        return 2
+    except runner.StudyLocked as err:
+        logger.error("study error: %s", err)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    with lock:  # one study process per study folder, released however this one ends
+        return run_study(args, study, jobs, launcher, reference)
+
+
+def run_study(args: argparse.Namespace, study: Study, jobs: list[Job], launcher: LauncherSettings,
+              reference: analysis.Reference | None) -> int:
+    """Run the jobs and write the comparison; the caller holds the study's lock."""
+    try:
         state = runner.read_state(study)
         backend = launchers.backend_for(study, launcher) if jobs else None
         tracked = launchers.run_schedule(study, jobs, state, backend) if backend is not None else []

@@ -5,10 +5,17 @@ The seam for other launchers: :func:`run_job` hands a job's command line and log
 another, each after the jobs it needs (``weights_from``, ``stage1``, same seed), which :meth:`Study.jobs` lists
 before it; :mod:`tools.study.launchers` runs them several at a time or on SLURM, calling :func:`run_job` where the
 job runs (so a job resolves its dependencies when it starts, not when it is queued).
+
+One study process per study folder: :func:`lock_study` holds an OS lock (``fcntl.flock`` on ``<study>/.study.lock``,
+released by the kernel however the process ends, SIGKILL included); a second process is refused with one line
+naming the holder, or waits for it. A job whose newest run is being trained by a live process (a user's
+``core/Main.py``, say) is neither resumed nor started again, nor one owned by another host (whether it still runs
+cannot be seen from here); one whose process died is resumed.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -18,7 +25,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
+from dl_utils.run import now, owner_record, run_state
 from tools.study.plan import REPO, Job, Study, finished_run, run_status, runs_of_job
 
 logger = logging.getLogger(__name__)
@@ -93,10 +102,21 @@ def run_job(study: Study, job: Job, state: State, *, launch: Launcher | None = N
     if other:
         logger.info("%s: %d finished run(s) of %s made with another seed or other overrides are not reused (newest: "
                     "%s)", job.key, len(other), job.method.name, other[-1])
+    newest = run_state(runs[-1]) if runs else None
+    if newest is not None and newest.owner_state == "alive":
+        logger.error("%s: %s is %s; not resumed or started again (one trainer per run folder)", job.key, runs[-1],
+                     newest.describe())
+        return None
+    if newest is not None and newest.owner_state == "unknown":
+        logger.error("%s: %s says 'running', owned by %s; not resumed (if that process is gone: core/Main.py with "
+                     "--set experiment.resume=%s --set experiment.force_resume=true)", job.key, runs[-1], newest.why,
+                     runs[-1])
+        return None
     resumed = bool(runs) and run_status(runs[-1]) == "resumable"
     if resumed:
         extra.append(f"experiment.resume={runs[-1]}")
-        logger.info("%s: resuming the interrupted run %s", job.key, runs[-1])
+        assert newest is not None
+        logger.info("%s: resuming %s (%s)", job.key, runs[-1], newest.describe())
     needed = _dependency_sets(study, job)
     if needed is None:
         return None
@@ -117,6 +137,49 @@ def run_job(study: Study, job: Job, state: State, *, launch: Launcher | None = N
     logger.info("%s: finished in %.0f s (mean 1-minute load average %.2f on %s CPUs) (%s)", job.key, wall,
                 load.mean, os.cpu_count(), done)
     return done
+
+
+class StudyLocked(Exception):  # noqa: N818 - the message is the whole story: who holds the study
+    """Another process holds the study folder's lock."""
+
+
+LOCK_FILE = ".study.lock"
+
+
+def lock_study(folder: Path, *, wait: bool = False) -> IO[str]:
+    """Take the study folder's lock (one ``tools.study`` per study folder at a time).
+
+    Returns the open lock file: the lock lasts while it stays open, and ends when it is closed or the process ends
+    in any way (the kernel releases an ``flock`` of a killed process). The file names its holder (process, host,
+    since when) for the message a second process gets.
+
+    Args:
+        folder: the study folder (created if needed).
+        wait: wait for the holder to end instead of raising.
+
+    Raises:
+        StudyLocked: another process holds the lock and ``wait`` is False (the message names the holder).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    handle = path.open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        if not wait:
+            handle.close()
+            raise StudyLocked(f"{folder} is in use by {holder} (lock {path}); wait for it to end, or pass --wait to "
+                              "start when it does") from None
+        logger.info("waiting for %s to end (lock %s)", holder, path)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    me = owner_record()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"tools.study process {me['pid']} on host {me['host']} since {now()}\n")
+    handle.flush()
+    return handle
 
 
 def read_state(study: Study) -> State:
