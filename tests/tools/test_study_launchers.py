@@ -222,6 +222,19 @@ def test_submitit_jobs_resolve_their_dependencies_where_they_run(tmp_path, caplo
     assert (runner.log_path(study, study.jobs()[1])).is_file()
 
 
+def test_a_submitit_job_that_cannot_start_says_why_and_where(tmp_path):
+    """Only the dependent job is scheduled (as with --only) and its source never ran: the job fails on its node."""
+    study = _study(tmp_path, _method("a") + _method("b", after="a"))
+    backend = slurm.SubmititBackend(study, _local_executor(tmp_path), poll_s=0.2,
+                                    program=[sys.executable, str(FAKE_MAIN)])
+    (t,) = launchers.run_schedule(study, study.jobs()[1:], {}, backend)
+    assert t.state == "failed" and "not started (a run it needs has not finished" in t.detail
+    output = Path(t.detail.rsplit("see ", 1)[1])
+    assert output == t.handle.paths.stdout and "b: needs the weights of a, which has no finished run" in \
+        output.read_text()
+    assert not study.runs_of(study.method("b"))
+
+
 def test_a_job_signalled_before_its_time_limit_is_requeued_and_resumes_its_run(tmp_path):
     """submitit's local executor sends the checkpoint signal (USR2) 6 s into a 12-s limit; the run trains for 30 s,
     so the job must end it as interrupted, be requeued and resume it (about 10 s in all)."""

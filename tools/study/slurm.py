@@ -30,6 +30,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -115,7 +116,7 @@ class StudyJob(submitit.helpers.Checkpointable):
             JobFailed: the run did not finish (naming the exit code and the log).
         """
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
+                            datefmt="%H:%M:%S", stream=sys.stdout)  # the job's output file, which errors name
         environment = submitit.JobEnvironment()
         where = f"{'SLURM' if environment.cluster == 'slurm' else environment.cluster} job {environment.job_id} on " \
                 f"{environment.hostname}"
@@ -123,8 +124,10 @@ class StudyJob(submitit.helpers.Checkpointable):
         state: runner.State = {}
         done = runner.run_job(self.study, self.job, state, launch=self._launch, env=thread_env() or None)
         if done is None:
-            raise JobFailed("it needs a run that did not finish" if self._code is None else
-                            f"the run exited with {self._code} ({EXIT_MEANINGS.get(self._code, 'see the log')})")
+            if self._code is None:  # run_job said why on this job's output
+                raise JobFailed(f"not started (a run it needs has not finished, or its newest run belongs to a live "
+                                f"or unverifiable process): see {environment.paths.stdout}")
+            raise JobFailed(f"the run exited with {self._code} ({EXIT_MEANINGS.get(self._code, 'see the log')})")
         return {**(state.get(self.job.key) or {"run": str(done)}), "where": where}
 
     def _launch(self, command: Sequence[str], log_path: Path, *, env: Mapping[str, str] | None = None) -> int:
