@@ -1,7 +1,14 @@
 """Fixtures shared across the test packages."""
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: N worker processes share the cores; one torch thread each keeps them from oversubscribing them
+    # (two threads beside a busy process run ~10x slower, docs/performance.md, "CPU threads").
+    torch.set_num_threads(1)
 
 
 @pytest.fixture()
