@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-AUTO_POLICY: str | int = "torch"
+AUTO_POLICY: str | int = "free"  # docs/performance.md, "CPU threads": why
 WAIT_POLICY: str | None = None  # None: OpenMP's own default (spinning for a while, then sleeping)
 FREE_SAMPLE_S = 0.25
 POLICIES = ("auto", "torch", "free")

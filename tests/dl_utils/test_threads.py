@@ -73,3 +73,12 @@ def test_prepare_environment_never_overrides_the_users_wait_policy(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY")
     threads.prepare_environment()
     assert threads.os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_auto_without_an_environment_count_applies_the_chosen_policy(monkeypatch, restore_threads):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "free_cores", lambda: 1)
+    torch.set_num_threads(2)
+    record = threads.apply_policy("auto")
+    assert threads.AUTO_POLICY == "free"  # docs/performance.md, "CPU threads"
+    assert (record["setting"], record["policy"], record["threads"], record["free_cores"]) == ("auto", "free", 1, 1)
