@@ -5,19 +5,25 @@
 - 2-D files: ``<stem>_anomaly_map.npy`` (float32 [H,W]) and ``<stem>_mask_<threshold>.png`` (0/255).
 - Overlays ``<stem>_overlay_slice<k>.png`` of the highest-scoring slices: the input (left) and the input with
   the map in a heat colour, supra-threshold pixels of the first threshold tinted cyan (right).
+- ``predict.format: mood``: ``mood/pixel/<stem>.nii.gz`` (float32 voxel scores in [0, 1], the input's shape and
+  affine, 0 in slices outside ``axial_range`` and outside the brain mask) and ``mood/sample/<stem>.nii.gz.txt``
+  (one sample score in [0, 1]), the layout of the MOOD challenge's pixel- and sample-level tasks.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from core.prediction.inference import SliceMaps
 from core.prediction.scans import Scan, nifti_like, volume_from_slices
 from core.prediction.thresholds import Threshold
+
+if TYPE_CHECKING:
+    from core.evaluation.thresholds import ScoreCalibration
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +54,23 @@ def write_maps(scan: Scan, result: SliceMaps, thresholds: list[Threshold], out_d
         Image.fromarray(((result.maps[0] > th.value) * 255).astype(np.uint8)).save(path)
         written.append(path)
     return written
+
+
+def write_mood(scan: Scan, result: SliceMaps, row: dict[str, Any], calibration: ScoreCalibration, out_dir: Path,
+               stem: str) -> list[Path]:
+    """The MOOD files of one NIfTI input (see the module docstring); ``row`` is its scan row of ``scores.csv``."""
+    import nibabel as nib
+
+    from core.prediction.calibrated import unit_sample, unit_volume
+
+    pixel, sample = out_dir / "mood" / "pixel", out_dir / "mood" / "sample"
+    pixel.mkdir(parents=True, exist_ok=True)
+    sample.mkdir(parents=True, exist_ok=True)
+    volume = volume_from_slices(scan, unit_volume(calibration, result.maps, scan.brain))
+    paths = [pixel / f"{stem}.nii.gz", sample / f"{stem}.nii.gz.txt"]
+    nib.save(nifti_like(scan, volume, np.float32), str(paths[0]))
+    paths[1].write_text(f"{unit_sample(calibration, row):.9g}\n")
+    return paths
 
 
 def score_rows(scan: Scan, result: SliceMaps, thresholds: list[Threshold], stem: str) -> list[dict[str, Any]]:

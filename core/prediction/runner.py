@@ -14,10 +14,18 @@ import torch
 from tqdm import tqdm
 
 from core.Configurator import ConfigError, build, check_imports, check_value_bounds
-from core.evaluation.thresholds import MaskCalibration
+from core.evaluation.thresholds import MaskCalibration, ScoreCalibration
+from core.prediction.calibrated import (
+    Flags,
+    add_p_values,
+    check_mood_inputs,
+    intensity_flags,
+    load_calibration,
+    subject_score,
+)
 from core.prediction.inference import Preprocessing, predict_scan
 from core.prediction.output_folder import OutputFolder, check_output_folder
-from core.prediction.outputs import score_rows, write_maps, write_overlays
+from core.prediction.outputs import score_rows, write_maps, write_mood, write_overlays
 from core.prediction.scans import expand, output_stem, read_scan
 from core.prediction.settings import PredictSettings, parse_predict
 from core.prediction.thresholds import Threshold, select_thresholds
@@ -159,6 +167,8 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
                        "using the stored one", weights)
     thresholds = select_thresholds(settings, weights, REPO_ROOT)
     pairs = _pairs(settings)
+    check_mood_inputs(settings, [path for path, _, _ in pairs])
+    scores_calibration = load_calibration(settings, weights, REPO_ROOT)
     model = build(model_block, "model", base=AnomalyModel)
     calibration = _mask_calibration(model, weights)
     chosen_dir = resolve(settings.output_dir, REPO_ROOT) if settings.output_dir else None
@@ -188,7 +198,8 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
             if calibration is not None:
                 model.set_mask_threshold(calibration.value, calibration.to_json())  # type: ignore[operator]
                 run.update_manifest(predict_mask_threshold=calibration.to_json())
-            exit_code = predict_all(model, pairs, settings, thresholds, prep, outputs=outputs, run=run)
+            exit_code = predict_all(model, pairs, settings, thresholds, prep, outputs=outputs, run=run,
+                                    calibration=scores_calibration)
             label = getattr(model, "inference_label", None)
             run.update_manifest(predict_model={**{k: str(v) for k, v in model.provenance().items()},
                                                **({"inference": str(label())} if callable(label) else {})})
@@ -207,8 +218,12 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
 
 
 def predict_all(model: torch.nn.Module, pairs: list[tuple[Path, Path | None, str]], settings: PredictSettings,
-                thresholds: list[Threshold], prep: Preprocessing, *, outputs: OutputFolder, run: Run) -> int:
+                thresholds: list[Threshold], prep: Preprocessing, *, outputs: OutputFolder, run: Run,
+                calibration: ScoreCalibration | None = None) -> int:
     """Predict on every (input, mask, source); write maps, ``scores.csv`` and the summary.
+
+    With a healthy ``calibration`` every row gets its p- and q-value and FDR flag, each scan row its intensity
+    check (:mod:`core.prediction.calibrated`), and ``format: mood`` writes the MOOD files.
 
     The per-input boundary is reading and preprocessing: a :class:`~dl_utils.errors.DataError` there (a
     :class:`BadInput` or a :class:`~data.readers.DataReadError`, which also stands for anything a format library
@@ -222,6 +237,7 @@ def predict_all(model: torch.nn.Module, pairs: list[tuple[Path, Path | None, str
     skipped: list[dict[str, str]] = []
     used: set[str] = set()
     predicted, stopped = 0, False
+    shifted: list[dict[str, str]] = []
     start = time.perf_counter()
     progress = tqdm(pairs, desc="predict", disable=not sys.stderr.isatty(), leave=False)
     for path, mask, source in progress:
@@ -241,8 +257,15 @@ def predict_all(model: torch.nn.Module, pairs: list[tuple[Path, Path | None, str
         outputs.record(write_maps(scan, result, thresholds, outputs.path, stem))
         outputs.record(write_overlays(scan, result, thresholds, outputs.path, stem, n=settings.n_overlays,
                                       log=run.logger))
-        rows.extend(score_rows(scan, result, thresholds, stem))
+        scan_rows = score_rows(scan, result, thresholds, stem)
+        if calibration is not None:
+            _calibrated_columns(scan_rows, scan, result.scores, result.inputs, calibration, shifted)
+            if settings.format == "mood":
+                outputs.record(write_mood(scan, result, scan_rows[-1], calibration, outputs.path, stem))
+        rows.extend(scan_rows)
         predicted += 1
+    flags = None if calibration is None or not rows else add_p_values(rows, calibration, fdr=settings.fdr,
+                                                                      healthy=settings.healthy)
     for name, table in (("scores", rows), ("skipped", skipped)):
         if table:
             _write_csv(outputs.path / f"{name}.csv", table)
@@ -252,7 +275,34 @@ def predict_all(model: torch.nn.Module, pairs: list[tuple[Path, Path | None, str
                      "predict/n_skipped": len(skipped)})
     run.update_manifest(predict_skipped=skipped, predict_counts={"inputs": len(pairs), "predicted": predicted,
                                                                  "skipped": len(skipped)})
+    if calibration is not None:
+        run.update_manifest(predict_calibration=_calibration_record(calibration, flags, shifted, settings))
+        if flags is not None:
+            run.logger.log_scalars({"predict/n_flagged": flags.n_flagged})
     return _summarise(len(pairs), predicted, skipped, stopped, time.perf_counter() - start, outputs.path)
+
+
+def _calibrated_columns(scan_rows: list[dict[str, Any]], scan: Any, scores: Any, inputs: Any,
+                        calibration: ScoreCalibration, shifted: list[dict[str, str]]) -> None:
+    """A volume row's ``subject_score`` (by the calibration's rule) and the scan row's ``intensity_check``."""
+    row = scan_rows[-1]  # the scan's own row: its volume row, or the one row of a 2-D input
+    if row["kind"] == "volume":
+        row["subject_score"] = subject_score(calibration, scores)
+    flags = intensity_flags(calibration, inputs)
+    row["intensity_check"] = flags or "ok"
+    if flags:
+        shifted.append({"input": str(scan.path), "flags": flags})
+        logger.warning("predict: %s does not look like the training data after preprocessing (%s): another "
+                       "contrast, intensity range or scaling rule? Its scores and p-values may mean nothing",
+                       scan.path, flags)
+
+
+def _calibration_record(calibration: ScoreCalibration, flags: Flags | None, shifted: list[dict[str, str]],
+                        settings: PredictSettings) -> dict[str, Any]:
+    return {"source": calibration.source, "dataset": calibration.dataset,
+            "n_images": len(calibration.image_scores), "n_subjects": len(calibration.subject_scores),
+            "aggregation": calibration.rule, "healthy_inputs": settings.healthy, "format": settings.format,
+            "intensity_flagged": shifted, **({} if flags is None else flags.to_json())}
 
 
 def _summarise(n_inputs: int, predicted: int, skipped: list[dict[str, str]], stopped: bool, seconds: float,

@@ -11,6 +11,9 @@ YAML::
       threshold_values: null                         # or explicit thresholds (then the file is not needed)
       on_error: skip                                 # or stop
       output_dir: null                               # or a new/empty folder (overwrite: true to reuse one)
+      fdr: 0.05                                      # flag scans at this false discovery rate (needs calibration)
+      healthy: false                                 # true: the inputs are healthy; test for a domain shift
+      format: standard                               # or mood: also MOOD challenge files (voxel/sample in [0,1])
 
 Relative paths (inputs, masks, CSV rows, ``thresholds_file``, ``output_dir``) are resolved against the
 repository root, as the data module does; ``output_dir`` defaults to ``predictions/`` in the run folder.
@@ -25,6 +28,8 @@ from core.Configurator import ConfigError, check_keys, check_params
 from data.preprocess import INTENSITY_RULES, Intensity
 
 OnError = Literal["skip", "stop"]
+OutputFormat = Literal["standard", "mood"]
+FORMATS = ("standard", "mood")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +59,16 @@ class PredictSettings:
             model trained on ``'unit'`` data); null = the checkpoint's rule.
         batch_size: slices per forward pass.
         n_overlays: overlays of the highest-scoring slices written per volume.
+        calibration_file: the training run's healthy calibration (:mod:`core.prediction.calibrated`); null =
+            ``calibration.json`` next to the weights when it exists. With one, ``scores.csv`` gains p-values,
+            Benjamini-Hochberg q-values, the FDR flags and the intensity check.
+        fdr: the false discovery rate at which scans are flagged (``flagged_fdr<f>``: q-value <= fdr).
+        healthy: the inputs are known healthy scans: test their p-values for uniformity and warn of a domain
+            shift when they are smaller (needs the calibration).
+        format: ``'standard'`` (maps, masks, overlays, ``scores.csv``) or ``'mood'``: also the MOOD challenge's
+            files, ``mood/pixel/<case>.nii.gz`` (voxel scores in [0, 1], the input's shape and affine) and
+            ``mood/sample/<case>.nii.gz.txt`` (one sample score in [0, 1]), both mapped through the healthy
+            calibration; NIfTI inputs only.
     """
 
     inputs: list[str]
@@ -68,6 +83,10 @@ class PredictSettings:
     intensity: Intensity | None = None
     batch_size: int = 16
     n_overlays: int = 3
+    calibration_file: str | None = None
+    fdr: float = 0.05
+    healthy: bool = False
+    format: OutputFormat = "standard"
 
 
 def parse_predict(section: Any) -> PredictSettings:
@@ -99,6 +118,10 @@ def parse_predict(section: Any) -> PredictSettings:
         raise ConfigError("predict.threshold_values: give at least one value, or null")
     if settings.intensity is not None and settings.intensity not in INTENSITY_RULES:
         raise ConfigError(f"predict.intensity: {settings.intensity!r} is not one of {', '.join(INTENSITY_RULES)}")
+    if not 0.0 < settings.fdr < 1.0:
+        raise ConfigError(f"predict.fdr: the false discovery rate must be in (0, 1), got {settings.fdr}")
+    if settings.format not in FORMATS:
+        raise ConfigError(f"predict.format: {settings.format!r} is not one of {', '.join(FORMATS)}")
     for key in ("batch_size", "n_overlays"):
         if getattr(settings, key) < (1 if key == "batch_size" else 0):
             raise ConfigError(f"predict.{key}: must be positive, got {getattr(settings, key)}")
