@@ -334,8 +334,9 @@ class Trainer:
             if val_loader is not None and ((finished and self.epoch % self.val_interval == 0) or last):
                 self._validate_and_track(val_loader)
             self._save("latest.pt")
-        if val_loader is None:
-            logger.info("no validation loader: best.pt holds the final weights")
+        if val_loader is None or self.best_metric is None:
+            logger.info("%s: best.pt holds the final weights", "no validation loader" if val_loader is None else
+                        f"no validation after the model's {self.model.warmup_steps}-step warm-up")
             self.best_weights = ckpt.clone_state_dict(self._eval_model()) if self.run.is_main else None
             self._save("best.pt")
         # training wall time (validation and checkpoints included; summed over resumed runs), for cost tables
@@ -570,6 +571,11 @@ class Trainer:
             self.scheduler.step(value)
         if self.groups is not None:
             self.groups.step_plateau(value)
+        warmup = self.model.warmup_steps
+        if self.step <= warmup:  # the model still trains its warm-up objective: not a candidate for best.pt
+            logger.info("validation at step %d: %s %.5g (in the model's %d-step warm-up: not a candidate for "
+                        "best.pt, no early-stopping count)", self.step, self.monitor, value, warmup)
+            return
         improved = math.isfinite(value) and (self.best_metric is None or value < self.best_metric - self.min_delta)
         if improved:
             self.best_metric, self.bad_validations = value, 0

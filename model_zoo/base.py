@@ -82,6 +82,14 @@ class AnomalyModel(nn.Module, abc.ABC):
         record it here; it must not change parameters or buffers, so resuming stays exact.
         """
 
+    @property
+    def warmup_steps(self) -> int:
+        """Training batches at the start that train another objective than the method's (a warm-up, e.g. SI-VAE's
+        plain-VAE phase); 0 (the default) = none. The trainer lets no validation before the warm-up has ended
+        choose ``best.pt`` or count towards early stopping, so the evaluated weights are the method's, not the
+        warm-up's (a plain VAE reconstructs better than a young Soft-Intro VAE and would always win)."""
+        return 0
+
     def counted_network(self) -> nn.Module | None:
         """The network whose forward calls the evaluation reports as ``network_calls`` per image (e.g. a
         diffusion model's UNet), or None (the default) when calls are not counted."""

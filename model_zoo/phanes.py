@@ -359,6 +359,11 @@ class PHANES(RA):
         generator_loss, x_c, _ = self._inpainter_losses(x, m_syn, m)
         return {**losses, "inpainter": generator_loss, "discriminator": self._discriminator_loss(x, x_c, m_syn)}
 
+    @property
+    def warmup_steps(self) -> int:
+        """The coarse RA's plain-VAE warm-up; none on a frozen, finished RA (``coarse_checkpoint``)."""
+        return 0 if self.coarse_frozen else self.vae_warmup_steps
+
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         """RA's encoder and decoder steps (none on a frozen RA), then the inpainter and discriminator steps on the
         same batch."""

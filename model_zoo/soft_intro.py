@@ -245,6 +245,11 @@ class SoftIntroVAE(AnomalyModel):
         """Encoder step (decoder frozen), then decoder step (encoder frozen) with the same eps and z."""
         return self._intro_steps(batch.image, ctx)[0]
 
+    @property
+    def warmup_steps(self) -> int:
+        """The plain-VAE warm-up (``vae_warmup_steps``): validations during it never choose ``best.pt``."""
+        return self.vae_warmup_steps
+
     def _intro_steps(self, x: Tensor, ctx: StepContext) -> tuple[dict[str, Tensor], Tensor]:
         """The encoder and decoder sub-steps of one batch (plain VAE ones during the warm-up); returns their logged
         terms and the reconstruction."""

@@ -66,8 +66,9 @@ class StepResult:
     result: Any = None
 
 
-def plan(*, out: Path, smoke: bool, steps: int, gpus: int) -> list[Step]:
-    """The check's steps for this machine (``gpus``: CUDA devices seen), in the order they run."""
+def plan(*, out: Path, smoke: bool, steps: int, gpus: int, families: Sequence[str] = FAMILIES) -> list[Step]:
+    """The check's steps for this machine (``gpus``: CUDA devices seen), in the order they run; one short training
+    per method family of ``families``."""
     python = sys.executable
     device = "cpu" if smoke else "cuda"
     runs = out / "runs"
@@ -92,7 +93,7 @@ def plan(*, out: Path, smoke: bool, steps: int, gpus: int) -> list[Step]:
                   "--set", "downstream_tasks.ahi.enabled=false"]
     plan_steps.append(Step(name="quickstart", command=quick, timeout_s=240 if smoke else 150))
     n_steps = 2 if smoke else steps
-    for family in FAMILIES:
+    for family in families:
         config = CONFIG_DIR / f"{family}{'_cpu' if smoke else ''}.yaml"
         command = [*main, "--config_path", str(config), *common, "--set", f"trainer.params.max_steps={n_steps}",
                    "--set", "trainer.params.max_epochs=1000", "--set", "downstream_tasks=null"]
@@ -155,7 +156,8 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check(*, out: Path, smoke: bool, steps: int, budget_s: float = BUDGET_S) -> int:
+def check(*, out: Path, smoke: bool, steps: int, budget_s: float = BUDGET_S,
+          families: Sequence[str] = FAMILIES) -> int:
     """Run the plan within ``budget_s`` (each step's timeout is cut to what is left); write gpu_check.json and
     gpu_check.md under ``out``; 0 when every step passed, 1 when one failed or the budget ran out."""
     out.mkdir(parents=True, exist_ok=True)
@@ -170,7 +172,7 @@ def check(*, out: Path, smoke: bool, steps: int, budget_s: float = BUDGET_S) -> 
                               "steps": []}
     failed = None
     deadline = time.monotonic() + budget_s
-    for step in plan(out=out, smoke=smoke, steps=steps, gpus=device["gpus"]):
+    for step in plan(out=out, smoke=smoke, steps=steps, gpus=device["gpus"], families=families):
         left = deadline - time.monotonic()
         if failed is not None or left < MIN_STEP_S:
             status = "skipped" if failed is not None else "no_time"
@@ -204,11 +206,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=BUDGET_S,
                         help=f"seconds for the whole check (default {BUDGET_S}); later steps are not started")
     parser.add_argument("--steps", type=int, default=200, help="training steps per method family (default 200)")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), metavar="FAMILY",
+                        help=f"method families to train (default: all of {', '.join(FAMILIES)})")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps: expected a positive integer, got {args.steps}")
+    unknown = [f for f in args.families if f not in FAMILIES]
+    if unknown:
+        parser.error(f"--families: {', '.join(unknown)} not among {', '.join(FAMILIES)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return check(out=Path(args.out), smoke=args.smoke, steps=args.steps, budget_s=args.budget_s)
+    return check(out=Path(args.out), smoke=args.smoke, steps=args.steps, budget_s=args.budget_s,
+                 families=args.families)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,37 @@ def test_best_weights_are_a_copy_and_early_stopping(tmp_path: Path) -> None:
     assert all(torch.equal(saved["model"][k], best_snapshot[k]) for k in final)
 
 
+class WarmupAE(ScriptedAE):
+    """A scripted validation and a declared warm-up (as SI-VAE's plain-VAE phase)."""
+
+    def __init__(self, values: list[float], warmup: int) -> None:
+        super().__init__(values)
+        self.warmup = warmup
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup
+
+
+def test_validations_during_the_models_warm_up_never_choose_best_or_count_for_patience(tmp_path: Path) -> None:
+    # 6 steps per epoch; the warm-up covers the validations at steps 6 and 12 (the lowest values of all)
+    model = WarmupAE([0.05, 0.04, 0.3, 0.2, 0.25, 0.26], warmup=12)
+    trainer, log = make_trainer(tmp_path, model=model, max_epochs=6, early_stopping_patience=2)
+    best = trainer.fit()
+    assert [step for step, _ in log.val] == [6, 12, 18, 24, 30, 36]  # logged, all of them
+    assert trainer.best_metric == pytest.approx(0.2) and trainer.epoch == 6  # patience counted after the warm-up
+    saved = torch.load(best, weights_only=True)
+    assert saved["step"] == 24 and all(torch.equal(saved["model"][k], model.snapshots[3][k]) for k in saved["model"])
+
+
+def test_a_warm_up_longer_than_the_training_leaves_the_final_weights_as_best(tmp_path: Path) -> None:
+    model = WarmupAE([0.1], warmup=100)
+    trainer, _ = make_trainer(tmp_path, model=model, max_epochs=2)
+    saved = torch.load(trainer.fit(), weights_only=True)
+    assert saved["step"] == 12 and trainer.best_metric is None
+    assert all(torch.equal(saved["model"][k], v) for k, v in model.state_dict().items())
+
+
 def test_nan_loss_stops_with_the_step_and_terms_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     trainer, _ = make_trainer(tmp_path, model=NaNAt(5), max_epochs=2, checkpoint_every_steps=2, log_interval=50)
     with pytest.raises(FloatingPointError, match=r"step 5 .*loss=nan, mse=nan, l1=\d"):

@@ -86,13 +86,24 @@ def test_without_cuda_the_full_check_refuses_to_run(tmp_path, monkeypatch):
     assert not (tmp_path / "gpu_check.json").exists()
 
 
+def test_unknown_families_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check.main(["--smoke", "--out", str(tmp_path), "--families", "ae", "gan"])
+    assert exit_.value.code == 2 and "--families: gan not among" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_smoke_check_end_to_end(tmp_path):
-    assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 0, (tmp_path / "gpu_check.md").read_text()
+    # Two families (a single-network and a diffusion trainer path): every _cpu config's training already runs in
+    # tests/core/test_resume.py; the plan of all families is checked above.
+    families = ["ae", "ddpm"]
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path), "--families", *families]) == 0, \
+        (tmp_path / "gpu_check.md").read_text()
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert all(s["status"] == "ok" for s in report["steps"])
     bench = report["steps"][0]["result"]
     assert bench["training"]["plain"]["images_per_s"] > 0 and bench["training"]["fast"]["images_per_s"] > 0
     # every training step really trained: its run folder holds a checkpoint
-    assert len(list((tmp_path / "runs").rglob("best.pt"))) == 1 + len(gpu_check.FAMILIES)
+    assert len(list((tmp_path / "runs").rglob("best.pt"))) == 1 + len(families)
+    assert [s["name"] for s in report["steps"]] == ["benchmark", "quickstart", "train_ae", "train_ddpm"]
     assert "training images/s" in (tmp_path / "gpu_check.md").read_text()
