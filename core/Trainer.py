@@ -335,8 +335,13 @@ class Trainer:
                 self._validate_and_track(val_loader)
             self._save("latest.pt")
         if val_loader is None or self.best_metric is None:
-            logger.info("%s: best.pt holds the final weights", "no validation loader" if val_loader is None else
-                        f"no validation after the model's {self.model.warmup_steps}-step warm-up")
+            if val_loader is None:
+                logger.info("no validation loader: best.pt holds the final weights")
+            elif self.step <= self.model.warmup_steps:
+                logger.info("every validation fell in the model's %d-step warm-up: best.pt holds the final weights",
+                            self.model.warmup_steps)
+            else:
+                logger.warning("no validation gave a finite %s: best.pt holds the final weights", self.monitor)
             self.best_weights = ckpt.clone_state_dict(self._eval_model()) if self.run.is_main else None
             self._save("best.pt")
         # training wall time (validation and checkpoints included; summed over resumed runs), for cost tables

@@ -109,6 +109,8 @@ def plan(*, out: Path, smoke: bool, steps: int, gpus: int, families: Sequence[st
 def run_step(step: Step, *, env: dict[str, str]) -> StepResult:
     """Run one step; its result whatever happened (a timeout is a failure with status ``timeout``)."""
     logger.info("%s: %s", step.name, " ".join(step.command))
+    if step.json_out is not None:  # a file an earlier check left there is never read as this step's result
+        step.json_out.unlink(missing_ok=True)
     start = time.perf_counter()
     try:
         done = subprocess.run(step.command, cwd=REPO, env=env, capture_output=True, text=True,

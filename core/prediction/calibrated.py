@@ -84,11 +84,6 @@ def load_calibration(settings: PredictSettings, weights: Path, root: Path) -> Sc
     return calibration
 
 
-def subject_score(calibration: ScoreCalibration, slice_scores: np.ndarray) -> float:
-    """A volume's score as the calibration's subjects were scored (its slices' scores, aggregated by its rule)."""
-    return calibration.subject_score(np.asarray(slice_scores, dtype=np.float64))
-
-
 def intensity_flags(calibration: ScoreCalibration | None, inputs: np.ndarray) -> str:
     """``'mean 0.81 not in [0.12, 0.43]; ...'`` for statistics outside the training range, ``''`` when in range or
     the calibration has no intensity summary."""
@@ -137,11 +132,12 @@ def add_p_values(rows: list[dict[str, Any]], calibration: ScoreCalibration, *, f
         members = [r for r in rows if (r["kind"] in SCAN_KINDS) == (family == "scans")]
         if not members:
             continue
-        p = np.concatenate([
-            conformal.conformal_p_values(calibration.subject_scores if r["kind"] == "volume"
-                                         else calibration.image_scores, [r.get("subject_score", r["score"])
-                                                                         if r["kind"] == "volume" else r["score"]])
-            for r in members])
+        volume = np.array([r["kind"] == "volume" for r in members])
+        p = np.empty(len(members))
+        p[volume] = conformal.conformal_p_values(calibration.subject_scores,
+                                                 [r["subject_score"] for r in members if r["kind"] == "volume"])
+        p[~volume] = conformal.conformal_p_values(calibration.image_scores,
+                                                  [r["score"] for r in members if r["kind"] != "volume"])
         q = conformal.benjamini_hochberg(p)
         for row, p_i, q_i in zip(members, p, q, strict=True):
             row["p_value"], row["q_value"], row[column] = float(p_i), float(q_i), int(q_i <= fdr)

@@ -21,7 +21,6 @@ from core.prediction.calibrated import (
     check_mood_inputs,
     intensity_flags,
     load_calibration,
-    subject_score,
 )
 from core.prediction.inference import Preprocessing, predict_scan
 from core.prediction.output_folder import OutputFolder, check_output_folder
@@ -287,7 +286,7 @@ def _calibrated_columns(scan_rows: list[dict[str, Any]], scan: Any, scores: Any,
     """A volume row's ``subject_score`` (by the calibration's rule) and the scan row's ``intensity_check``."""
     row = scan_rows[-1]  # the scan's own row: its volume row, or the one row of a 2-D input
     if row["kind"] == "volume":
-        row["subject_score"] = subject_score(calibration, scores)
+        row["subject_score"] = calibration.subject_score(scores)  # as its calibration subjects were
     flags = intensity_flags(calibration, inputs)
     row["intensity_check"] = flags or "ok"
     if flags:
