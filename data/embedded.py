@@ -108,6 +108,9 @@ logger = logging.getLogger(__name__)
 VERSION = "embedded-v4"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("hyperintense_lesion", "hypointense_lesion", "mass_effect", "enlarged_ventricles", "multifocal_lesions")
+# Subject counts of a smoke-sized benchmark (the test suite, tools.gpu_check --smoke): every set and size bin keeps
+# images, so every evaluation task runs, at a fifth of the default's evaluation cost.
+SMOKE_COUNTS = {"n_train": 48, "n_val": 12, "n_test": 12, "n_per_class": 12}
 HEALTHY_SETS = ("healthy_train", "healthy_val", "healthy_test")
 SIZE_BINS = ("small", "medium", "large")
 BIN_EDGES_128 = (71, 570)  # px at 128x128: small < 71 <= medium < 570 <= large

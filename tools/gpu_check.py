@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from data.embedded import SMOKE_COUNTS
+
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +89,9 @@ def plan(*, out: Path, smoke: bool, steps: int, gpus: int, families: Sequence[st
                                json_out=out / "benchmark_cuda_graphs.json"))
     main = [python, str(REPO / "core" / "Main.py"), "--log_level", "WARNING"]
     common = ["--set", f"experiment.output_dir={runs}", "--set", "wandb.mode=disabled"]
+    if smoke:  # the embedded benchmark at smoke size: every step still runs, on fewer images
+        common += [arg for key, value in SMOKE_COUNTS.items()
+                   for arg in ("--set", f"data.params.prepare.params.{key}={value}")]
     quick = [*main, "--config_path", str(CONFIG_DIR / "quickstart.yaml"), *common]
     if smoke:
         quick += ["--set", "trainer.params.max_steps=2", "--set", "trainer.params.max_epochs=1",

@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 from core.Main import main
+from data.embedded import SMOKE_COUNTS
+from tests.smoke_data import SMOKE_DATA
 from tests.wandb_reader import find_run_file, read_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +78,7 @@ def test_quickstart_reduced_end_to_end(tmp_path, monkeypatch, capsys):
         # Inception features cost ~0.1 s per image on a CPU: keep the AHI small here (the main job runs it fully).
         "--set", "downstream_tasks.ahi.params.reference_limit=20",
         "--set", "downstream_tasks.ahi.params.datasets=[hypointense_lesion]",
-        "--set", f"downstream_tasks.ahi.params.feature_cache={tmp_path / 'features'}",
+        "--set", f"downstream_tasks.ahi.params.feature_cache={tmp_path / 'features'}", *SMOKE_DATA,
     ])
     assert code == 0
     (run_dir,) = [p for p in tmp_path.glob("*/*/*") if p.is_dir()]
@@ -96,7 +98,8 @@ def test_quickstart_reduced_end_to_end(tmp_path, monkeypatch, capsys):
         assert any(k.startswith(f"eval/{task}/") for k in metrics), f"no numbers from task {task}"
     assert (run_dir / "report.md").is_file() and (run_dir / "checkpoints" / "thresholds.json").is_file()
     assert (run_dir / "checkpoints" / "calibration.json").is_file()
-    assert metrics["eval/p_values/healthy_test/image_fpr_n"] == metrics["eval/score_calibration/val/n_images"] == 60
+    assert metrics["eval/p_values/healthy_test/image_fpr_n"] == SMOKE_COUNTS["n_test"]
+    assert metrics["eval/score_calibration/val/n_images"] == SMOKE_COUNTS["n_val"]
     backends = manifest["backends"]  # the networks actually used, whatever 'auto' found on this machine
     assert backends.keys() >= {"rqi_caci_lpips", "fid_network"} and manifest["torch_threads"] >= 1
     header = (run_dir / "report.md").read_text().split("\n## ")[1]
@@ -128,6 +131,7 @@ def test_quickstart_is_deterministic_at_a_fixed_thread_count(tmp_path, monkeypat
             "--set", "downstream_tasks.ahi.params.reference_limit=20",
             "--set", "downstream_tasks.ahi.params.datasets=[hypointense_lesion]",
             "--set", "downstream_tasks.ahi.params.feature_cache=",  # off: both runs compute every feature
+            *SMOKE_DATA,
         ])
         assert code == 0
         (run_dir,) = [p for p in (tmp_path / attempt).glob("*/*/*") if p.is_dir()]

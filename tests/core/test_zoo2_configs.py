@@ -10,6 +10,7 @@ import torch
 
 from core.Main import main
 from dl_utils.run import file_sha256
+from tests.smoke_data import SMOKE_DATA
 
 CONFIGS = Path(__file__).resolve().parents[2] / "projects" / "normative_eval" / "configs"
 TASKS = ("thresholds", "detection", "segmentation", "localization", "rqi", "ahi", "caci")
@@ -19,7 +20,7 @@ def _run(config: str, out: Path, *extra: str) -> Path:
     code = main(["--config_path", str(CONFIGS / f"{config}.yaml"), "--log_level", "WARNING",
                  "--set", f"experiment.output_dir={out}", "--set", "wandb.mode=disabled",
                  "--set", "trainer.params.max_steps=2", "--set", "trainer.params.max_epochs=1",
-                 "--set", "trainer.params.val_interval=1", *extra])
+                 "--set", "trainer.params.val_interval=1", *SMOKE_DATA, *extra])
     assert code == 0
     (run_dir,) = [p for p in out.glob("*/*/*") if p.is_dir()]
     return run_dir

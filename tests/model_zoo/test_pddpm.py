@@ -24,6 +24,7 @@ from model_zoo.diffusion.procedures import predict_x0
 from model_zoo.diffusion.settings import InferenceSetting, ScheduleSetting, UNetSetting
 from model_zoo.pddpm import PatchedDDPM, grid_boxes, grid_starts
 from optim.metrics import pixel_auroc_auprc
+from tests.smoke_data import SMOKE_DATA
 
 logger = logging.getLogger(__name__)
 
@@ -400,7 +401,7 @@ def test_cpu_config_trains_and_evaluates(tmp_path: Path, monkeypatch: pytest.Mon
         "--config_path", str(CONFIGS / "pddpm_cpu.yaml"), "--log_level", "WARNING",
         "--set", f"experiment.output_dir={tmp_path}", "--set", "wandb.mode=offline",
         "--set", "trainer.params.max_steps=3", "--set", "trainer.params.max_epochs=1",
-        "--set", "trainer.params.val_max_batches=1", "--set", "downstream_tasks.ahi.enabled=false",
+        "--set", "trainer.params.val_max_batches=1", "--set", "downstream_tasks.ahi.enabled=false", *SMOKE_DATA,
     ])
     assert code == 0
     (run_dir,) = [p for p in tmp_path.glob("*/*/*") if p.is_dir()]
