@@ -1,9 +1,8 @@
 """pDDPM: the box grid, box noising and the box loss in training, the grid of patch passes at test, network calls,
-batch independence, configs (METHOD_ZOO.md section 9), and a short slow-marked learning run."""
+batch independence, configs (docs/methods.md#patched-diffusion-pddpm), and a short slow-marked learning run."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -15,7 +14,6 @@ from torch import Tensor, nn
 
 from core.Configurator import ConfigError, build, load_config
 from core.DataLoader import DataModule
-from core.Main import main
 from data.batch import Batch
 from dl_utils.reinit import randomize_zero_layers
 from model_zoo.base import AnomalyModel
@@ -23,8 +21,7 @@ from model_zoo.diffusion.noise import DiffusionNoise
 from model_zoo.diffusion.procedures import predict_x0
 from model_zoo.diffusion.settings import InferenceSetting, ScheduleSetting, UNetSetting
 from model_zoo.pddpm import PatchedDDPM, grid_boxes, grid_starts
-from optim.metrics import pixel_auroc_auprc
-from tests.smoke_data import SMOKE_DATA
+from tests.model_zoo._learning import hypointense_separation
 
 logger = logging.getLogger(__name__)
 
@@ -381,30 +378,4 @@ def test_short_training_separates_hypointense_lesions() -> None:
     first, last = sum(losses[:30]) / 30, sum(losses[-30:]) / 30
     assert last < 0.5 * first, f"box loss did not go down: {first:.4f} -> {last:.4f}"
 
-    model.eval()
-    maps, masks, brains = [], [], []
-    generator = torch.Generator().manual_seed(0)
-    for batch in data.eval_dataloader("hypointense_lesion"):
-        maps.append(model.get_anomaly(batch.image, generator=generator).anomaly_map)
-        masks.append(batch.anomaly_mask)
-        brains.append(batch.brain_mask)
-    region = torch.clamp(torch.cat(brains) + torch.cat(masks), 0, 1)
-    result = pixel_auroc_auprc(torch.cat(maps), torch.cat(masks), region=region)
-    logger.info("pDDPM, 200 steps at 32x32: hypointense pixel AUROC %.3f", result["auroc_pooled"])
-    assert result["auroc_pooled"] > 0.8, result
-
-
-@pytest.mark.slow
-def test_cpu_config_trains_and_evaluates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    code = main([
-        "--config_path", str(CONFIGS / "pddpm_cpu.yaml"), "--log_level", "WARNING",
-        "--set", f"experiment.output_dir={tmp_path}", "--set", "wandb.mode=offline",
-        "--set", "trainer.params.max_steps=3", "--set", "trainer.params.max_epochs=1",
-        "--set", "trainer.params.val_max_batches=1", "--set", "downstream_tasks.ahi.enabled=false", *SMOKE_DATA,
-    ])
-    assert code == 0
-    (run_dir,) = [p for p in tmp_path.glob("*/*/*") if p.is_dir()]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    for task in ("detection", "segmentation", "rqi", "caci"):
-        assert any(k.startswith(f"eval/{task}/") for k in metrics), f"pddpm_cpu: no numbers from task {task}"
+    hypointense_separation(model, data).check("pDDPM, 200 steps at 32x32", min_pixel=0.8)

@@ -47,6 +47,10 @@ from tests.reliability.conftest import (
     write_csv,
 )
 
+# The cases run in one session fixture's thread pool (conftest.outcomes): under pytest-xdist they must share a worker
+# (pytest -n 2 --dist loadgroup), or each worker would start every case.
+pytestmark = pytest.mark.xdist_group("reliability")
+
 
 def _config(tmp: Path, **changes: object) -> Path:
     data = make_data(tmp)
