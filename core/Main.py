@@ -62,7 +62,7 @@ from dl_utils.run import one_line  # noqa: E402
 if TYPE_CHECKING:
     from core.DataLoader import DataModule
     from dl_utils.run import Run, RunState
-    from model_zoo.base import AnomalyModel
+    from model_zoo.base import TrainableModel
 
 logger = logging.getLogger("core.Main")
 
@@ -268,14 +268,31 @@ def check_resume(run_dir: Path, config: dict[str, Any], model: Any) -> ResumePla
                       changes=[c for c in changes if c[0] != "experiment.resume"], state=run_state(run_dir))
 
 
-def build_objects(config: dict[str, Any]) -> tuple[DataModule, AnomalyModel]:
-    """Build the data module and the model (the parts every task needs)."""
+def build_objects(config: dict[str, Any]) -> tuple[DataModule, TrainableModel]:
+    """Build the data module and the model (the parts every task needs; the model slot takes anything the trainer
+    trains, :func:`check_scorer` refuses a stage-1 network where scores are needed)."""
     from core.DataLoader import DataModule
-    from model_zoo.base import AnomalyModel
+    from model_zoo.base import TrainableModel
 
     data = build(config["data"], "data", base=DataModule)
-    model = build(config["model"], "model", base=AnomalyModel)
+    model = build(config["model"], "model", base=TrainableModel)
     return data, model
+
+
+def check_scorer(model: TrainableModel, *, evaluators: dict[str, Any], task: str, config_path: str) -> None:
+    """A model that does not score anomalies (a stage-1 network such as f-AnoGAN's WGANGP) only trains.
+
+    Raises:
+        ConfigError: naming ``model.class_name``, the YAML and what to do, when ``task`` is 'evaluate' or there are
+            downstream tasks.
+    """
+    from core.evaluation.runner import require_scorer
+
+    if task == "evaluate":
+        require_scorer(model, f"{config_path}: experiment.task 'evaluate' needs a model that scores anomalies")
+    elif evaluators:
+        require_scorer(model, f"{config_path}: downstream_tasks must be empty for it (set downstream_tasks: null); "
+                              f"it has {', '.join(evaluators)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -302,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         data, model = build_objects(config)
         evaluators = build_downstream(config.get("downstream_tasks"), data=data)
+        check_scorer(model, evaluators=evaluators, task=experiment.task, config_path=args.config_path)
         if "trainer" in config:
             import tempfile
 
@@ -321,6 +339,7 @@ def run(args: argparse.Namespace) -> int:
         data, model = build_objects(config)
         model = model.to(dist.device)
         evaluators = build_downstream(config.get("downstream_tasks"), data=data)  # fail before training
+        check_scorer(model, evaluators=evaluators, task=experiment.task, config_path=args.config_path)
         data.split_files()  # reads every split CSV (missing, empty, misaligned) before a run folder exists
         if experiment.task == "train":
             check_trainer_block(config["trainer"], Trainer)
@@ -353,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_and_evaluate(run: Run, *, model: AnomalyModel, data: DataModule, evaluators: dict[str, Any], task: str,
+def train_and_evaluate(run: Run, *, model: TrainableModel, data: DataModule, evaluators: dict[str, Any], task: str,
                        weights: str | None, initialised: str | None) -> None:
     """Train (task 'train', from ``initialised`` weights when given) or take ``weights``, then evaluate them."""
     from core.DownstreamEvaluator import run_downstream
@@ -373,7 +392,7 @@ def train_and_evaluate(run: Run, *, model: AnomalyModel, data: DataModule, evalu
         run.update_manifest(evaluated_weights={"path": str(evaluated), "which": loaded})
         model.eval()
         run_downstream(evaluators, model=model, data=data, run=run)
-        if model.provenance():  # now with the networks built during evaluation (e.g. LPIPS weights)
+        if model.provenance():  # now with a network built in training (PHANES's VGG19 loss network)
             run.update_manifest(model_provenance=model.provenance())
 
 

@@ -64,7 +64,7 @@ from dl_utils.distributed import barrier, is_distributed
 from dl_utils.ema import EMA
 from dl_utils.errors import NonFiniteLossError
 from dl_utils.run import Run
-from model_zoo.base import AnomalyModel
+from model_zoo.base import TrainableModel
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _check_positive(name: str, value: float | None, *, allow_none: bool = True) 
 
 
 class Trainer:
-    """Trains an :class:`~model_zoo.base.AnomalyModel` on ``data`` and keeps the best weights.
+    """Trains a :class:`~model_zoo.base.TrainableModel` on ``data`` and keeps the best weights.
 
     Args:
         model, data, run: injected by ``Main`` (model, DataModule, :class:`~dl_utils.run.Run`; the trainer logs
@@ -155,7 +155,7 @@ class Trainer:
     def __init__(
         self,
         *,
-        model: AnomalyModel,
+        model: TrainableModel,
         data: TrainData | None = None,
         run: Run,
         max_epochs: int = 100,
@@ -529,7 +529,7 @@ class Trainer:
             return True
         return not ignore_patience and self.patience is not None and self.bad_validations >= self.patience
 
-    def _eval_model(self) -> AnomalyModel:
+    def _eval_model(self) -> TrainableModel:
         return self.ema.module if self.ema is not None else self.model
 
     # ------------------------------------------------------------------------------------------ validation

@@ -1,8 +1,8 @@
 """Several named optimizers for one model (GANs, Soft-Intro VAEs, inpainting pipelines), driven by the Trainer.
 
 A model opts in by returning named, disjoint parameter subsets from
-:meth:`model_zoo.base.AnomalyModel.optimizer_groups` and implementing
-:meth:`~model_zoo.base.AnomalyModel.training_step`, which receives a :class:`StepContext` per batch and runs its
+:meth:`model_zoo.base.TrainableModel.optimizer_groups` and implementing
+:meth:`~model_zoo.base.TrainableModel.training_step`, which receives a :class:`StepContext` per batch and runs its
 own sub-steps through it::
 
     def training_step(self, batch, ctx):

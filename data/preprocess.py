@@ -1,4 +1,4 @@
-"""Preprocessing of one decoded slice (METHODS.md section 2), identical for every split.
+"""Preprocessing of one decoded slice (docs/methods.md#protocol-and-data), identical for every split.
 
 Images, in this order:
 

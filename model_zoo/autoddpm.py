@@ -1,13 +1,14 @@
 """AutoDDPM ("mask, stitch and re-sample", Bercea et al., 2023): a trained DDPM plus in-painting at test time.
 
-Per image, batched, on the input's device (METHODS.md section 3):
+Per image, batched, on the input's device (docs/methods.md#autoddpm):
 
 1. ``x_rec`` = partial-diffusion reconstruction from L_r (``inference.noise_level``, default 200), clamped to [0,1].
 2. ``r = |x_rec - x|`` divided by its per-image ``percentile`` (95th) and capped at 1; ``p`` = spatial LPIPS
    (SqueezeNet) between x and x_rec; ``c = p * r`` (:meth:`AutoDDPM.mask_statistic`).
 3. ``m = 1[c > tau]``, dilated once with a 3x3 kernel. ``tau``: a fixed number (the study's 0.13 was set for its
-   data and its LPIPS), ``'calibrated'`` (set from healthy data with :meth:`AutoDDPM.set_mask_threshold`, e.g. at
-   5 % FPR of brain pixels) or < 0 (the per-image 95th percentile of c). Thresholds are per image, never pooled
+   data and its LPIPS), ``'calibrated'`` (from healthy data, e.g. at 5 % FPR of brain pixels: the evaluation's
+   ``mask_calibration`` task computes it and passes it to every call, ``get_anomaly(x, mask_threshold=...)``; the
+   model never stores it) or < 0 (the per-image 95th percentile of c). Thresholds are per image, never pooled
    over the batch.
 4. Stitch: ``(1 - m) * x + m * x_rec`` (returned for figures); the re-sampling starts from x_rec noised to L_i.
 5. RePaint re-sampling from L_i (``repaint.noise_level``, default 50) with U (``repaint.resample_steps``, default 5)
@@ -18,7 +19,7 @@ Per image, batched, on the input's device (METHODS.md section 3):
    batch axis, a bug, and did not clamp x_inp); ``'paper'`` (the AutoDDPM paper): ``|x - x_hat| * c``.
    Score = mean of the map.
 
-The perceptual network is injected (built lazily from a typed ``perceptual`` setting, or given to
+The perceptual network is injected (built with the model from a typed ``perceptual`` setting, or given to
 :meth:`AutoDDPM.set_perceptual`) and is deliberately not a registered submodule, so AutoDDPM's state dict is
 exactly a DDPM's and DDPM checkpoints load strictly.
 """
@@ -27,14 +28,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model_zoo.base import AnomalyOutput
+from model_zoo import filters
+from model_zoo.base import AnomalyOutput, MaskThresholdModel
 from model_zoo.ddpm import DDPM
 from model_zoo.diffusion.procedures import repaint
 from model_zoo.diffusion.settings import InferenceSetting, RepaintSetting
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 MapFormula = Literal["study", "paper"]
 
 #: AutoDDPM's defaults: reconstruction by the full DDPM chain from L_r = 200; RePaint from L_i = 50 with U = 5;
-#: LPIPS with SqueezeNet (the study's), built on first use.
+#: LPIPS with SqueezeNet (the study's), built with the model.
 RECONSTRUCTION = InferenceSetting(sampler="ddpm", noise_level=200)
 REPAINT = RepaintSetting(noise_level=50, resample_steps=5)
 SQUEEZE_LPIPS = PerceptualSetting(net="squeeze", backend="auto")
@@ -69,51 +70,25 @@ def per_image_quantile(x: Tensor, q: float) -> Tensor:
     return torch.quantile(x.flatten(1).float(), q, dim=1).reshape(-1, 1, 1, 1).to(x.dtype)
 
 
-def _pad_symmetric(x: Tensor, radius: int, dim: int) -> Tensor:
-    """Pad ``dim`` by ``radius`` on both sides mirroring the edge sample too (scipy's 'reflect': d c b a | a b c d)."""
-    n = x.shape[dim]
-    if radius > n:
-        raise ValueError(f"Gaussian kernel radius {radius} exceeds the image size {n} along dim {dim}")
-    before = x.narrow(dim, 0, radius).flip(dim)
-    after = x.narrow(dim, n - radius, radius).flip(dim)
-    return torch.cat([before, x, after], dim=dim)
-
-
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian smoothing of each image and channel over the two spatial axes only.
-
-    Same kernel and border rule as ``scipy.ndimage.gaussian_filter(..., sigma=(0, 0, sigma, sigma))`` (the study's
-    smoothing, applied per image): kernel radius ``int(4 sigma + 0.5)``, symmetric ('reflect') borders.
-
-    Args:
-        x: [B,C,H,W].
-        sigma: standard deviation in pixels (> 0).
-
-    Returns:
-        [B,C,H,W] smoothed.
-    """
-    radius = int(4.0 * sigma + 0.5)
-    coords = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (coords / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(x.dtype)
-    c = x.shape[1]
-    out = F.conv2d(_pad_symmetric(x, radius, 3), kernel.reshape(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(_pad_symmetric(out, radius, 2), kernel.reshape(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    """The study's AutoDDPM smoothing of x: [B,C,H,W], scipy's ``gaussian_filter(..., sigma=(0, 0, sigma, sigma))``
+    per image (:func:`model_zoo.filters.gaussian_blur`, border ``symmetric``, radius ``int(4 sigma + 0.5)``)."""
+    return filters.gaussian_blur(x, sigma, border="symmetric", radius=filters.radius_for(sigma, "scipy"))
 
 
-class AutoDDPM(DDPM):
+class AutoDDPM(DDPM, MaskThresholdModel):
     """AutoDDPM on a trained DDPM (no extra training; same state dict as :class:`DDPM`).
 
     Args:
         repaint: the re-sampling: L_i (``noise_level``, reference 50) and U (``resample_steps``, reference 5).
         tau: mask threshold on c: a number (the study's 0.13; < 0: the per-image ``percentile`` of c) or
-            ``'calibrated'``: :meth:`set_mask_threshold` must set it (from healthy data, at a target FPR) before
-            :meth:`get_anomaly` runs.
+            ``'calibrated'``: every :meth:`get_anomaly` then takes it as ``mask_threshold`` (from healthy data, at a
+            target FPR; see :meth:`mask_statistic`).
         percentile: the per-image percentile (in %) used to normalise r and as the adaptive threshold (95).
         map_formula: ``'study'`` (default; the study's three-term product) or ``'paper'`` (``|x - x_inp| * c``).
         smoothing_sigma: sigma (pixels) of the Gaussian applied to the LPIPS map in the ``'study'`` formula (2).
-        perceptual: the perceptual network with ``.spatial(x, y) -> [B,1,H,W]`` for x, y in [0,1], built on first
-            use (default: SqueezeNet LPIPS, backend ``'auto'``); :meth:`set_perceptual` injects another one.
+        perceptual: the perceptual network with ``.spatial(x, y) -> [B,1,H,W]`` for x, y in [0,1], built with the
+            model (default: SqueezeNet LPIPS, backend ``'auto'``); :meth:`set_perceptual` injects another one.
         **ddpm: the DDPM's options (``network``, ``schedule``, ``noise``, ``inference``, ``val_inference``, ...),
             passed to :class:`DDPM` unchanged (the network and schedule must match the trained DDPM); the
             reconstruction's ``inference`` defaults to the full chain from L_r = 200.
@@ -149,61 +124,39 @@ class AutoDDPM(DDPM):
         self.map_formula = map_formula
         self.smoothing_sigma = smoothing_sigma
         self.perceptual_setting = perceptual
-        self._mask_threshold: float | None = None if tau == "calibrated" else float(tau)
-        self._threshold_provenance: dict[str, Any] = (
-            {} if tau == "calibrated" else {"rule": "per-image percentile", "percentile": percentile} if tau < 0
-            else {"rule": "fixed", "value": float(tau), "source": "config"})
-        # Not a submodule: LPIPS weights must stay out of the state dict (strict DDPM checkpoint loading).
+        # Built now, so provenance() is fixed once the model exists. Not a submodule: LPIPS weights must stay out of
+        # the state dict (strict DDPM checkpoint loading).
         object.__setattr__(self, "_perceptual", None)
+        self.set_perceptual(perceptual.build())
 
     def network_calls(self, inference: InferenceSetting | None = None) -> int:
         """UNet calls of one :meth:`get_anomaly` call: the reconstruction's plus the re-sampling's."""
         return network_calls(self._setting(inference), self.repaint)
 
     def inference_label(self, inference: InferenceSetting | None = None) -> str:
-        """What :meth:`get_anomaly` computes: the reconstruction's label, the re-sampling's, the mask rule, the map."""
-        if self.tau != "calibrated" and self.tau < 0:
-            threshold = f"per-image {self.percentile:g}th percentile"
-        else:
-            threshold = "uncalibrated" if self._mask_threshold is None else f"{self._mask_threshold:g}"
+        """What :meth:`get_anomaly` computes: the reconstruction's label, the re-sampling's, the mask rule, the map
+        (the configured rule; a calibrated value is reported by whoever passes it)."""
+        threshold = {"calibrated": "from healthy data", "per-image percentile": f"per-image {self.percentile:g}th "
+                     "percentile", "fixed": "fixed"}[self.mask_threshold_rule["rule"]]
         return (f"{super().inference_label(inference)}; {self.repaint.label}; "
                 f"{self.network_calls(inference)} network calls in all; tau={self.tau} ({threshold}); "
                 f"map={self.map_formula}")
 
     # ----------------------------------------------------------------------------------------- mask threshold
     @property
-    def needs_calibration(self) -> bool:
-        """True while ``tau='calibrated'`` and no threshold has been set."""
-        return self.tau == "calibrated" and self._mask_threshold is None
+    def needs_mask_threshold(self) -> bool:
+        """True when ``tau='calibrated'``: every :meth:`get_anomaly` then needs ``mask_threshold`` (config only)."""
+        return self.tau == "calibrated"
 
     @property
-    def mask_threshold(self) -> float | None:
-        """The threshold on c in use (None: per-image percentile, or not calibrated yet)."""
-        return None if self.tau != "calibrated" and self.tau < 0 else self._mask_threshold
-
-    @property
-    def mask_threshold_provenance(self) -> dict[str, Any]:
-        """Where the threshold comes from (``{'rule': 'fixed' | 'per-image percentile' | 'calibrated', ...}``)."""
-        return dict(self._threshold_provenance)
-
-    def set_mask_threshold(self, value: float, provenance: Mapping[str, Any]) -> None:
-        """Set the calibrated threshold on c (``tau='calibrated'`` only: an explicit YAML number wins).
-
-        Args:
-            value: the threshold, e.g. the value c exceeds on 5 % of the brain pixels of healthy validation images
-                (c from :meth:`mask_statistic`, per image, under the same inference setting as the evaluation).
-            provenance: how it was obtained (data set, n, target and achieved FPR, perceptual backend, ...);
-                kept with ``rule='calibrated'`` and ``value`` for manifests and reports.
-        """
-        if self.tau != "calibrated":
-            raise ValueError(f"set_mask_threshold: tau={self.tau!r} is set in the config; use tau: calibrated to "
-                             "take the threshold from data")
-        value = float(value)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"set_mask_threshold: value={value} must be a finite number >= 0 (c is >= 0)")
-        self._mask_threshold = value
-        self._threshold_provenance = {**provenance, "rule": "calibrated", "value": value}
-        logger.info("AutoDDPM mask threshold tau = %g (%s)", value, self._threshold_provenance)
+    def mask_threshold_rule(self) -> dict[str, Any]:
+        """The configured rule: ``{'rule': 'fixed', 'value', 'source': 'config'}``, ``{'rule': 'per-image
+        percentile', 'percentile'}`` or ``{'rule': 'calibrated'}`` (the value comes with each call)."""
+        if self.tau == "calibrated":
+            return {"rule": "calibrated"}
+        if self.tau < 0:
+            return {"rule": "per-image percentile", "percentile": self.percentile}
+        return {"rule": "fixed", "value": float(self.tau), "source": "config"}
 
     # ----------------------------------------------------------------------------------------- perceptual network
     def set_perceptual(self, module: Any) -> None:
@@ -217,28 +170,13 @@ class AutoDDPM(DDPM):
         object.__setattr__(self, "_perceptual", module)
 
     def provenance(self) -> dict[str, Any]:
-        """The perceptual network actually used (once built) and the mask threshold's rule and source."""
-        built = self._perceptual
-        perceptual = getattr(built, "backend_name", type(built).__name__) if built is not None \
-            else f"not built yet ({self.perceptual_setting})"
-        source = self.mask_threshold_provenance
-        if source.get("rule") == "calibrated":
-            threshold = (f"calibrated: {source.get('value', float('nan')):.4g} at FPR {source.get('target_fpr')} on "
-                         f"'{source.get('dataset')}' ({source.get('n_images')} images)")
-        elif self.tau == "calibrated":
-            threshold = "calibrated: not set yet"
-        else:
-            threshold = ", ".join(f"{k}={v}" for k, v in source.items())
-        return {"perceptual": perceptual, "mask_threshold": threshold}
+        """The perceptual network in use (its ``backend_name``, else its class name). The mask threshold's value and
+        source are reported by the evaluation and the prediction, which hold it."""
+        return {"perceptual": getattr(self._perceptual, "backend_name", type(self._perceptual).__name__)}
 
     @property
     def perceptual(self) -> Any:
-        """The perceptual network, built from the ``perceptual`` setting on first use."""
-        if self._perceptual is None:
-            module = self.perceptual_setting.build()
-            logger.info("AutoDDPM perceptual network: %s (backend %s)", type(module).__name__,
-                        getattr(module, "backend_name", "unknown"))
-            self.set_perceptual(module)
+        """The perceptual network (built from the ``perceptual`` setting with the model, or injected)."""
         return self._perceptual
 
     # ----------------------------------------------------------------------------------------- inference
@@ -258,6 +196,25 @@ class AutoDDPM(DDPM):
             raise ValueError(f"perceptual network {type(perceptual).__name__}.spatial returned {tuple(p.shape)}, "
                              f"expected {tuple(r.shape)}")
         return x_rec, p, p * r
+
+    def _threshold(self, mask_threshold: float | None, *, needed: bool) -> float | None:
+        """The threshold on c of one call: the configured tau, the given calibrated value, or None (per-image
+        percentile, or a mask override)."""
+        if self.tau != "calibrated":
+            if mask_threshold is not None:
+                raise ValueError(f"get_anomaly: mask_threshold={mask_threshold} given but tau={self.tau!r} is set in "
+                                 "the config; use tau: calibrated to take the threshold from data")
+            return None if self.tau < 0 else float(self.tau)
+        if mask_threshold is None:
+            if needed:
+                raise RuntimeError("AutoDDPM tau='calibrated' but no threshold is set: calibrate it on healthy data "
+                                   "(the mask_calibration evaluation task, or mask_threshold.json beside the weights "
+                                   "for predict) and pass get_anomaly(..., mask_threshold=value)")
+            return None
+        value = float(mask_threshold)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"get_anomaly: mask_threshold={value} must be a finite number >= 0 (c is >= 0)")
+        return value
 
     @torch.no_grad()
     def mask_statistic(
@@ -281,7 +238,7 @@ class AutoDDPM(DDPM):
     @torch.no_grad()
     def get_anomaly(
         self, x: Tensor, *, generator: torch.Generator | None = None, inference: InferenceSetting | None = None,
-        mask: Tensor | None = None,
+        mask: Tensor | None = None, mask_threshold: float | None = None,
     ) -> AnomalyOutput:
         """AutoDDPM's map and score.
 
@@ -292,21 +249,22 @@ class AutoDDPM(DDPM):
                 re-sampling is ``repaint``'s.
             mask: [B,1,H,W] in {0,1} to re-sample instead of the computed (dilated) mask; for tests and
                 ablations.
+            mask_threshold: the calibrated threshold on c (finite, >= 0), required with ``tau='calibrated'``
+                (unless ``mask`` is given) and refused with a configured tau (the YAML number wins).
 
         Returns:
             ``AnomalyOutput`` with ``reconstruction = clamp(x_inp, 0, 1)`` and extras ``x_rec``, ``c``, ``mask``,
             ``stitched`` (the start of the re-sampling before noising) and ``x_inp`` (unclamped), [B,1,H,W] each.
 
         Raises:
-            RuntimeError: ``tau='calibrated'`` and :meth:`set_mask_threshold` has not been called.
+            RuntimeError: ``tau='calibrated'`` and no ``mask_threshold`` (nor ``mask``) is given.
+            ValueError: a ``mask_threshold`` with a configured tau, or one that is not a finite number >= 0.
         """
-        if mask is None and self.needs_calibration:
-            raise RuntimeError("AutoDDPM tau='calibrated' but no threshold is set: calibrate it on healthy data "
-                               "(mask_statistic + set_mask_threshold) before computing anomaly maps")
+        threshold = self._threshold(mask_threshold, needed=mask is None)
         x_rec, p, c = self._reconstruction_and_c(x, generator, inference)
         if mask is None:
-            threshold = per_image_quantile(c, self.percentile / 100.0) if self.mask_threshold is None \
-                else self.mask_threshold
+            if threshold is None:
+                threshold = per_image_quantile(c, self.percentile / 100.0)
             mask = F.max_pool2d((c > threshold).to(x.dtype), kernel_size=3, stride=1, padding=1)
         elif mask.shape != x.shape:
             raise ValueError(f"mask override must have the input's shape {tuple(x.shape)}, got {tuple(mask.shape)}")

@@ -1,4 +1,10 @@
-"""The model interface every anomaly-detection model implements."""
+"""The model interface: :class:`TrainableModel` (anything the trainer trains) and :class:`AnomalyModel` (a trainable
+model that scores anomalies, ``get_anomaly -> AnomalyOutput``), plus the declared capability
+:class:`MaskThresholdModel` (a scorer whose mask threshold the evaluation calibrates and passes in per call).
+
+A stage-1 network (f-AnoGAN's WGAN-GP) is a :class:`TrainableModel` only: it trains and checkpoints, and the
+evaluation and prediction refuse it. Everything the evaluation asks of a model is declared here, never probed.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from data.batch import Batch
 
 
 class StepContext(Protocol):
-    """The handle a multi-optimizer model's :meth:`AnomalyModel.training_step` gets per batch (the trainer's
+    """The handle a multi-optimizer model's :meth:`TrainableModel.training_step` gets per batch (the trainer's
     ``core.optimizer_groups.StepContext`` implements it; declared here so the library never imports ``core``).
 
     Attributes:
@@ -56,11 +62,12 @@ class AnomalyOutput:
             raise ValueError(f"anomaly_score must be [B], got {tuple(self.anomaly_score.shape)}")
 
 
-class AnomalyModel(nn.Module, abc.ABC):
-    """Base class: a generative model trained on healthy data that scores deviations from it.
+class TrainableModel(nn.Module, abc.ABC):
+    """Base class of everything the trainer trains: a network on healthy data with named loss terms.
 
-    Subclasses implement :meth:`training_losses` and :meth:`get_anomaly`. Method knobs are keyword-only
-    constructor arguments. Everything stays in torch on the input's device.
+    Subclasses implement :meth:`training_losses` and :meth:`validation_losses`; a scorer derives from
+    :class:`AnomalyModel` instead. Method knobs are keyword-only constructor arguments. Everything stays in torch on
+    the input's device.
     """
 
     @abc.abstractmethod
@@ -70,10 +77,6 @@ class AnomalyModel(nn.Module, abc.ABC):
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         """``training_losses(batch)``: the trainer calls the (DDP-wrapped) model so gradients are synchronised."""
         return self.training_losses(batch)
-
-    @abc.abstractmethod
-    def get_anomaly(self, x: Tensor, *, generator: torch.Generator | None = None) -> AnomalyOutput:
-        """Anomaly map and score for x: [B,1,H,W] in [0,1]."""
 
     def on_train_epoch_start(self, epoch: int) -> None:
         """Called by the trainer before each training epoch (also a resumed one) with the 0-based epoch index.
@@ -95,16 +98,13 @@ class AnomalyModel(nn.Module, abc.ABC):
         diffusion model's UNet), or None (the default) when calls are not counted."""
         return None
 
-    @torch.no_grad()
+    @abc.abstractmethod
     def validation_losses(self, batch: Batch, *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Per-batch validation metrics (scalars, lower is better); default: reconstruction MAE and MSE.
+        """Per-batch validation metrics (scalars, lower is better) under no_grad, e.g. a critic's Wasserstein
+        estimate; :class:`AnomalyModel` defaults to the reconstruction MAE and MSE.
 
-        The trainer monitors ``val/<key>`` (``trainer.params.monitor``, default ``recon_mae``).
+        The trainer monitors ``val/<key>`` (``trainer.params.monitor``).
         """
-        out = self.get_anomaly(batch.image, generator=generator)
-        recon = out.reconstruction if out.reconstruction is not None else batch.image
-        diff = recon - batch.image
-        return {"recon_mae": diff.abs().mean(), "recon_mse": diff.pow(2).mean()}
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         """Named, disjoint parameter subsets that get one optimizer each; ``{}`` (default) = one optimizer.
@@ -131,7 +131,71 @@ class AnomalyModel(nn.Module, abc.ABC):
         """Where external inputs came from and which backends the outputs rest on; ``{}`` = none.
 
         E.g. a stage-1 checkpoint and its SHA-256, feature-network weights, or an injected network actually used
-        (AutoDDPM's perceptual network: ``{"perceptual": "stlpips/alex ..."}``). The trainer stores it in every
-        checkpoint as ``'provenance'``, ``Main`` in the manifest, and the evaluation beside every result.
+        (AutoDDPM's perceptual network: ``{"perceptual": "stlpips/alex ..."}``). Fixed once the model is built
+        (networks a model needs are built in its constructor), so every record of it agrees. The trainer stores it
+        in every checkpoint as ``'provenance'``, ``Main`` in the manifest, and the evaluation beside every result.
         """
         return {}
+
+    def inference_label(self) -> str | None:
+        """What the model's inference computes, in words, for manifests and reports (e.g. a diffusion model's
+        sampler and its network calls); None (the default) = nothing beyond the config. Depends on the config only;
+        diffusion models also take an optional per-call ``InferenceSetting``."""
+        return None
+
+
+class AnomalyModel(TrainableModel):
+    """Base class of a scorer: a generative model trained on healthy data that scores deviations from it.
+
+    Subclasses implement :meth:`training_losses` and :meth:`get_anomaly`; everything the evaluation and prediction
+    run requires this class (a :class:`TrainableModel` that is not one is refused with its name).
+    """
+
+    @abc.abstractmethod
+    def get_anomaly(self, x: Tensor, *, generator: torch.Generator | None = None) -> AnomalyOutput:
+        """Anomaly map and score for x: [B,1,H,W] in [0,1]."""
+
+    @torch.no_grad()
+    def validation_losses(self, batch: Batch, *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Per-batch validation metrics (scalars, lower is better); default: reconstruction MAE and MSE.
+
+        The trainer monitors ``val/<key>`` (``trainer.params.monitor``, default ``recon_mae``).
+        """
+        out = self.get_anomaly(batch.image, generator=generator)
+        recon = out.reconstruction if out.reconstruction is not None else batch.image
+        diff = recon - batch.image
+        return {"recon_mae": diff.abs().mean(), "recon_mse": diff.pow(2).mean()}
+
+
+class MaskThresholdModel(AnomalyModel):
+    """Declared capability: a scorer that thresholds an internal statistic into a mask (AutoDDPM: ``c > tau``), with
+    a threshold that may come from healthy data.
+
+    The model keeps only its configured rule; a calibrated value is an input of every call
+    (``get_anomaly(x, mask_threshold=...)``), held by whoever runs the model: the evaluation (from its
+    ``mask_calibration`` task) and the prediction (from ``mask_threshold.json`` beside the weights), which also
+    report where it came from. Nothing sets it on the model.
+    """
+
+    @property
+    @abc.abstractmethod
+    def needs_mask_threshold(self) -> bool:
+        """True when the config takes the threshold from healthy data (``tau: calibrated``): every
+        :meth:`get_anomaly` then needs ``mask_threshold``. Depends on the config only."""
+
+    @property
+    @abc.abstractmethod
+    def mask_threshold_rule(self) -> dict[str, Any]:
+        """The configured rule, e.g. ``{'rule': 'fixed', 'value': 0.13, 'source': 'config'}``,
+        ``{'rule': 'per-image percentile', 'percentile': 95.0}`` or ``{'rule': 'calibrated'}``."""
+
+    @abc.abstractmethod
+    def mask_statistic(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """The statistic the mask thresholds, [B,1,H,W] >= 0, computed per image exactly as in :meth:`get_anomaly`
+        (same generator draws first), so a threshold calibrated on it applies unchanged at test time."""
+
+    @abc.abstractmethod
+    def get_anomaly(self, x: Tensor, *, generator: torch.Generator | None = None,
+                    mask_threshold: float | None = None) -> AnomalyOutput:
+        """Anomaly map and score for x: [B,1,H,W] in [0,1]; ``mask_threshold``: the calibrated threshold (required
+        when :attr:`needs_mask_threshold`, refused otherwise)."""

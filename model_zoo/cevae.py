@@ -1,4 +1,4 @@
-"""Context-encoding VAE (ceVAE; Zimmerer et al. 2018/2019), METHOD_ZOO.md section 1.
+"""Context-encoding VAE (ceVAE; Zimmerer et al. 2018/2019), docs/methods.md#context-encoding-vae-cevae.
 
 Network (15.2 M parameters at the reference sizes): no normalisation, LeakyReLU(0.01), convolutions without
 bias (MONAI ``blocks.Convolution``). Encoder: one stride-2 4x4 convolution per entry of ``channels``

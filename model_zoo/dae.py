@@ -1,4 +1,4 @@
-"""Denoising autoencoder with coarse noise (DAE; Kascenas et al., MIDL 2022), METHOD_ZOO.md section 10.
+"""Denoising autoencoder with coarse noise (DAE; Kascenas et al., MIDL 2022), docs/methods.md#denoising-autoencoder-dae.
 
 Network (Kascenas' UNet, 7.7 M parameters at the reference widths): every block is 2 x [ReflectionPad 1 ->
 weight-standardised 3x3 convolution -> Swish -> GroupNorm]; the down path has one block per entry of

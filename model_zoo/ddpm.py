@@ -44,7 +44,8 @@ AutocastDtype = Literal["auto", "bfloat16", "float16", "float32"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 _AUTOCAST_DTYPES = get_args(AutocastDtype)
 
-#: Defaults (frozen, so shared safely): the reference network, schedule and Gaussian noise (METHODS.md section 3).
+#: Defaults (frozen, so shared safely): the reference network, schedule and Gaussian noise
+#: (docs/methods.md#ddpm-and-anoddpm).
 REFERENCE_NETWORK, REFERENCE_SCHEDULE, GAUSSIAN_NOISE = UNetSetting(), ScheduleSetting(), DiffusionNoise()
 #: The reference test-time inference: the full DDPM chain from L = 250 (251 network calls).
 REFERENCE_INFERENCE = InferenceSetting(sampler="ddpm", noise_level=250)

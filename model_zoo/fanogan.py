@@ -1,6 +1,6 @@
 """f-AnoGAN (Schlegl et al., 2019): a WGAN-GP (stage 1), then an izi_f encoder into its frozen latent space (stage 2).
 
-METHOD_ZOO.md section 6. Networks (after the PyTorch-GAN port the reference study used):
+The method: docs/methods.md#f-anogan. Networks (after the PyTorch-GAN port the reference study used):
 
 * generator G: Linear ``latent -> generator_channels[0] * s0^2`` (s0 = image_size / 2^(n-1)), BN, then per further
   width: nearest x2, conv3, BN, LeakyReLU(0.2); conv3 to 1 channel and the output activation.
@@ -9,7 +9,7 @@ METHOD_ZOO.md section 6. Networks (after the PyTorch-GAN port the reference stud
 * encoder E: a critic trunk of its own, Linear -> latent, tanh (as the reference; ``encoder_output='linear'``
   drops it).
 
-Choices where the reference is buggy (documented in METHOD_ZOO.md):
+Choices where the reference is buggy (docs/methods.md#f-anogan):
 
 * BatchNorm: the reference passes 0.8 positionally, i.e. ``eps=0.8``; by default this uses eps 1e-5 with the
   Keras momentum 0.8 the port meant (PyTorch ``momentum=0.2``); ``legacy_bn_eps=True`` restores eps 0.8.
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from data.batch import Batch
 from model_zoo.ae import check_choice
-from model_zoo.base import AnomalyModel, AnomalyOutput, StepContext
+from model_zoo.base import AnomalyModel, AnomalyOutput, StepContext, TrainableModel
 from model_zoo.batchnorm import keep_running_stats
 from model_zoo.stages import keep_frozen_in_eval, load_frozen_stage
 from optim.losses.adversarial import gradient_penalty
@@ -117,7 +117,7 @@ class Critic(nn.Module):
         return self.head(self.trunk(x)).squeeze(1)
 
 
-class _GANSpace(AnomalyModel):
+class _GANSpace(TrainableModel):
     """Shared architecture options and the [0,1] <-> GAN-range mapping of both stages."""
 
     def __init__(self, *, image_size: int, latent_dim: int, generator_channels: Sequence[int],
@@ -165,8 +165,9 @@ class WGANGP(_GANSpace):
     paper's WGAN; the reference study trained in eval mode throughout (no dropout, BatchNorm a fixed affine map of
     its initial statistics), which ``trainer.params.model_mode: reference`` reproduces.
 
-    This stage has no encoder, so it cannot score images: :meth:`get_anomaly` raises; train :class:`FAnoGAN`
-    on its checkpoint. Validation reports ``wasserstein`` = mean D(x) - mean D(G(z')) (eval mode, z' from the
+    This stage has no encoder, so it cannot score images: it is a :class:`~model_zoo.base.TrainableModel`, not an
+    ``AnomalyModel`` (no ``get_anomaly``; the evaluation and prediction refuse it); train :class:`FAnoGAN` on its
+    checkpoint. Validation reports ``wasserstein`` = mean D(x) - mean D(G(z')) (eval mode, z' from the
     validation generator), an estimate of the critic's Wasserstein distance; the reference's "best" selection
     was meaningless, so stage 2 takes stage 1's ``latest.pt``.
 
@@ -239,12 +240,8 @@ class WGANGP(_GANSpace):
         z = torch.randn(x.shape[0], self.latent_dim, generator=generator, device=x.device)
         return {"wasserstein": self.critic(self.to_gan(x)).mean() - self.critic(self.generator(z)).mean()}
 
-    def get_anomaly(self, x: Tensor, *, generator: torch.Generator | None = None) -> AnomalyOutput:
-        raise NotImplementedError("WGANGP is stage 1 of f-AnoGAN and has no encoder: train model_zoo.fanogan.FAnoGAN "
-                                  "with model.params.wgan_checkpoint = this run's checkpoints/latest.pt")
 
-
-class FAnoGAN(_GANSpace):
+class FAnoGAN(_GANSpace, AnomalyModel):
     """Stage 2 of f-AnoGAN (izi_f): an encoder trained into a frozen WGAN-GP's latent space (one optimizer).
 
     Loss: ``recon = MSE(G(E(x)), x)`` and ``feature = kappa * MSE(f(G(E(x))), f(x))`` (f = critic trunk), in the

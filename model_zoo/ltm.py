@@ -1,6 +1,6 @@
 """VQ-VAE (stage 1) and the latent transformer model LTM (stage 2; Pinaya et al. 2022 style), on MONAI.
 
-METHOD_ZOO.md section 7.
+The methods: docs/methods.md#vq-vae-and-latent-transformer-model-ltm.
 
 * :class:`VQVAE`: ``monai.networks.nets.VQVAE`` (EMA codebook, commitment cost 0.25, decay 0.5); loss
   ``L1(x_hat, x) + quantisation loss``; map ``|x - clamp(x_hat, 0, 1)|`` (the paper's VQ-VAE ablation). The codebook

@@ -1,4 +1,4 @@
-"""Masked autoencoder (MAE; He et al. 2022) as an anomaly detector, METHOD_ZOO.md section 8.
+"""Masked autoencoder (MAE; He et al. 2022) as an anomaly detector, docs/methods.md#masked-autoencoder-mae.
 
 Network: MONAI ``nets.MaskedAutoEncoderViT`` (63.7 M parameters at the reference sizes: 128x128, patch 16, encoder
 width 512 / depth 12 / 16 heads, decoder width 512 / depth 8 / 16 heads, MLP ratio 4, qkv bias). Its submodules are

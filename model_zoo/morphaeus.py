@@ -1,4 +1,4 @@
-"""MorphAEus: a deformable autoencoder (Bercea et al., MICCAI 2023), METHOD_ZOO.md section 5.
+"""MorphAEus: a deformable autoencoder (Bercea et al., MICCAI 2023), docs/methods.md#deformable-autoencoder-morphaeus.
 
 Network (3.85 M parameters at the reference sizes, of which the deformer is 0.12 M), from MONAI blocks:
 
@@ -26,7 +26,7 @@ Training (one optimizer; terms summed by the trainer):
 from the 501st epoch), so the logged terms keep the same names in both phases. The epoch comes from the trainer's
 :meth:`on_train_epoch_start` hook (0-based). Choices where the reference is ambiguous: the epoch counter is
 0-based for the switch and the ramp; the VGG19 perceptual loss of the reference (weight 0.1) is **not** built,
-as no VGG19 ImageNet weights are available offline (METHOD_ZOO.md: "set alpha = 0 and document it").
+as no VGG19 ImageNet weights are available offline (docs/methods.md#deformable-autoencoder-morphaeus).
 
 Validation (:meth:`validation_losses`): ``recon_mse``/``recon_mae`` of the deformed reconstruction y and
 ``prior_mse`` of P. The predecessor selected on the prior MSE (``trainer.params.monitor: prior_mse``), which can

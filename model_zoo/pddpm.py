@@ -1,6 +1,8 @@
 """pDDPM (patched diffusion, Behrendt et al., MIDL 2023): a DDPM that restores one noised patch from clean context.
 
-METHOD_ZOO.md section 9. The image is split into a grid of boxes: starts 0, s, 2s, ... (``patch_stride`` s) until a
+The method: docs/methods.md#patched-diffusion-pddpm.
+
+The image is split into a grid of boxes: starts 0, s, 2s, ... (``patch_stride`` s) until a
 box of ``patch_size`` reaches the border; boxes at the right and bottom border are cut to the image (128 px, patch
 48: starts {0, 48, 96}, 9 boxes of 48 or 32 px that tile the image). Everything runs on ``x0 = 2x - 1`` in [-1,1].
 
@@ -43,7 +45,8 @@ from model_zoo.diffusion.settings import InferenceSetting, ScheduleSetting, UNet
 
 logger = logging.getLogger(__name__)
 
-#: pDDPM's reference network (METHOD_ZOO.md section 9): MONAI's version of the OpenAI UNet, 86.9 M parameters.
+#: pDDPM's reference network (docs/methods.md#patched-diffusion-pddpm): MONAI's version of the OpenAI UNet,
+#: 86.9 M parameters.
 PDDPM_NETWORK = UNetSetting(channels=(64, 128, 256, 512), attention_levels=(False, False, True, True),
                             num_res_blocks=3, num_head_channels=64, resblock_updown=True)
 #: Cosine schedule with T = 1000; predicted x0 clipped to [-1, 1] in the reverse steps.

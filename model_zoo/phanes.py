@@ -1,6 +1,8 @@
 """PHANES, pseudo-healthy generative networks (Bercea et al., MICCAI 2023): RA + an AOT-GAN inpainter.
 
-METHOD_ZOO.md section 4. Four optimizer groups, trained jointly from scratch on every batch: ``encoder`` and
+The method and where it departs from the study's code: docs/methods.md#pseudo-healthy-generative-networks-phanes.
+
+Four optimizer groups, trained jointly from scratch on every batch: ``encoder`` and
 ``decoder`` (the RA coarse model, :class:`model_zoo.soft_intro.RA`), ``inpainter`` (AOT-GAN generator G) and
 ``discriminator`` (spectral-norm patch discriminator). With ``coarse_checkpoint`` the coarse model is instead a
 finished RA run, loaded strictly and frozen (``model_zoo/stages.py``: eval mode, no gradient, path and SHA-256 in the
@@ -57,6 +59,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from data.batch import Batch
+from model_zoo import filters
 from model_zoo.base import AnomalyOutput, StepContext
 from model_zoo.saliency import clahe, gaussian_blur
 from model_zoo.soft_intro import RA
@@ -182,13 +185,8 @@ def residual_masks(residual: Tensor, *, threshold: float = 0.2, min_size: int = 
 
 
 def zero_padded_blur(x: Tensor, kernel_size: int, sigma: float) -> Tensor:
-    """Gaussian blur with a ``kernel_size`` kernel and zero padding (AOT-GAN's soft discriminator targets)."""
-    offsets = torch.arange(kernel_size, device=x.device, dtype=torch.float32) - (kernel_size - 1) / 2
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    pad = kernel_size // 2
-    out = F.conv2d(x, kernel.view(1, 1, -1, 1), padding=(pad, 0))
-    return F.conv2d(out, kernel.view(1, 1, 1, -1), padding=(0, pad))
+    """Gaussian blur with an odd ``kernel_size`` kernel and zero borders (AOT-GAN's soft discriminator targets)."""
+    return filters.gaussian_blur(x, sigma, border="zeros", radius=kernel_size // 2)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -313,7 +311,8 @@ class PHANES(RA):
     def _training_masks(self, x: Tensor, x_r: Tensor) -> tuple[Tensor, Tensor]:
         """(m_syn, m): synthetic ellipses and their union with the residual masks, [B,1,S,S] in {0,1}."""
         m_syn = ellipse_masks(x.shape[0], x.shape[-1], self.n_ellipses, device=x.device)
-        residual = (clahe(x_r.detach().clamp(0, 1)) - clahe(x)).abs()
+        limit = self.clahe_clip_limit
+        residual = (clahe(x_r.detach().clamp(0, 1), clip_limit=limit) - clahe(x, clip_limit=limit)).abs()
         m_res = residual_masks(residual, threshold=self.residual_threshold)
         return m_syn, (m_res + m_syn).clamp(0, 1)
 
@@ -400,7 +399,7 @@ class PHANES(RA):
     def pipeline(self, x: Tensor) -> dict[str, Tensor]:
         """Coarse reconstruction, residual, mask, inpainting and map of x: [B,1,S,S] in [0,1]; all per image."""
         x0 = self.reconstruct(x).clamp(0, 1)
-        r = (clahe(x0) - clahe(x)).abs()
+        r = (clahe(x0, clip_limit=self.clahe_clip_limit) - clahe(x, clip_limit=self.clahe_clip_limit)).abs()
         r = (r / (self._quantile(r) + 1e-8)).clamp(max=1)
         a = r * gaussian_blur(self.perceptual.spatial(x0, x), self.saliency_sigma).clamp(min=0)
         mask = self.test_mask(a)

@@ -1,4 +1,4 @@
-"""Map post-processing shared by RA and PHANES: CLAHE, Gaussian smoothing and a lazily built spatial LPIPS.
+"""Map post-processing shared by RA and PHANES: CLAHE, Gaussian smoothing and a spatial LPIPS.
 
 Everything works per image on the input's device (no statistic is taken over the batch), in torch:
 
@@ -6,23 +6,22 @@ Everything works per image on the input's device (no statistic is taken over the
   defaults (kernel = 1/8 of the image side, clip limit 0.01, 256 bins), vectorised over the batch. Not
   bit-identical to skimage: the clipped excess is redistributed in one uniform pass (skimage iterates), and
   the tile mappings are interpolated bilinearly between tile centres (as skimage) with edge tiles extended.
-* :func:`gaussian_blur`: separable Gaussian, reflect padding, radius ``ceil(4 sigma)`` (scipy's truncate 4).
-* :class:`LazyPerceptual`: the spatial perceptual distance (``optim.losses.perceptual.PerceptualDistance``,
-  LPIPS-SqueezeNet with official weights from ``weights_path``/``$TORCH_HOME``, else ST-LPIPS) built on first
-  use from a typed setting (``{net, backend, weights_path}``), never a submodule (so never in a ``state_dict``
-  or an optimizer); ``None`` = the documented "term off" fallback (saliency = 1).
+* :func:`gaussian_blur`: separable Gaussian, mirror borders, radius ``ceil(4 sigma)`` (:mod:`model_zoo.filters`).
+* :class:`SaliencyPerceptual`: the spatial perceptual distance (``optim.losses.perceptual.PerceptualDistance``,
+  LPIPS-SqueezeNet with official weights from ``weights_path``/``$TORCH_HOME``, else ST-LPIPS) built with the
+  host model from a typed setting (``{net, backend, weights_path}``), never a submodule (so never in a
+  ``state_dict`` or an optimizer); ``None`` = the documented "term off" fallback (saliency = 1).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from model_zoo import filters
 from optim.losses.perceptual import PerceptualSetting
 
 logger = logging.getLogger(__name__)
@@ -31,23 +30,9 @@ DEFAULT_LPIPS = PerceptualSetting(net="squeeze", backend="auto")
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian smoothing of x: [B,C,H,W] (reflect padding, radius ceil(4 sigma)); same shape."""
-    if sigma <= 0:
-        return x
-    radius = max(1, math.ceil(4.0 * sigma))
-    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(x.dtype)
-    channels = x.shape[1]
-    pad_h, pad_w = min(radius, x.shape[-2] - 1), min(radius, x.shape[-1] - 1)
-    out = F.pad(x, (0, 0, pad_h, pad_h), mode="reflect")
-    k_h = kernel[radius - pad_h: radius + pad_h + 1]
-    out = F.conv2d(out, k_h.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
-    out = F.pad(out, (pad_w, pad_w, 0, 0), mode="reflect")
-    k_w = kernel[radius - pad_w: radius + pad_w + 1]
-    out = F.conv2d(out, k_w.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    # a kernel cut at the image size no longer sums to 1: renormalise so constants stay constant
-    return out / (k_h.sum() * k_w.sum())
+    """The RA family's smoothing of x: [B,C,H,W] (:func:`model_zoo.filters.gaussian_blur`, border ``mirror``, radius
+    ``ceil(4 sigma)``, the cut kernel renormalised on small images); same shape, identity for sigma <= 0."""
+    return filters.gaussian_blur(x, sigma, border="mirror", radius=filters.radius_for(sigma, "ceil"))
 
 
 def clahe(x: Tensor, *, tiles: int = 8, clip_limit: float = 0.01, nbins: int = 256) -> Tensor:
@@ -98,8 +83,9 @@ def _minmax(x: Tensor) -> Tensor:
     return torch.where(span > 0, (x - low) / span.clamp(min=1e-12), torch.zeros_like(x))
 
 
-class LazyPerceptual:
-    """A spatial perceptual distance built from ``setting`` on first use; ``setting=None`` = saliency off (ones).
+class SaliencyPerceptual:
+    """A spatial perceptual distance built from ``setting`` at construction (so the host's provenance is fixed once
+    it exists); ``setting=None`` = saliency off (ones).
 
     Not an ``nn.Module`` attribute of the host model (kept in a plain attribute), so it never enters the host's
     ``state_dict``, ``parameters()`` or an optimizer.
@@ -115,25 +101,22 @@ class LazyPerceptual:
             raise ValueError(f"{yaml_path} must be a {{net, backend, weights_path}} mapping or null, got {setting!r}")
         self.setting, self.yaml_path = setting, yaml_path
         self.module: Any = None
+        if setting is not None:
+            self.module = setting.build()
+            self.module.eval().requires_grad_(False)
+            logger.info("%s: %s", yaml_path, self.description)
 
     @property
     def description(self) -> str:
-        """What the saliency is: the network's ``backend_name`` once built, or the fallback."""
-        if self.setting is None:
-            return "off (saliency = 1; no perceptual network configured)"
+        """What the saliency is: the network's ``backend_name``, or the fallback."""
         if self.module is None:
-            return f"not built yet ({self.setting})"
+            return "off (saliency = 1; no perceptual network configured)"
         return str(getattr(self.module, "backend_name", type(self.module).__name__))
 
     def spatial(self, x: Tensor, y: Tensor) -> Tensor:
         """[B,1,H,W] perceptual distance map between x and y ([B,1,H,W] in [0,1]); ones when off."""
-        if self.setting is None:
-            return torch.ones_like(x[:, :1])
         if self.module is None:
-            module = self.setting.build()
-            module.eval().requires_grad_(False)
-            self.module = module
-            logger.info("%s: %s", self.yaml_path, self.description)
+            return torch.ones_like(x[:, :1])
         self.module.to(x.device)
         with torch.autocast(x.device.type, enabled=False):
             return self.module.spatial(x.float(), y.float())

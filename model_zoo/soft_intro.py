@@ -1,6 +1,8 @@
 """Soft-Intro VAE (Daniel & Tamar, 2021) and RA, the reversed autoencoder built on it (Bercea et al., 2023).
 
-METHOD_ZOO.md sections 2 and 3. Two optimizer groups, ``encoder`` and ``decoder``; per batch (``training_step``),
+The methods: docs/methods.md#soft-intro-vae-si-vae and docs/methods.md#reversed-autoencoder-ra.
+
+Two optimizer groups, ``encoder`` and ``decoder``; per batch (``training_step``),
 with eps ~ N(0, I) drawn once, s = 1/(C H W), per-image sums over pixels and KL = -1/2 sum(1 + lv - mu^2 - e^lv):
 
 * encoder step (decoder frozen by ``requires_grad``; both networks in the trainer's mode):
@@ -48,7 +50,7 @@ from torch import Tensor, nn
 from data.batch import Batch
 from model_zoo.base import AnomalyModel, AnomalyOutput, StepContext
 from model_zoo.batchnorm import keep_running_stats
-from model_zoo.saliency import DEFAULT_LPIPS, LazyPerceptual, clahe, gaussian_blur
+from model_zoo.saliency import DEFAULT_LPIPS, SaliencyPerceptual, clahe, gaussian_blur
 from model_zoo.vae import gaussian_kl
 from optim.losses.perceptual import PerceptualSetting
 
@@ -351,7 +353,7 @@ class RA(SoftIntroVAE):
                              f"clahe_clip_limit={clahe_clip_limit} > 0")
         self.embedding_weight, self.saliency_sigma, self.clahe_clip_limit = (embedding_weight, saliency_sigma,
                                                                              clahe_clip_limit)
-        self.perceptual = LazyPerceptual(perceptual, "model.params.perceptual")
+        self.perceptual = SaliencyPerceptual(perceptual, "model.params.perceptual")
 
     def _extra_encoder_terms(self, features: list[Tensor], features_r: list[Tensor]) -> dict[str, Tensor]:
         total = features[0].new_zeros(())

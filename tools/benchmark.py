@@ -100,7 +100,8 @@ class SizeSpec:
 
 
 SIZES: dict[str, SizeSpec] = {
-    # METHODS.md section 3: the reference DDPM (128x128, (128,256,256), attention (F,T,T), 1 res block, 256 heads).
+    # The reference DDPM (docs/methods.md#ddpm-and-anoddpm): 128x128, (128,256,256), attention (F,T,T), 1 res block,
+    # 256 heads.
     "reference": SizeSpec(128, (128, 256, 256), (False, True, True), 256, 32, 16, (1, 16)),
     # The CPU configs' network (projects/normative_eval/configs/ddpm_cpu.yaml).
     "small": SizeSpec(64, (32, 64, 64), (False, True, True), 64, 32, 16, (1, 16)),

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from core.Configurator import ConfigError, allow_imports, build, load_config
 from dl_utils.checkpoint import CheckpointError, load_state_strict, save_checkpoint
-from model_zoo.base import AnomalyModel
+from model_zoo.base import TrainableModel
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def import_checkpoint(src: str | Path, out: str | Path, config_path: str | Path,
     allow_imports(config.get("allow_imports"))
     if "model" not in config:
         raise ConfigError(f"{config_path}: no 'model' block")
-    model = build(config["model"], "model", base=AnomalyModel)
+    model = build(config["model"], "model", base=TrainableModel)
     legacy = read_legacy_checkpoint(src)
     weights, report = convert_state_dict(legacy["model_weights"])
     try:

@@ -7,9 +7,12 @@ Besides the outputs, the context records what the evaluation's numbers rest on:
   model names a network in :meth:`model_zoo.base.AnomalyModel.counted_network`, its forward calls per image (a
   batched call counts once for every image in the batch);
 - :attr:`EvalContext.backends`: every feature network actually used (``rqi_caci_lpips``, ``fid_network``) and,
-  through :meth:`EvalContext.model_settings`, the model's own backends (``model.provenance()``) and its
-  inference label. A fallback chosen by ``backend: auto`` (ST-LPIPS for LPIPS, the fid-helper TorchScript for
-  the FID Inception) logs a WARNING once per process;
+  through :meth:`EvalContext.model_settings`, the model's own backends (``model.provenance()``), its
+  inference label and, for a :class:`~model_zoo.base.MaskThresholdModel`, its mask threshold and where it came
+  from. A fallback chosen by ``backend: auto`` (ST-LPIPS for LPIPS, the fid-helper TorchScript for the FID
+  Inception) logs a WARNING once per process;
+- :attr:`EvalContext.mask_calibration`: the run's calibrated mask threshold (from the ``mask_calibration`` task),
+  passed to every ``get_anomaly`` of a model that needs one (the model never stores it);
 - Inception features of inputs (never of reconstructions) can be cached on disk across runs
   (:mod:`optim.feature_cache`), keyed by content, backend, weights, resolution and device type.
 """
@@ -30,7 +33,9 @@ from tqdm import tqdm
 
 from core.DataLoader import DatasetInfo
 from core.evaluation.protocols import DataSource
-from model_zoo.base import AnomalyModel
+from core.evaluation.thresholds import MaskCalibration, describe_mask_threshold
+from model_zoo.base import AnomalyModel, AnomalyOutput, MaskThresholdModel
+from model_zoo.registry import stage1_problem
 
 if TYPE_CHECKING:
     from dl_utils.run import Run
@@ -111,11 +116,19 @@ class EvalContext:
         artifact_dir: where artifacts (``thresholds.json``) are written and read (the run's checkpoint folder),
             or None to keep them in memory only.
         progress: show tqdm bars (only on a TTY).
+        mask_calibration: a calibrated mask threshold to start with (else the ``mask_calibration`` task's).
+
+    Raises:
+        TypeError: ``model`` is not an :class:`~model_zoo.base.AnomalyModel` (a stage-1 network does not score).
     """
 
     def __init__(self, *, model: AnomalyModel, data: DataSource, device: torch.device | str, seed: int = 0,
-                 artifact_dir: Path | None = None, progress: bool = True) -> None:
+                 artifact_dir: Path | None = None, progress: bool = True,
+                 mask_calibration: MaskCalibration | None = None) -> None:
+        if not isinstance(model, AnomalyModel):
+            raise TypeError(f"the evaluation needs an AnomalyModel: {stage1_problem(type(model))}")
         self.model, self.data = model, data
+        self.mask_calibration = mask_calibration
         self.device = torch.device(device)
         self.seed = int(seed)
         self.artifact_dir = artifact_dir
@@ -181,7 +194,7 @@ class EvalContext:
                 x = batch.image.to(self.device)
                 before, start = calls[0], time.perf_counter()
                 with torch.no_grad():
-                    out = self.model.get_anomaly(x, generator=generator)
+                    out = self.anomaly(x, generator=generator)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 seconds += time.perf_counter() - start
@@ -209,6 +222,24 @@ class EvalContext:
                          anomaly_mask=_cat(parts["anomaly_mask"]), brain_mask=_cat(parts["brain_mask"]),
                          label=torch.cat(parts["label"]), path=parts["path"], info=info, subject=parts["subject"],
                          extras={k: torch.cat(v) for k, v in extras.items() if len(v) == len(parts["image"])})
+
+    def anomaly(self, x: Tensor, *, generator: torch.Generator) -> AnomalyOutput:
+        """``model.get_anomaly(x, generator=generator)``, with the run's calibrated mask threshold for a model that
+        needs one (:class:`~model_zoo.base.MaskThresholdModel`): the one place the evaluation runs the model."""
+        if isinstance(self.model, MaskThresholdModel) and self.model.needs_mask_threshold:
+            value = None if self.mask_calibration is None else self.mask_calibration.value
+            return self.model.get_anomaly(x, generator=generator, mask_threshold=value)
+        return self.model.get_anomaly(x, generator=generator)
+
+    def use_mask_calibration(self, calibration: MaskCalibration) -> None:
+        """Take ``calibration`` as the run's mask threshold from now on; outputs computed before are dropped (the
+        runner runs the ``mask_calibration`` task before any other, so normally there are none)."""
+        self.mask_calibration = calibration
+        logger.info("evaluation: mask threshold tau = %g (at FPR %g on '%s', %d images)", calibration.value,
+                    calibration.target_fpr, calibration.dataset, calibration.n_images)
+        for name in self._inference:
+            self.cost.pop(name, None)
+        self._inference.clear()
 
     def inference(self, name: str) -> Inference:
         """Model outputs on a dataset (``'train'``, ``'val'`` or a test set), computed once and cached.
@@ -314,12 +345,14 @@ class EvalContext:
         return features
 
     def model_settings(self) -> dict[str, str]:
-        """The model's own backends (``model.provenance()``, keys prefixed ``model_``) and its inference label."""
+        """The model's own backends (``model.provenance()``, keys prefixed ``model_``), its inference label and,
+        for a :class:`~model_zoo.base.MaskThresholdModel`, ``model_mask_threshold`` (the value and its source)."""
         settings = {f"model_{k}": str(v) for k, v in self.model.provenance().items()}
-        label = getattr(self.model, "inference_label", None)
-        label = label() if callable(label) else label  # diffusion models: a method (per-call settings)
+        label = self.model.inference_label()
         if label:
             settings["model_inference"] = str(label)
+        if isinstance(self.model, MaskThresholdModel):
+            settings["model_mask_threshold"] = describe_mask_threshold(self.model, self.mask_calibration)
         return settings
 
     def all_backends(self) -> dict[str, str]:

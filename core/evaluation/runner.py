@@ -16,14 +16,33 @@ from core.evaluation.per_image import write_per_image
 from core.evaluation.protocols import DataSource, MetricSink
 from core.evaluation.registry import RESERVED_DATASETS, TASKS, TaskResult, TaskSpec
 from core.evaluation.report import write_report
-from core.evaluation.thresholds import Thresholds
+from core.evaluation.thresholds import MaskCalibration, Thresholds
 from dl_utils.run import Run
-from model_zoo.base import AnomalyModel
+from model_zoo.base import AnomalyModel, TrainableModel
+from model_zoo.registry import stage1_problem
 
 logger = logging.getLogger(__name__)
 
 Metrics = dict[str, dict[str, dict[str, float]]]
 COST_BLOCK = "cost"  # eval/cost/<dataset>/{s_per_image,network_calls}, read by tools/study.py
+# Artifacts every model output depends on (a calibrated mask threshold): the blocks providing them run first.
+MODEL_INPUTS: tuple[type, ...] = (MaskCalibration,)
+
+
+def require_scorer(model: TrainableModel, why: str) -> AnomalyModel:
+    """``model`` if it scores anomalies (an :class:`~model_zoo.base.AnomalyModel`).
+
+    Args:
+        model: the built ``model`` block.
+        why: what needs the scores and how to do without, e.g. ``"downstream_tasks must be empty for it (set
+            downstream_tasks: null)"``.
+
+    Raises:
+        ConfigError: naming ``model.class_name``, why the class cannot score and what scores on its checkpoint.
+    """
+    if isinstance(model, AnomalyModel):
+        return model
+    raise ConfigError(f"model.class_name: {stage1_problem(type(model))}. {why}")
 
 
 class DownstreamEvaluator:
@@ -86,7 +105,8 @@ def build_downstream(tasks_cfg: Mapping[str, object] | None, *, data: DataSource
 
 def execution_order(evaluators: Mapping[str, DownstreamEvaluator]) -> list[tuple[str, DownstreamEvaluator]]:
     """Blocks in running order: a block runs once no remaining block provides what it requires; among the
-    blocks free to run, providers go first, then YAML order.
+    blocks free to run, providers of a :data:`MODEL_INPUTS` artifact go first (every model output depends on
+    them), then other providers, then YAML order.
 
     Raises:
         ConfigError: the blocks' requirements form a cycle.
@@ -98,7 +118,8 @@ def execution_order(evaluators: Mapping[str, DownstreamEvaluator]) -> list[tuple
         ready = [(n, e) for n, e in remaining if not any(t in pending for t in e.spec.requires.values())]
         if not ready:
             raise ConfigError(f"downstream_tasks: {', '.join(n for n, _ in remaining)} require each other's products")
-        pick = next((item for item in ready if item[1].spec.provides), ready[0])
+        pick = next((item for item in ready if set(item[1].spec.provides) & set(MODEL_INPUTS)), None) \
+            or next((item for item in ready if item[1].spec.provides), ready[0])
         ordered.append(pick)
         remaining.remove(pick)
     return ordered
@@ -109,7 +130,8 @@ def run_tasks(evaluators: Mapping[str, DownstreamEvaluator], ctx: EvalContext,
     """Run the blocks in :func:`execution_order`, handing each the artifacts it declares.
 
     A provided artifact is saved to ``ctx.artifact_dir`` (when set) and handed to every later block that
-    declares a parameter of its type. A block that requires a type nobody provided gets the one in
+    declares a parameter of its type; a :class:`MaskCalibration` also to the context, which passes its value to
+    every later ``get_anomaly`` call. A block that requires a type nobody provided gets the one in
     ``artifacts``, else the one saved in ``ctx.artifact_dir`` by an earlier evaluation, else None.
 
     Yields:
@@ -131,6 +153,8 @@ def run_tasks(evaluators: Mapping[str, DownstreamEvaluator], ctx: EvalContext,
                 product = product.save(ctx.artifact_dir / t.FILE_NAME)
                 result.notes.append(f"{t.__name__} written to {product.source}.")
             products[t] = product
+            if isinstance(product, MaskCalibration):
+                ctx.use_mask_calibration(product)
         result.notes.append(f"Took {time.perf_counter() - start:.1f} s (including any first inference of its sets).")
         yield name, result
 

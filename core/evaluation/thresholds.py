@@ -21,9 +21,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from optim.metrics.segmentation import ThresholdResult
+
+if TYPE_CHECKING:
+    from model_zoo.base import MaskThresholdModel
 
 RULE = "pixel anomalous iff map > threshold; FPR = mean over images of the pixel FPR"
 
@@ -192,6 +195,18 @@ class MaskCalibration:
     def load(cls, path: str | Path) -> MaskCalibration:
         saved = json.loads(Path(path).read_text())
         return cls(**{**saved, "source": str(path)})
+
+
+def describe_mask_threshold(model: MaskThresholdModel, calibration: MaskCalibration | None) -> str:
+    """The mask threshold a run uses, for manifests and reports: ``"calibrated: 0.2134 at FPR 0.05 on 'val' (60
+    images)"`` (``"calibrated: not set yet"`` without a calibration) or the configured rule
+    (``"rule=fixed, value=0.13, source=config"``)."""
+    if not model.needs_mask_threshold:
+        return ", ".join(f"{k}={v}" for k, v in model.mask_threshold_rule.items())
+    if calibration is None:
+        return "calibrated: not set yet"
+    return (f"calibrated: {calibration.value:.4g} at FPR {calibration.target_fpr} on '{calibration.dataset}' "
+            f"({calibration.n_images} images)")
 
 
 @dataclass(frozen=True, kw_only=True)

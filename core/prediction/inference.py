@@ -59,11 +59,12 @@ def to_native(maps: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_scan(model: torch.nn.Module, scan: Scan, prep: Preprocessing, *, device: torch.device, batch_size: int,
-                 seed: int) -> SliceMaps:
+                 seed: int, mask_threshold: float | None = None) -> SliceMaps:
     """Anomaly maps and scores of every slice of ``scan``.
 
     Each scan gets its own generator seeded with ``seed`` on ``device``, so results do not depend on the order
-    of the inputs.
+    of the inputs. ``mask_threshold`` (the calibrated threshold of a model with ``tau: calibrated``) is passed to
+    every ``get_anomaly`` call when given.
 
     Raises:
         BadInput: a slice does not fit the intensity rule (e.g. values outside [0,1] with ``'unit'``).
@@ -74,10 +75,11 @@ def predict_scan(model: torch.nn.Module, scan: Scan, prep: Preprocessing, *, dev
     except ValueError as err:
         raise BadInput(f"{scan.path}: {err} (set predict.intensity to scale raw scans)") from err
     generator = torch.Generator(device=device).manual_seed(int(seed))
+    per_call = {} if mask_threshold is None else {"mask_threshold": mask_threshold}
     maps, scores = [], []
     for start in range(0, len(inputs), batch_size):
         x = torch.from_numpy(inputs[start:start + batch_size])[:, None].to(device)
-        out = model.get_anomaly(x, generator=generator)
+        out = model.get_anomaly(x, generator=generator, **per_call)
         maps.append(to_native(out.anomaly_map.detach(), scan.slices.shape[1:]).cpu())
         scores.append(out.anomaly_score.detach().double().cpu())
     native = torch.cat(maps).numpy()

@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 from core.Configurator import ConfigError, build, check_imports, check_value_bounds
-from core.evaluation.thresholds import MaskCalibration, ScoreCalibration
+from core.evaluation.runner import require_scorer
+from core.evaluation.thresholds import MaskCalibration, ScoreCalibration, describe_mask_threshold
 from core.prediction.calibrated import (
     Flags,
     add_p_values,
@@ -114,12 +115,15 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _mask_calibration(model: AnomalyModel, weights: Path) -> MaskCalibration | None:
-    """The training run's calibrated internal mask threshold (AutoDDPM ``tau: calibrated``), if the model needs one.
+    """The training run's calibrated mask threshold (AutoDDPM ``tau: calibrated``), if the model needs one
+    (:attr:`~model_zoo.base.MaskThresholdModel.needs_mask_threshold`); it is passed to every ``get_anomaly`` call.
 
     Raises:
         ConfigError: the model needs it and ``mask_threshold.json`` is not next to the weights.
     """
-    if not getattr(model, "needs_calibration", False):
+    from model_zoo.base import MaskThresholdModel
+
+    if not (isinstance(model, MaskThresholdModel) and model.needs_mask_threshold):
         return None
     path = weights.parent / MaskCalibration.FILE_NAME
     if not path.is_file():
@@ -149,7 +153,7 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
     """
     from dl_utils.checkpoint import load_checkpoint, load_model_weights
     from dl_utils.distributed import init_distributed
-    from model_zoo.base import AnomalyModel
+    from model_zoo.base import MaskThresholdModel, TrainableModel
 
     settings = parse_predict(config.get("predict"))
     weights = Path(experiment.weights)
@@ -168,7 +172,8 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
     pairs = _pairs(settings)
     check_mood_inputs(settings, [path for path, _, _ in pairs])
     scores_calibration = load_calibration(settings, weights, REPO_ROOT)
-    model = build(model_block, "model", base=AnomalyModel)
+    model = require_scorer(build(model_block, "model", base=TrainableModel),
+                           f"experiment.task 'predict' needs a model that scores anomalies (model block of {weights})")
     calibration = _mask_calibration(model, weights)
     chosen_dir = resolve(settings.output_dir, REPO_ROOT) if settings.output_dir else None
     if chosen_dir is not None:
@@ -195,13 +200,15 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
             loaded = load_model_weights(model, weights)
             model = model.to(dist.device).eval()
             if calibration is not None:
-                model.set_mask_threshold(calibration.value, calibration.to_json())  # type: ignore[operator]
                 run.update_manifest(predict_mask_threshold=calibration.to_json())
             exit_code = predict_all(model, pairs, settings, thresholds, prep, outputs=outputs, run=run,
-                                    calibration=scores_calibration)
-            label = getattr(model, "inference_label", None)
+                                    calibration=scores_calibration,
+                                    mask_threshold=None if calibration is None else calibration.value)
+            label = model.inference_label()
+            mask = {"mask_threshold": describe_mask_threshold(model, calibration)} \
+                if isinstance(model, MaskThresholdModel) else {}
             run.update_manifest(predict_model={**{k: str(v) for k, v in model.provenance().items()},
-                                               **({"inference": str(label())} if callable(label) else {})})
+                                               **({"inference": str(label)} if label else {}), **mask})
             run.update_manifest(predict_weights={"path": str(weights), "which": loaded},
                                 predict_output=str(outputs.path), predict_thresholds=[asdict(t) for t in thresholds],
                                 predict_preprocessing={"target_size": list(prep.target_size),
@@ -218,8 +225,11 @@ def run_prediction(config: dict[str, Any], *, experiment: Any, wandb_settings: A
 
 def predict_all(model: torch.nn.Module, pairs: list[tuple[Path, Path | None, str]], settings: PredictSettings,
                 thresholds: list[Threshold], prep: Preprocessing, *, outputs: OutputFolder, run: Run,
-                calibration: ScoreCalibration | None = None) -> int:
+                calibration: ScoreCalibration | None = None, mask_threshold: float | None = None) -> int:
     """Predict on every (input, mask, source); write maps, ``scores.csv`` and the summary.
+
+    ``mask_threshold``: the training run's calibrated mask threshold, passed to every ``get_anomaly`` call (a
+    model with ``tau: calibrated``), else None.
 
     With a healthy ``calibration`` every row gets its p- and q-value and FDR flag, each scan row its intensity
     check (:mod:`core.prediction.calibrated`), and ``format: mood`` writes the MOOD files.
@@ -243,7 +253,7 @@ def predict_all(model: torch.nn.Module, pairs: list[tuple[Path, Path | None, str
         try:
             scan = read_scan(path, mask, axial_range=settings.axial_range, source=source)
             result = predict_scan(model, scan, prep, device=run.device, batch_size=settings.batch_size,
-                                  seed=run.seed)
+                                  seed=run.seed, mask_threshold=mask_threshold)
         except DataError as err:
             skipped.append({"input": str(path), "reason": _one_line(err)})
             if settings.on_error == "stop":

@@ -209,8 +209,8 @@ def repaint(
 ) -> Tensor:
     """RePaint re-sampling (Lugmayr et al., 2022) of the masked region, as AutoDDPM's step 5.
 
-    ``z`` starts as ``start`` noised to L. For t = L..1 (METHODS.md; the study's loop), repeated U times: the
-    known image noised to t-1, one DDPM reverse step of z from t to t-1,
+    ``z`` starts as ``start`` noised to L. For t = L..1 (docs/methods.md#autoddpm; the study's loop), repeated U
+    times: the known image noised to t-1, one DDPM reverse step of z from t to t-1,
     ``z = mask * z_unknown + (1 - mask) * known_{t-1}``; between repeats z jumps back to step t with
     ``z = sqrt(1 - beta_t) z + sqrt(beta_t) eps``. Network calls: L * U. The loop ends at step 0 (MONAI's
     convention: one step of noise, std sqrt(beta_0) = 0.01 for the reference schedule, remains), where the

@@ -106,7 +106,8 @@ class InferenceSetting:
 
 @dataclass(frozen=True, kw_only=True)
 class UNetSetting:
-    """MONAI ``DiffusionModelUNet`` (2-D, epsilon prediction); defaults: the reference network (METHODS.md).
+    """MONAI ``DiffusionModelUNet`` (2-D, epsilon prediction); defaults: the reference network
+    (docs/methods.md#ddpm-and-anoddpm).
 
     Attributes:
         in_channels: image channels (also the output channels).

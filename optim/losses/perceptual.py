@@ -181,8 +181,8 @@ class PerceptualDistance(nn.Module):
 class PerceptualSetting:
     """How to build a :class:`PerceptualDistance`, as a typed YAML sub-block (e.g. AutoDDPM's ``perceptual``).
 
-    A model holding the setting builds the network on first use (:meth:`build`), so the network's weights stay
-    out of the model's ``state_dict``; another network can be injected instead.
+    A model holding the setting builds the network in its constructor (:meth:`build`) and keeps it out of its
+    ``state_dict``; another network can be injected instead.
 
     Attributes:
         net, backend, weights_path, spatial_size: as :class:`PerceptualDistance`.
@@ -194,9 +194,11 @@ class PerceptualSetting:
     spatial_size: int | None = None
 
     def build(self) -> PerceptualDistance:
-        """A new frozen :class:`PerceptualDistance` (on the CPU)."""
-        return PerceptualDistance(net=self.net, backend=self.backend, weights_path=self.weights_path,
-                                  spatial_size=self.spatial_size)
+        """A new frozen :class:`PerceptualDistance` (on the CPU), built without touching the global RNG, so a host
+        model that builds it in its constructor draws the same initial weights and training noise as without."""
+        with torch.random.fork_rng(devices=[]):
+            return PerceptualDistance(net=self.net, backend=self.backend, weights_path=self.weights_path,
+                                      spatial_size=self.spatial_size)
 
 
 def _build_lpips(net: Net, *, backbone: Path | None) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:

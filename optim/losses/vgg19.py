@@ -3,9 +3,10 @@
 The weights are torchvision's ImageNet file ``vgg19-dcbb9e9a.pth``, read from ``weights_path`` or from
 ``<torch.hub.get_dir()>/checkpoints/`` (``$TORCH_HOME/hub/checkpoints``); nothing is downloaded. Without the file,
 :func:`build_vgg19_losses` with ``backend='auto'`` returns None and the caller switches the terms off (the documented
-fallback of METHOD_ZOO.md), stating so in its provenance. ``backend='random'`` (a seeded random VGG19) exists only
-for wiring tests. Like ``optim.losses.perceptual``, every parameter becomes a non-persistent buffer, so the network
-is in no ``state_dict``, ``parameters()`` or optimizer; gradients flow to the inputs.
+fallback, docs/methods.md#pretrained-feature-networks), stating so in its provenance. ``backend='random'`` (a
+seeded random VGG19) exists only for wiring tests. Like ``optim.losses.perceptual``, every parameter becomes a
+non-persistent buffer, so the network is in no ``state_dict``, ``parameters()`` or optimizer; gradients flow to the
+inputs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Object-level localisation: the reference study's fastMRI+ box metric (METHODS.md section 4).
+"""Object-level localisation: the reference study's fastMRI+ box metric (docs/methods.md#object-level-localisation).
 
 For one image with one annotated region (a box for fastMRI+, a lesion mask otherwise) and a threshold th:
 

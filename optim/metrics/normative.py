@@ -1,4 +1,6 @@
-"""The normative-learning indices RQI, AHI and CACI (METHODS.md section 4) and the SSIM they use.
+"""The normative-learning indices RQI, AHI and CACI and the SSIM they use.
+
+Definitions and what each index measures: docs/methods.md#evaluation-metrics-and-normative-indices.
 
 The reference paper's exact formulas were not available; these are **the project's definitions**,
 consistent with the reference code's inputs:

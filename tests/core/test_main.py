@@ -59,6 +59,24 @@ def test_bad_configs_name_the_path_and_exit_2(tmp_path, caplog, text, message):
     assert message in caplog.text
 
 
+def test_a_stage1_network_is_refused_where_scores_are_needed(tmp_path, caplog):
+    configs = REPO / "projects" / "normative_eval" / "configs"
+    path = tmp_path / "wgan_evaluated.yaml"
+    path.write_text(f"_base_: [{configs / 'fanogan_wgan_cpu.yaml'}, {configs / '_base' / 'evaluation.yaml'}]\n")
+    assert main(["--config_path", str(path), "--dry-run"]) == 2
+    assert "model.class_name: WGANGP is a stage-1 network: it trains but does not score anomalies" in caplog.text
+    assert "FAnoGAN (fanogan*.yaml)" in caplog.text and str(path) in caplog.text
+    assert "downstream_tasks must be empty for it (set downstream_tasks: null)" in caplog.text
+    caplog.clear()
+    weights = tmp_path / "latest.pt"
+    weights.write_bytes(b"")
+    stage1 = str(configs / "fanogan_wgan_cpu.yaml")
+    assert main(["--config_path", stage1, "--dry-run", "--set", "experiment.task=evaluate",
+                 "--set", f"experiment.weights={weights}"]) == 2
+    assert "experiment.task 'evaluate' needs a model that scores anomalies" in caplog.text
+    assert main(["--config_path", stage1, "--dry-run"]) == 0  # training it stays fine
+
+
 def test_merge_conflict_exits_non_zero_from_the_command_line(tmp_path):
     path = _write(tmp_path, "<<<<<<< HEAD\nname: a\n=======\nname: b\n>>>>>>> other\n")
     done = subprocess.run([sys.executable, str(REPO / "core" / "Main.py"), "--config_path", str(path), "--dry-run"],

@@ -14,13 +14,16 @@ import torch
 import yaml
 from PIL import Image
 
-from core.evaluation.thresholds import Thresholds
+from core.Configurator import build
+from core.evaluation.thresholds import MaskCalibration, Thresholds
 from core.Main import main
 from core.prediction.inference import Preprocessing, predict_scan
 from core.prediction.scans import from_slices, read_scan, to_slices, volume_from_slices
 from dl_utils.checkpoint import save_checkpoint
+from dl_utils.reinit import randomize_zero_layers
 from model_zoo.ae import AutoEncoder
 from model_zoo.base import AnomalyModel, AnomalyOutput
+from model_zoo.registry import method
 from optim.metrics.segmentation import ThresholdResult
 
 SIZE = 16
@@ -188,6 +191,39 @@ def test_png_input_gives_npy_map_png_masks_and_overlay(run):
     mask = np.asarray(Image.open(out / "slice_mask_value0.3.png"))
     assert np.array_equal(mask == 255, anomaly > 0.3)
     assert (out / "slice_overlay.png").is_file()
+
+
+def test_a_calibrated_mask_threshold_is_read_beside_the_weights_and_passed_per_call(tmp_path, one_thread, caplog):
+    block = method("autoddpm").block(tmp_path)
+    block["params"].update(tau="calibrated", perceptual={"net": "squeeze", "backend": "random", "spatial_size": 32})
+    torch.manual_seed(0)
+    model = build(block, "model", base=AnomalyModel).eval()
+    randomize_zero_layers(model)
+    config = {"name": "auto", "data": DATA, "model": block}
+    weights = save_checkpoint(tmp_path / "train" / "checkpoints" / "best.pt",
+                              {"model": model.state_dict(), "config": config})
+    run = {"root": tmp_path, "weights": weights, "config": config}
+    Image.fromarray(np.clip(_smooth_volume((10, 18)), 0, 255).astype(np.uint8)).save(tmp_path / "slice.png")
+    predict = {"inputs": [str(tmp_path / "slice.png")], "threshold_values": [0.3]}
+    assert _predict(run, predict) == 2 and "tau: calibrated but" in caplog.text and "is missing" in caplog.text
+    scan = read_scan(tmp_path / "slice.png", None, axial_range=None, source="test")
+    prep = Preprocessing(target_size=(SIZE, SIZE), intensity="minmax")
+    inputs = torch.from_numpy(predict_scan(model, scan, prep, device=torch.device("cpu"), batch_size=1, seed=42,
+                                           mask_threshold=0.0).inputs)[:, None]
+    value = float(model.mask_statistic(inputs, generator=torch.Generator().manual_seed(42)).median())
+    calibration = MaskCalibration(value=value, target_fpr=0.05, achieved_fpr=0.05, dataset="val", n_images=4,
+                                  n_pixels=100, region="foreground", model={})
+    calibration.save(weights.parent / MaskCalibration.FILE_NAME)
+    assert _predict(run, predict) == 0
+    expected, other = (predict_scan(model, scan, prep, device=torch.device("cpu"), batch_size=1, seed=42,
+                                    mask_threshold=v).maps[0] for v in (value, 2 * value))
+    written = np.load(tmp_path / "out" / "slice_anomaly_map.npy")
+    assert np.array_equal(written, expected) and not np.array_equal(written, other)  # this value, every call
+    manifests = sorted((tmp_path / "runs").rglob("manifest.json"))
+    manifest = json.loads(manifests[-1].read_text())
+    assert manifest["predict_mask_threshold"]["value"] == value
+    assert manifest["predict_model"]["mask_threshold"] == f"calibrated: {value:.4g} at FPR 0.05 on 'val' (4 images)"
+    assert manifest["predict_model"]["perceptual"] == model.provenance()["perceptual"]
 
 
 def _bad_inputs(root):

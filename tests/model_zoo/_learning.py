@@ -66,16 +66,17 @@ class Separation:
 
 
 @torch.no_grad()
-def hypointense_separation(model: AnomalyModel, data: DataModule, *, seed: int = 0) -> Separation:
+def hypointense_separation(model: AnomalyModel, data: DataModule, *, seed: int = 0, **per_call: Any) -> Separation:
     """Pixel and image AUROC of the model on the embedded benchmark's hypointense lesions (healthy test images as the
-    image-level negatives); the model in eval mode, one generator for every stochastic inference."""
+    image-level negatives); the model in eval mode, one generator for every stochastic inference, ``per_call``
+    passed to every ``get_anomaly`` (AutoDDPM's calibrated ``mask_threshold``)."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     maps, masks, brains, scores = [], [], [], {}
     for name in ("healthy_test", "hypointense_lesion"):
         scores[name] = []
         for batch in data.eval_dataloader(name):
-            out = model.get_anomaly(batch.image, generator=generator)
+            out = model.get_anomaly(batch.image, generator=generator, **per_call)
             scores[name].append(out.anomaly_score.float())
             if name == "hypointense_lesion":
                 maps.append(out.anomaly_map)

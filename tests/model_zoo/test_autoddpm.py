@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from core.Configurator import ConfigError, build
 from dl_utils.reinit import randomize_zero_layers
 from model_zoo.autoddpm import AutoDDPM, gaussian_blur, per_image_quantile
-from model_zoo.base import AnomalyModel
+from model_zoo.base import AnomalyModel, MaskThresholdModel
 from model_zoo.ddpm import DDPM
 from model_zoo.diffusion.noise import DiffusionNoise
 from model_zoo.diffusion.procedures import Schedule, repaint
@@ -179,28 +179,29 @@ def test_c_mask_statistic_and_extras() -> None:
     assert "RePaint from L_i=3 with U=2, 6 network calls" in model.inference_label()
 
 
-def test_calibrated_threshold_is_required_then_used_with_its_provenance() -> None:
+def test_calibrated_threshold_is_a_per_call_input_the_model_never_keeps() -> None:
     model = tiny_autoddpm(tau="calibrated")
     x = smooth_images()
-    assert model.needs_calibration and model.mask_threshold is None
+    assert isinstance(model, MaskThresholdModel) and model.needs_mask_threshold
     with pytest.raises(RuntimeError, match="no threshold is set"):
         model.get_anomaly(x, generator=torch.Generator().manual_seed(0))
     c = model.mask_statistic(x, generator=torch.Generator().manual_seed(0))
-    value = float(torch.quantile(c.flatten(), 0.9))
-    model.set_mask_threshold(value, {"dataset": "healthy_val", "n": 2, "target_fpr": 0.1})
-    assert not model.needs_calibration and model.mask_threshold == value
-    assert model.mask_threshold_provenance == {"dataset": "healthy_val", "n": 2, "target_fpr": 0.1,
-                                               "rule": "calibrated", "value": value}
-    out = model.get_anomaly(x, generator=torch.Generator().manual_seed(0))
-    expected = torch.nn.functional.max_pool2d((c > value).float(), 3, stride=1, padding=1)
-    assert torch.equal(out.extras["mask"], expected)
-    assert f"tau=calibrated ({value:g})" in model.inference_label()
+    state, provenance, label = dict(vars(model)), model.provenance(), model.inference_label()
+    for value in (float(torch.quantile(c.flatten(), 0.9)), float(torch.quantile(c.flatten(), 0.5))):
+        out = model.get_anomaly(x, generator=torch.Generator().manual_seed(0), mask_threshold=value)
+        expected = torch.nn.functional.max_pool2d((c > value).float(), 3, stride=1, padding=1)
+        assert torch.equal(out.extras["mask"], expected)  # each call its own threshold
+    assert dict(vars(model)) == state and model.provenance() == provenance and model.inference_label() == label
+    assert model.needs_mask_threshold  # still: nothing was stored
+    assert "tau=calibrated (from healthy data)" in label and set(provenance) == {"perceptual"}
     with pytest.raises(ValueError, match="tau=0.13 is set in the config"):
-        tiny_autoddpm().set_mask_threshold(0.2, {})
+        tiny_autoddpm().get_anomaly(x, mask_threshold=0.2)
     with pytest.raises(ValueError, match="finite number"):
-        model.set_mask_threshold(float("nan"), {})
-    assert tiny_autoddpm().mask_threshold_provenance == {"rule": "fixed", "value": 0.13, "source": "config"}
-    assert tiny_autoddpm(tau=-1.0).mask_threshold_provenance["rule"] == "per-image percentile"
+        model.get_anomaly(x, mask_threshold=float("nan"))
+    assert model.mask_threshold_rule == {"rule": "calibrated"}
+    assert tiny_autoddpm().mask_threshold_rule == {"rule": "fixed", "value": 0.13, "source": "config"}
+    assert not tiny_autoddpm().needs_mask_threshold
+    assert tiny_autoddpm(tau=-1.0).mask_threshold_rule["rule"] == "per-image percentile"
 
 
 def test_gaussian_blur_is_scipys_per_image_over_the_spatial_axes() -> None:
@@ -229,7 +230,7 @@ def test_masks_are_per_image_never_pooled(tau: float) -> None:
         assert ((frac >= 0.04) & (frac <= 0.5)).all()
 
 
-def test_perceptual_block_is_lazy_and_outside_the_state_dict() -> None:
+def test_perceptual_block_is_built_with_the_model_and_outside_the_state_dict() -> None:
     block = {"module_name": "model_zoo.autoddpm", "class_name": "AutoDDPM", "params": {
         "network": {"channels": [8, 16, 16], "num_head_channels": 8, "norm_num_groups": 8},
         "inference": {"noise_level": 2}, "repaint": {"noise_level": 1, "resample_steps": 1},
@@ -237,16 +238,17 @@ def test_perceptual_block_is_lazy_and_outside_the_state_dict() -> None:
     model = build(block, "model", base=AnomalyModel).eval()
     keys_before = set(model.state_dict())
     n_params = sum(p.numel() for p in model.parameters())
-    assert model._perceptual is None  # built on first use
+    provenance = model.provenance()  # fixed from construction on: the network is built with the model
+    assert "RANDOM" in model.perceptual.backend_name and provenance == {"perceptual": model.perceptual.backend_name}
     out = model.get_anomaly(torch.rand(1, 1, 32, 32), generator=torch.Generator().manual_seed(0))
-    assert model._perceptual is not None and "RANDOM" in model.perceptual.backend_name
+    assert model.provenance() == provenance
     assert set(model.state_dict()) == keys_before and all(k.startswith("unet.") for k in keys_before)
     assert sum(p.numel() for p in model.parameters()) == n_params
     assert out.extras["c"].shape == (1, 1, 32, 32)
     assert model.map_formula == "study" and model.repaint == RepaintSetting(noise_level=1, resample_steps=1)
     calibrated = build({**block, "params": {**block["params"], "tau": "calibrated", "map_formula": "paper"}}, "model",
                        base=AnomalyModel)
-    assert calibrated.needs_calibration and calibrated.map_formula == "paper"
+    assert calibrated.needs_mask_threshold and calibrated.map_formula == "paper"
     with pytest.raises(ConfigError, match=r"model\.params\.tau: 'auto' is not one of 'calibrated'"):
         build({**block, "params": {**block["params"], "tau": "auto"}}, "model", base=AnomalyModel)
     # a DDPM checkpoint loads strictly into AutoDDPM and back

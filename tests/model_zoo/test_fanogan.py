@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.evaluation.context import EvalContext
 from core.Trainer import Trainer
 from data.batch import Batch
 from dl_utils import checkpoint as ckpt
 from dl_utils.run import file_sha256
+from model_zoo.base import AnomalyModel, TrainableModel
 from model_zoo.fanogan import WGANGP, FAnoGAN
+from model_zoo.registry import stage1_problem
 from tests.core._trainer_fixtures import FakeData, make_run
 from tests.model_zoo._learning import embedded_data, hypointense_separation, train
 
@@ -112,8 +115,12 @@ def test_legacy_bn_eps_and_wgan_has_no_anomaly_map() -> None:
     fixed = WGANGP(**ARCH)
     eps = {m.eps for m in legacy.modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert 0.8 in eps and {m.eps for m in fixed.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-5}
-    with pytest.raises(NotImplementedError, match="stage 1"):
-        fixed.get_anomaly(torch.rand(1, 1, 16, 16))
+    # stage 1 trains but does not score: not an AnomalyModel, so the evaluation and prediction refuse it by name
+    assert isinstance(fixed, TrainableModel) and not isinstance(fixed, AnomalyModel)
+    assert not hasattr(fixed, "get_anomaly") and isinstance(FAnoGAN(**ARCH), AnomalyModel)
+    assert "FAnoGAN" in stage1_problem(WGANGP) and stage1_problem(FAnoGAN) is None
+    with pytest.raises(TypeError, match="WGANGP is a stage-1 network: it trains but does not score anomalies"):
+        EvalContext(model=fixed, data=FakeData(), device="cpu")
 
 
 @pytest.mark.slow

@@ -37,3 +37,23 @@ def test_core_does_not_import_tools() -> None:
 
 def test_the_check_sees_an_import() -> None:
     assert imported_modules(REPO / "tools" / "step_sweep.py") >= {"model_zoo", "torch"}
+
+
+def capability_probes(source: str) -> list[str]:
+    """``getattr``/``hasattr`` calls on a model (first argument ``model``, ``self.model``, ``ctx.model``, ...)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+                and node.args and "model" in ast.unparse(node.args[0]).lower()):
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_runners_never_probe_a_model_for_capabilities() -> None:
+    # what the evaluation and prediction ask of a model is declared in model_zoo/base.py (TrainableModel,
+    # AnomalyModel, MaskThresholdModel), never discovered by getattr/hasattr
+    offenders = {str(p.relative_to(REPO)): capability_probes(p.read_text(encoding="utf-8"))
+                 for package in ("core", "tools", "dl_utils") for p in sorted((REPO / package).rglob("*.py"))}
+    assert not {k: v for k, v in offenders.items() if v}
+    assert capability_probes("label = getattr(self.model, 'inference_label', None)\nhasattr(model, 'x')") == [
+        "getattr(self.model, 'inference_label', None)", "hasattr(model, 'x')"]

@@ -155,6 +155,20 @@ def test_maps_are_per_image() -> None:
     torch.testing.assert_close(single.extras["mask"][0], full.extras["mask"][2])
 
 
+def test_the_clahe_clip_limit_reaches_the_test_residual_and_the_training_masks() -> None:
+    torch.manual_seed(0)
+    default = PHANES(**TINY).eval()
+    changed = PHANES(**TINY, clahe_clip_limit=0.5).eval()
+    changed.load_state_dict(default.state_dict())
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(default.get_anomaly(x).anomaly_map, changed.get_anomaly(x).anomaly_map)
+    x_r = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.random.fork_rng():
+        m_default = default._training_masks(x, x_r)[1]
+    m_changed = changed._training_masks(x, x_r)[1]
+    assert not torch.equal(m_default, m_changed)
+
+
 def test_residual_masks_keep_only_large_components() -> None:
     residual = torch.zeros(1, 1, 32, 32)
     residual[0, 0, 2:4, 2:4] = 1.0  # 4 px: dropped

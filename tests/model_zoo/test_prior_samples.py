@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from core.Configurator import build
 from dl_utils.reinit import randomize_zero_layers
 from model_zoo.base import AnomalyModel
-from tests.model_zoo.test_contract import MODEL_CASES, SIZE
+from model_zoo.registry import SIZE, method
 
 PRIOR_MODELS = ("vae", "cevae", "fanogan", "sivae", "ra", "phanes", "ltm")
 NO_PRIOR = ("ae", "dae", "mae", "morphaeus", "vqvae", "ddpm")
 
 
 @pytest.mark.parametrize("name", PRIOR_MODELS)
-def test_prior_samples_follow_the_generator(name: str) -> None:
-    factory = dict(MODEL_CASES)[name]
+def test_prior_samples_follow_the_generator(name: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = build(factory(), "model", base=AnomalyModel).eval()
+    model = build(method(name).block(tmp_path), "model", base=AnomalyModel).eval()
     randomize_zero_layers(model)
     if name == "ltm":  # a random VQ-VAE decodes every token below 0 (clamped to 0): lift its output into (0, 1)
         last = [m for m in model.vqvae.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)][-1]
@@ -33,6 +34,6 @@ def test_prior_samples_follow_the_generator(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NO_PRIOR)
-def test_models_without_a_prior_do_not_pretend(name: str) -> None:
-    model = build(dict(MODEL_CASES)[name](), "model", base=AnomalyModel)
+def test_models_without_a_prior_do_not_pretend(name: str, tmp_path: Path) -> None:
+    model = build(method(name).block(tmp_path), "model", base=AnomalyModel)
     assert not hasattr(model, "sample_prior")

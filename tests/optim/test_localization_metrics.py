@@ -1,4 +1,4 @@
-"""The reference box localisation metric (METHODS section 4) on hand-built cases."""
+"""The reference box localisation metric (docs/methods.md#object-level-localisation) on hand-built cases."""
 
 import numpy as np
 import pytest

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from optim.losses.perceptual import BACKBONE_FILES, PerceptualDistance
+from optim.losses.perceptual import BACKBONE_FILES, PerceptualDistance, PerceptualSetting
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,16 @@ def test_stlpips_fallback_is_offline_and_labelled(tmp_path: Path, monkeypatch, n
     assert torch.allclose(dist(x, x), torch.zeros(2), atol=1e-6)
     assert (dist(x, (x + 0.3 * noise).clamp(0, 1)) > dist(x, (x + 0.05 * noise).clamp(0, 1))).all()
     assert dist.spatial(x, x).shape == (2, 1, 32, 32)
+
+
+def test_a_setting_builds_without_touching_the_global_rng(tmp_path: Path, monkeypatch, no_downloads) -> None:
+    # models build their perceptual network in the constructor: their own initial weights must not depend on it
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # ST-LPIPS, whose construction draws random numbers
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    built = PerceptualSetting(net="squeeze", backend="auto").build()
+    assert built.backend_name.startswith("stlpips/") and torch.equal(torch.rand(3), expected)
 
 
 def test_bad_arguments_are_refused(tmp_path: Path, monkeypatch) -> None:

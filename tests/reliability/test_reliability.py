@@ -418,7 +418,7 @@ def case_config_imports_only_the_project_and_its_allow_list(tmp: Path) -> None:
     _no_run_folder(tmp)
     allowed = write_config(tmp / "allowed.yaml", yaml.safe_load(path.read_text()), allow_imports=["h28_marker"])
     result = run_main(allowed, PYTHONPATH=f"{REPO}:{folder}")  # the user's own list: imported, then refused
-    assert result.rc == 2 and "h28_marker.Thing is not a subclass of AnomalyModel" in result.one_error()
+    assert result.rc == 2 and "h28_marker.Thing is not a subclass of TrainableModel" in result.one_error()
     assert marker.exists()
     _no_run_folder(tmp)
 

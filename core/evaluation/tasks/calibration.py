@@ -1,17 +1,17 @@
-"""Calibrate a model's internal mask threshold on healthy data (AutoDDPM's tau on c) before anything is evaluated.
+"""Calibrate a model's mask threshold on healthy data (AutoDDPM's tau on c) before anything is evaluated.
 
 The reference study sets AutoDDPM's mask threshold by hand (0.13) and warns it must be set per data set. Here it
 is a healthy operating point like the map thresholds: tau is the smallest value whose mean pixel FPR of
 ``c > tau`` on the healthy set (inside the brain mask) is at most ``fpr``. c is computed per image exactly as at
 test time (:meth:`mask_statistic`, same per-dataset generator seeding as the evaluation's inference), never with
-statistics pooled over a batch. The runner runs this task before the tasks that require its product (the
-thresholding task), so every map of the evaluation uses the calibrated value.
+statistics pooled over a batch. The runner runs this task before every other and hands its product to the
+evaluation context, which passes the value to every ``get_anomaly`` call (``mask_threshold=``; the model never
+stores it), so every map of the evaluation uses the calibrated value.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -21,22 +21,11 @@ from torch import Tensor
 from core.evaluation.context import EvalContext
 from core.evaluation.registry import DatasetName, Fpr, TaskResult, register_task
 from core.evaluation.thresholds import MaskCalibration
+from model_zoo.base import MaskThresholdModel
 from optim.metrics import segmentation
 
 
-@runtime_checkable
-class CalibratableModel(Protocol):
-    """A model with an internal mask threshold that can be set from healthy data (e.g. AutoDDPM)."""
-
-    @property
-    def mask_threshold_provenance(self) -> dict[str, Any]: ...
-
-    def mask_statistic(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor: ...
-
-    def set_mask_threshold(self, value: float, provenance: dict[str, Any]) -> None: ...
-
-
-def _statistics(ctx: EvalContext, model: CalibratableModel, dataset: str) -> tuple[Tensor, Tensor | None]:
+def _statistics(ctx: EvalContext, model: MaskThresholdModel, dataset: str) -> tuple[Tensor, Tensor | None]:
     """c and the brain masks of every image of ``dataset`` ([N,1,H,W] each, on the CPU)."""
     generator = torch.Generator(device=ctx.device).manual_seed(ctx.seed)  # as the evaluation's inference
     stats, masks = [], []
@@ -65,7 +54,7 @@ def _histogram(c: Tensor, keep: Tensor | None, value: float, fpr: float) -> Figu
 @register_task("mask_calibration", provides=(MaskCalibration,))
 def mask_calibration(ctx: EvalContext, *, dataset: DatasetName = "val", fpr: Fpr = 0.05,
                      use_brain_mask: bool = True) -> TaskResult:
-    """Set the model's mask threshold at a healthy pixel FPR of its mask statistic c.
+    """The model's mask threshold at a healthy pixel FPR of its mask statistic c (saved as ``mask_threshold.json``).
 
     Args:
         dataset: the healthy set (the healthy validation split, 'val').
@@ -76,23 +65,22 @@ def mask_calibration(ctx: EvalContext, *, dataset: DatasetName = "val", fpr: Fpr
         ValueError: the model has no calibratable mask threshold, or its threshold is fixed in the config.
     """
     model = ctx.model
-    if not isinstance(model, CalibratableModel):
+    if not isinstance(model, MaskThresholdModel):
         raise ValueError(f"mask_calibration: {type(model).__name__} has no internal mask threshold to calibrate; "
                          "disable this block (enabled: false)")
-    rule = model.mask_threshold_provenance.get("rule")
-    if rule not in (None, "calibrated"):
-        raise ValueError(f"mask_calibration: the model's mask threshold is set in the config ({rule}); set "
-                         "model.params.tau: calibrated, or disable this block")
+    if not model.needs_mask_threshold:
+        raise ValueError(f"mask_calibration: the model's mask threshold is set in the config "
+                         f"({model.mask_threshold_rule['rule']}); set model.params.tau: calibrated, or disable this "
+                         "block")
     model.eval()
     c, brain = _statistics(ctx, model, dataset)
     keep = brain if use_brain_mask else None
     point = segmentation.threshold_at_fpr(c, fpr, keep)
-    model_info = {k: str(v) for k, v in getattr(model, "provenance", lambda: {})().items() if k != "mask_threshold"}
+    model_info = {k: str(v) for k, v in model.provenance().items()}
     calibration = MaskCalibration(value=float(point.threshold), target_fpr=point.target_fpr,
                                   achieved_fpr=point.achieved_fpr, dataset=dataset, n_images=point.n_images,
                                   n_pixels=point.n_pixels, region=point.region, model=model_info,
                                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    model.set_mask_threshold(calibration.value, calibration.to_json())
     metrics = {"mask_threshold": calibration.value, "achieved_fpr": calibration.achieved_fpr,
                "n_images": float(calibration.n_images), "c_median": float(np.median(c.numpy()))}
     note = (f"Mask threshold tau = {calibration.value:.4g} on c, calibrated on healthy set '{dataset}' "

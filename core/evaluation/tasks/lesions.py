@@ -134,7 +134,7 @@ def segmentation_task(ctx: EvalContext, *, datasets: DatasetNames = None, thresh
 def localization_task(ctx: EvalContext, *, datasets: DatasetNames = None, threshold: float | None = None,
                       fpr: Fpr = 0.05, min_fraction: float = 0.1, thresholds: Thresholds | None = None
                       ) -> TaskResult:
-    """The reference object-level metric (METHODS section 4) per class (= per dataset) and pooled.
+    """The reference object-level metric (docs/methods.md#object-level-localisation) per class (= dataset) and pooled.
 
     'box' sets are scored exactly as the reference (one box per row, healthy mass over the healthy-tissue
     mask); 'pixel' sets use the lesion mask as the region (labelled 'pixel' in the table).

@@ -94,7 +94,6 @@ class CountingModel(TinyModel):
         super().__init__()
         self.net = torch.nn.Identity()
 
-    @property
     def inference_label(self) -> str:
         return self.LABEL
 
