@@ -10,6 +10,8 @@ A parameter annotated with a dataclass (a typed sub-block such as a diffusion mo
 nested path (``model.params.inference.sampler``) and converted to the dataclass. A constructor that takes
 ``**kwargs`` and derives from a class with named constructor parameters forwards them there
 (``super().__init__(**kwargs)``, e.g. AutoDDPM's DDPM options): those keys are checked against the base's signature.
+A class may keep short-form keys valid beside its typed sub-blocks by declaring a static ``config_aliases(params,
+path)`` that nests them (the trainer's flat ``ema_decay: 0.999`` = ``ema: {decay: 0.999}``; :func:`aliased_params`).
 
 Loading (:func:`load_config`) uses a safe YAML loader that also accepts ``!!python/tuple``, refuses a key
 written twice in one mapping (file and line), reads ``1e-3`` as a float (YAML 1.2), composes
@@ -475,15 +477,50 @@ def build(block: Any, path: str, base: type | None = None, **injected: Any) -> A
     for key in params:
         if key in injected:
             raise ConfigError(f"{path}.params.{key}: set by the framework, not from YAML")
-    check_params(cls, params, f"{path}.params", injected=injected)
-    hints = _signature(cls).hints
-    params = {k: _convert(v, hints.get(k, Any), f"{path}.params.{k}") for k, v in params.items()}
+    params, moved = aliased_params(cls, params, f"{path}.params")
     try:
-        return cls(**params, **injected)
-    except ParamError as err:
-        raise ConfigError(f"{path}.params.{err.param}: {err.problem}") from err
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{path}: {block['module_name']}.{block['class_name']}: {err}") from err
+        check_params(cls, params, f"{path}.params", injected=injected)
+        hints = _signature(cls).hints
+        params = {k: _convert(v, hints.get(k, Any), f"{path}.params.{k}") for k, v in params.items()}
+        try:
+            return cls(**params, **injected)
+        except ParamError as err:
+            raise ConfigError(f"{path}.params.{err.param}: {err.problem}") from err
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{path}: {block['module_name']}.{block['class_name']}: {err}") from err
+    except ConfigError as err:
+        renamed = named_as_written(err, moved)
+        if renamed is err:
+            raise
+        raise renamed from err
+
+
+def aliased_params(cls: Any, params: dict[str, Any], path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """``params`` with the class's short-form keys moved into their typed sub-blocks (a new dict), and
+    ``{nested YAML path: short-form YAML path}`` of the moved keys (for :func:`named_as_written`).
+
+    A class declares them as ``config_aliases(params, path) -> (params, moved)`` (a static method; e.g. the
+    trainer's flat ``ema_decay`` for ``ema: {decay: ...}``); other classes get ``params`` back unchanged.
+
+    Raises:
+        ConfigError: an option given in both forms, naming both YAML paths.
+    """
+    nest = getattr(cls, "config_aliases", None)
+    if nest is None:
+        return params, {}
+    try:
+        return nest(params, path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def named_as_written(err: ConfigError, moved: cabc.Mapping[str, str]) -> ConfigError:
+    """``err`` with a nested YAML path that came from a short-form key named as the user wrote it."""
+    message = str(err)
+    for nested, short in moved.items():
+        if message.startswith(f"{nested}:"):
+            return ConfigError(f"{short}{message[len(nested):]}")
+    return err
 
 
 class _Signature(typing.NamedTuple):
@@ -620,6 +657,8 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
     fields = {k: _convert(v, hints.get(k, Any), f"{path}.{k}") for k, v in value.items()}
     try:
         return annotation(**fields)
+    except ParamError as err:
+        raise ConfigError(f"{path}.{err.param}: {err.problem}") from err
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{path}: {annotation.__name__}: {err}") from err
 

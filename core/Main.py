@@ -260,7 +260,7 @@ def check_resume(run_dir: Path, config: dict[str, Any], model: Any) -> ResumePla
                           "start a new run to change them")
     latest = run_dir / "checkpoints" / "latest.pt"
     state = ckpt.load_checkpoint(latest)
-    missing = [k for k in ("model", "optimizer", "epoch", "step", "rng", "trainer") if k not in state]
+    missing = ckpt.missing_training_keys(state)
     if missing:
         raise ckpt.CheckpointError(f"{latest} is not a training checkpoint (no {', '.join(missing)})")
     ckpt.load_state_strict(model, state["model"], f"'model' weights of {latest}")
@@ -402,13 +402,20 @@ def check_trainer_block(block: Any, base: type) -> None:
     The trainer itself is built only once the run folder and the logger exist; its constructor's value checks
     (e.g. ``max_epochs: 0``) therefore fail inside the run, which then records the error as its status.
     """
-    from core.Configurator import resolve_class
+    from core.Configurator import aliased_params, named_as_written, resolve_class
 
     cls = resolve_class(block, "trainer", base)
     params = block.get("params") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"trainer.params: expected a mapping, got {type(params).__name__}")
-    check_params(cls, params, "trainer.params", injected=dict.fromkeys(("model", "data", "run")))
+    params, moved = aliased_params(cls, params, "trainer.params")
+    try:
+        check_params(cls, params, "trainer.params", injected=dict.fromkeys(("model", "data", "run")))
+    except ConfigError as err:
+        renamed = named_as_written(err, moved)
+        if renamed is err:
+            raise
+        raise renamed from err
 
 
 def print_summary(run: Run) -> None:

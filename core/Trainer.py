@@ -1,43 +1,49 @@
 """One generic training loop for every model: AMP, EMA, clipping, validation, checkpoints, resume, DDP.
 
-Built from the YAML ``trainer:`` block::
+Built from the YAML ``trainer:`` block; options come in typed sub-blocks (``core/trainer_options.py``, each key
+checked by the strict builder), and every option also keeps its flat short name (``ema_decay: 0.999`` =
+``ema: {decay: 0.999}``)::
 
     trainer:
       module_name: core.Trainer
       class_name: Trainer
       params:
         max_epochs: 1500
-        optimizer: {module_name: torch.optim, class_name: AdamW, params: {lr: 1.0e-4}}
-        lr_scheduler: {module_name: torch.optim.lr_scheduler, class_name: CosineAnnealingLR, params: {T_max: 1500}}
-        ema_decay: 0.999
-        amp: auto
-        early_stopping_patience: 20
+        optimization:
+          optimizer: {module_name: torch.optim, class_name: AdamW, params: {lr: 1.0e-4}}
+          lr_scheduler: {module_name: torch.optim.lr_scheduler, class_name: CosineAnnealingLR, params: {T_max: 1500}}
+        ema: {decay: 0.999}
+        execution: {amp: auto}
+        early_stopping: {patience: 20}
 
 The loop (:meth:`Trainer.fit`) is: for each epoch, build the train loader seeded with ``run.seed + epoch``
 (so the data order is reproducible and a resumed run skips exactly the batches already consumed: they are
 loaded and discarded, then the RNG states of the checkpoint are restored), run
-:meth:`Trainer.training_step` per batch (the one hook a method with another optimisation, e.g. a GAN,
-overrides), log every ``log_interval`` steps, write ``latest.pt`` every ``checkpoint_every_steps`` steps and
-at each epoch end, validate every ``val_interval`` epochs and write ``best.pt`` on improvement.
+:meth:`Trainer.training_step` per batch, log every ``reporting.log_interval`` steps, write ``latest.pt`` every
+``checkpoints.every_steps`` steps and at each epoch end, validate every ``validation.interval`` epochs and write
+``best.pt`` on improvement.
 
-A model with several networks (GANs, Soft-Intro VAEs) declares ``optimizer_groups()`` and trains through its own
-``training_step(batch, ctx)`` with one optimizer, scheduler and scaler per group (``core/optimizer_groups.py``).
+One optimisation path: every model trains through optimizer groups (``core/optimizer_groups.py``: one optimizer,
+scheduler and gradient scaler per group). A model that declares no ``optimizer_groups()`` gets one group,
+``model``, holding its trainable parameters, and its step is the weighted sum of ``training_losses`` back-propagated
+on that group; a model with several networks (GANs, Soft-Intro VAEs) declares its groups and runs its own
+``training_step(batch, ctx)``. One checkpoint format follows: ``optimizers``/``schedulers``/``scalers`` keyed by
+group (a checkpoint of the earlier single-optimizer format, ``optimizer``/``scheduler``/``scaler``, still resumes).
 
 Host-device synchronisation happens only at log steps, checkpoints and epoch ends: the non-finite-loss
 check accumulates on the device each step and is read there, so a NaN stops training with a
 ``NonFiniteLossError`` (a ``FloatingPointError``) at the next log step or checkpoint, before any checkpoint
 holding NaN weights is written (the last good ``latest.pt``, if any, stays untouched).
 
-Distributed (``torchrun``): the model is wrapped in ``DistributedDataParallel`` and called through its
-``forward(batch)`` (which returns ``training_losses(batch)``) so gradients are synchronised. Validation,
-logging and file writes happen on rank 0; rank 0 broadcasts the monitored value so every rank takes the
-same early-stopping decision. Other ranks wait for rank 0 during validation (keep validation shorter than
-the process-group timeout).
+Distributed (``torchrun``): a model without its own groups is wrapped in ``DistributedDataParallel`` and called
+through its ``forward(batch)`` (which returns ``training_losses(batch)``) so gradients are synchronised; the groups
+of a model with its own ``training_step`` average their gradients themselves. Validation, logging and file writes
+happen on rank 0; rank 0 broadcasts the monitored value so every rank takes the same early-stopping decision.
+Other ranks wait for rank 0 during validation (keep validation shorter than the process-group timeout).
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import math
@@ -45,19 +51,27 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from core.Configurator import ParamError, build, is_enabled, resolve_class
-from core.optimizer_groups import OptimizerGroups
+from core.Configurator import ParamError, build
+from core.optimizer_groups import DEFAULT_GROUP, OptimizerGroups
+from core.trainer_options import (
+    Checkpointing,
+    EarlyStopping,
+    EMAOptions,
+    Execution,
+    Optimization,
+    Reporting,
+    Validation,
+    nest_flat_options,
+)
 from data.batch import Batch
 from dl_utils import checkpoint as ckpt
 from dl_utils.distributed import barrier, is_distributed
@@ -68,16 +82,12 @@ from model_zoo.base import TrainableModel
 
 logger = logging.getLogger(__name__)
 
-AmpMode = Literal["auto", "bf16", "fp16", "off"]
-SchedulerInterval = Literal["epoch", "step"]
-ModelMode = Literal["train", "reference"]
-# What each trainer.params.model_mode means, recorded in the manifest (``training_model_mode``) and the report.
+# What each optimization.model_mode means, recorded in the manifest (``training_model_mode``) and the report.
 MODEL_MODE_LABELS = {
     "train": "train (the model in train mode while training: BatchNorm batch statistics, dropout on)",
     "reference": "reference (the whole model in eval mode while training, as the reference study's trainer: "
                  "BatchNorm with its running statistics, which then never change, dropout off, EMA codebooks frozen)",
 }
-DEFAULT_OPTIMIZER: dict[str, Any] = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": 1e-4}}
 RESERVED_TERMS = ("loss", "lr")
 
 
@@ -87,20 +97,6 @@ class TrainData(Protocol):
     def train_dataloader(self, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> DataLoader: ...
 
     def val_dataloader(self) -> DataLoader | None: ...
-
-
-def _check_choice(name: str, value: str, options: Any) -> None:
-    choices = get_args(options)
-    if value not in choices:
-        listed = ", ".join(repr(c) for c in choices)
-        raise ParamError(name, f"{value!r} is not one of {listed}", f"{name}={value!r} is not one of {listed}")
-
-
-def _check_positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or value <= 0:
-        raise ParamError(name, f"must be > 0{' or null' if allow_none else ''}, got {value!r}")
 
 
 class Trainer:
@@ -113,44 +109,22 @@ class Trainer:
             ValueError naming the missing one.
         max_epochs: upper bound on epochs.
         max_steps: upper bound on optimizer steps (whichever of the two comes first); null = no bound.
-        optimizer: ``{module_name, class_name, params}`` of a ``torch.optim.Optimizer`` (``params`` injected);
-            default Adam, lr 1e-4. On CUDA ``fused: true`` is added when the optimizer supports it and the
-            block does not set it.
-        lr_scheduler: block of a ``torch.optim.lr_scheduler.LRScheduler`` (``optimizer`` injected), or null.
-            ``ReduceLROnPlateau`` is stepped with the monitored value after each validation.
-        lr_scheduler_interval: step the scheduler after every ``'epoch'`` or every optimizer ``'step'``.
-        optimizers: per-group ``{optimizer, lr_scheduler}`` overrides for a model that declares
-            ``optimizer_groups()`` (``optimizer``/``lr_scheduler`` are then every group's defaults); see
-            ``core/optimizer_groups.py``. Such a model trains through its own ``training_step(batch, ctx)``.
-        loss_weights: weight per term of ``training_losses`` (absent terms weigh 1); an unknown name is an
-            error at the first step.
-        grad_clip_norm: clip the global gradient 2-norm to this value; null = no clipping.
-        amp: ``'auto'`` = bf16 autocast on CUDA and off on CPU; ``'bf16'``/``'fp16'`` autocast (a GradScaler
-            only for fp16); ``'off'``.
-        ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.999), used for
-            validation and saved as ``'ema'`` in the checkpoints (which ``load_model_weights`` prefers).
-        ema_warmup: ramp the EMA decay up as ``min(ema_decay, (1 + step) / (10 + step))`` (for short runs, whose
-            average would otherwise keep the initial weights for ~1 / (1 - ema_decay) steps).
-        val_interval: validate every this many epochs (and after the last step).
-        val_max_batches: use only the first batches of the val loader; null = all.
-        monitor: key of ``model.validation_losses`` to monitor (logged as ``val/<monitor>``); lower is better.
-        early_stopping_patience: stop after this many validations without improvement; null = never.
-        early_stopping_min_delta: an improvement must lower the best value by more than this.
-        log_interval: log the mean of each term over the last this many steps (the only per-step sync).
-        checkpoint_every_steps: also write ``latest.pt`` every this many steps (mid-epoch); null = epoch ends.
-        compile: wrap the training forward in ``torch.compile`` (faster on GPUs after a warm-up compile of
-            tens of seconds; validation runs eagerly).
-        find_unused_parameters: passed to ``DistributedDataParallel`` (needed when some parameters get no
-            gradient in a step).
-        progress: show a tqdm bar per epoch (only on rank 0 and only when stderr is a terminal).
-        model_mode: ``'train'`` (default, correct) puts the model in train mode for every training step;
-            ``'reference'`` keeps the whole model in eval mode while training, which is what the reference study's
-            trainer did by accident (it called ``model.eval()`` in place to copy a test model and never called
-            ``train()`` again): BatchNorm normalises with its running statistics (which therefore stay at their
-            initial values), dropout is off and EMA codebooks never move. Gradients and optimizer steps are
-            unchanged, and so is validation. Recorded in the manifest and wandb config as
-            ``training_model_mode`` and in ``report.md``.
+        optimization: optimizer, LR scheduler, per-group overrides, loss weights, clipping, model mode
+            (:class:`~core.trainer_options.Optimization`).
+        execution: autocast precision, ``torch.compile``, DDP's ``find_unused_parameters``
+            (:class:`~core.trainer_options.Execution`).
+        ema: EMA of the weights (:class:`~core.trainer_options.EMAOptions`); off by default.
+        validation: interval, batches, monitored key (:class:`~core.trainer_options.Validation`).
+        early_stopping: patience and minimum improvement (:class:`~core.trainer_options.EarlyStopping`); off by
+            default.
+        checkpoints: mid-epoch ``latest.pt`` interval (:class:`~core.trainer_options.Checkpointing`).
+        reporting: log interval and progress bar (:class:`~core.trainer_options.Reporting`).
+
+    Every sub-block's field also has a flat name in YAML (``core.trainer_options.FLAT_ALIASES``); in Python,
+    :meth:`from_options` takes either form as keyword arguments.
     """
+
+    config_aliases = staticmethod(nest_flat_options)  # the flat short names, for the strict builder
 
     def __init__(
         self,
@@ -160,40 +134,23 @@ class Trainer:
         run: Run,
         max_epochs: int = 100,
         max_steps: int | None = None,
-        optimizer: dict[str, Any] | None = None,
-        lr_scheduler: dict[str, Any] | None = None,
-        lr_scheduler_interval: SchedulerInterval = "epoch",
-        optimizers: dict[str, dict[str, Any]] | None = None,
-        loss_weights: dict[str, float] | None = None,
-        grad_clip_norm: float | None = None,
-        amp: AmpMode = "auto",
-        ema_decay: float | None = None,
-        ema_warmup: bool = False,
-        val_interval: int = 1,
-        val_max_batches: int | None = None,
-        monitor: str = "recon_mae",
-        early_stopping_patience: int | None = None,
-        early_stopping_min_delta: float = 0.0,
-        log_interval: int = 50,
-        checkpoint_every_steps: int | None = None,
-        compile: bool = False,
-        find_unused_parameters: bool = False,
-        progress: bool = True,
-        model_mode: ModelMode = "train",
+        optimization: Optimization | None = None,
+        execution: Execution | None = None,
+        ema: EMAOptions | None = None,
+        validation: Validation | None = None,
+        early_stopping: EarlyStopping | None = None,
+        checkpoints: Checkpointing | None = None,
+        reporting: Reporting | None = None,
     ) -> None:
-        _check_choice("amp", amp, AmpMode)
-        _check_choice("model_mode", model_mode, ModelMode)
-        _check_choice("lr_scheduler_interval", lr_scheduler_interval, SchedulerInterval)
-        for name, value in (("max_epochs", max_epochs), ("val_interval", val_interval),
-                            ("log_interval", log_interval)):
-            _check_positive(name, value, allow_none=False)
-        for name, value in (("max_steps", max_steps), ("val_max_batches", val_max_batches),
-                            ("early_stopping_patience", early_stopping_patience),
-                            ("checkpoint_every_steps", checkpoint_every_steps), ("grad_clip_norm", grad_clip_norm)):
-            _check_positive(name, value)
-        if early_stopping_min_delta < 0:
-            raise ParamError("early_stopping_min_delta", f"must be >= 0, got {early_stopping_min_delta!r}")
-        reserved = sorted(set(loss_weights or {}) & set(RESERVED_TERMS))
+        for name, value in (("max_epochs", max_epochs), ("max_steps", max_steps)):
+            if (value is not None or name == "max_epochs") and (value is None or value <= 0):
+                raise ParamError(name, f"must be > 0{' or null' if name == 'max_steps' else ''}, got {value!r}")
+        opt = optimization or Optimization()
+        self.execution = execution or Execution()
+        self.ema_options, self.validation = ema or EMAOptions(), validation or Validation()
+        self.early_stopping = early_stopping or EarlyStopping()
+        self.checkpoints, self.reporting = checkpoints or Checkpointing(), reporting or Reporting()
+        reserved = sorted(set(opt.loss_weights or {}) & set(RESERVED_TERMS))
         if reserved:
             raise ValueError(f"loss_weights: {reserved} are reserved names, not loss terms")
         if run.world_size > 1 and not is_distributed():
@@ -205,53 +162,45 @@ class Trainer:
         self._fit_start: float | None = None
         self.device = torch.device(run.device)
         self.max_epochs, self.max_steps = max_epochs, max_steps
-        self.lr_scheduler_interval = lr_scheduler_interval
-        self.loss_weights = dict(loss_weights or {})
-        self.grad_clip_norm = grad_clip_norm
-        self.val_interval, self.val_max_batches, self.monitor = val_interval, val_max_batches, monitor
-        self.patience, self.min_delta = early_stopping_patience, early_stopping_min_delta
-        self.log_interval, self.checkpoint_every_steps = log_interval, checkpoint_every_steps
-        self.progress = progress
-        self.model_mode = model_mode
+        self.optimization = opt
+        self.loss_weights = dict(opt.loss_weights or {})
+        self.model_mode = opt.model_mode
+        self.monitor = self.validation.monitor
 
+        amp = self.execution.amp
         if amp == "auto":
             self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
             if self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
                 self.amp_dtype = torch.float16  # pre-Ampere GPUs: fp16 with a GradScaler
         else:
             self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
         self.model = model.to(self.device)
-        if ema_warmup and ema_decay is None:
-            raise ValueError("ema_warmup=true needs an ema_decay")
-        self.ema = EMA(self.model, decay=ema_decay, warmup=ema_warmup) if ema_decay is not None else None
-        self.groups: OptimizerGroups | None = None
-        self.optimizer: Optimizer | None = None
-        self.scheduler: LRScheduler | None = None
-        if self.model.optimizer_groups():
-            self._check_group_options(loss_weights, compile)
-            self.groups = OptimizerGroups(model=self.model, default_optimizer=optimizer or DEFAULT_OPTIMIZER,
-                                          default_scheduler=lr_scheduler, overrides=optimizers,
-                                          scheduler_interval=lr_scheduler_interval, amp_dtype=self.amp_dtype,
-                                          device=self.device, grad_clip_norm=grad_clip_norm)
-            self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # one per group instead
-        elif optimizers:
+        self.ema = (EMA(self.model, decay=self.ema_options.decay, warmup=self.ema_options.warmup)
+                    if self.ema_options.decay is not None else None)
+        declared = self.model.optimizer_groups()
+        self.model_steps_itself = bool(declared)  # the model runs its own training_step on its declared groups
+        if declared:
+            self._check_group_options(opt, self.execution)
+        elif opt.optimizers:
             raise ValueError(f"trainer.params.optimizers is set but {type(model).__name__} declares no "
                              "optimizer_groups(); use trainer.params.optimizer")
-        else:
-            self.optimizer = self._build_optimizer(optimizer or DEFAULT_OPTIMIZER)
-            if lr_scheduler is not None and is_enabled(lr_scheduler):
-                self.scheduler = build(lr_scheduler, "trainer.params.lr_scheduler", base=LRScheduler,
-                                       optimizer=self.optimizer)
         self.engine: Any = self.model
-        if run.world_size > 1 and self.groups is None:  # groups average their gradients themselves
+        wrapped = run.world_size > 1 and not declared  # DDP averages the gradients of the one default group
+        # frozen parameters (a two-stage model's stage-1 networks) belong in no optimizer
+        groups = declared or {DEFAULT_GROUP: [p for p in self.model.parameters() if p.requires_grad]}
+        self.groups = OptimizerGroups(model=self.model, groups=groups, default_optimizer=opt.optimizer_block,
+                                      default_scheduler=opt.lr_scheduler, overrides=opt.optimizers,
+                                      scheduler_interval=opt.lr_scheduler_interval, amp_dtype=self.amp_dtype,
+                                      device=self.device, grad_clip_norm=opt.grad_clip_norm,
+                                      synchronise=not wrapped)
+        if wrapped:
             device_ids = None
             if self.device.type == "cuda":
                 device_ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
             self.engine = DistributedDataParallel(self.model, device_ids=device_ids,
-                                                  find_unused_parameters=find_unused_parameters)
-        if compile:
+                                                  find_unused_parameters=self.execution.find_unused_parameters)
+        if self.execution.compile:
             self.engine = torch.compile(self.engine)
 
         # Loop state (saved in checkpoints).
@@ -266,22 +215,21 @@ class Trainer:
         self._reset_step_stats()
 
     # ------------------------------------------------------------------------------------------ setup
-    def _build_optimizer(self, block: dict[str, Any]) -> Optimizer:
-        path = "trainer.params.optimizer"
-        if self.device.type == "cuda":
-            cls = resolve_class(block, path, base=Optimizer)
-            params = block.get("params") or {}
-            if "fused" in inspect.signature(cls.__init__).parameters and "fused" not in params:
-                block = {**block, "params": {**params, "fused": True}}
-        # frozen parameters (a two-stage model's stage-1 networks) belong in no optimizer
-        return build(block, path, base=Optimizer, params=[p for p in self.model.parameters() if p.requires_grad])
+    @classmethod
+    def from_options(cls, *, model: TrainableModel, run: Run, data: TrainData | None = None,
+                     **options: Any) -> Trainer:
+        """A trainer from ``trainer.params`` given as keyword arguments, flat or nested, checked and converted as
+        the strict builder does it for the YAML block (errors are ``ConfigError``s naming ``trainer.params.<key>``).
+        """
+        block = {"module_name": cls.__module__, "class_name": cls.__name__, "params": options}
+        return build(block, "trainer", base=Trainer, model=model, data=data, run=run)
 
     @staticmethod
-    def _check_group_options(loss_weights: dict[str, float] | None, compile: bool) -> None:
-        if loss_weights:
+    def _check_group_options(optimization: Optimization, execution: Execution) -> None:
+        if optimization.loss_weights:
             raise ValueError("trainer.params.loss_weights does not apply to a model with optimizer_groups(): its "
                              "training_step weighs its own losses (set the weights in the model block)")
-        if compile:
+        if execution.compile:
             raise ValueError("trainer.params.compile is not supported for a model with optimizer_groups()")
 
     def _require_loop(self, what: str) -> None:
@@ -326,12 +274,9 @@ class Trainer:
             if finished:
                 self.epoch += 1
                 self.batch_in_epoch = 0
-                if self._scheduler_steps("epoch"):
-                    self.scheduler.step()
-                if self.groups is not None:
-                    self.groups.step_epoch()
+                self.groups.step_epoch()
             last = self._done(ignore_patience=True)
-            if val_loader is not None and ((finished and self.epoch % self.val_interval == 0) or last):
+            if val_loader is not None and ((finished and self.epoch % self.validation.interval == 0) or last):
                 self._validate_and_track(val_loader)
             self._save("latest.pt")
         if val_loader is None or self.best_metric is None:
@@ -374,7 +319,7 @@ class Trainer:
         self.model.train(self.model_mode == "train")  # 'reference': eval mode while training, as the study
         self.model.on_train_epoch_start(self.epoch)
         bar = tqdm(total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{self.max_epochs}",
-                   disable=not (self.progress and self.run.is_main and sys.stderr.isatty()), leave=False)
+                   disable=not (self.reporting.progress and self.run.is_main and sys.stderr.isatty()), leave=False)
         start, images, steps = time.perf_counter(), 0, 0
         epoch_loss = torch.zeros((), device=self.device)
         try:
@@ -386,9 +331,10 @@ class Trainer:
                 images += len(batch) * self.run.world_size
                 epoch_loss += terms["loss"]
                 self._track(terms)
-                if self.step % self.log_interval == 0:
+                if self.step % self.reporting.log_interval == 0:
                     self._log_train(bar, images / (time.perf_counter() - start))
-                if self.checkpoint_every_steps is not None and self.step % self.checkpoint_every_steps == 0:
+                every = self.checkpoints.every_steps
+                if every is not None and self.step % every == 0:
                     self._save("latest.pt")
                 bar.update(1)
                 if self._step_limit_reached():
@@ -406,42 +352,31 @@ class Trainer:
         return self.batch_in_epoch >= n_batches
 
     def training_step(self, batch: Batch) -> dict[str, Tensor]:
-        """One optimisation step on one batch (override this one hook for another optimisation, e.g. GANs).
+        """One optimisation step on one batch, through the optimizer groups.
+
+        A model with its own groups runs its ``training_step(batch, ctx)``; any other model's step is the weighted
+        sum of its ``training_losses`` (computed through the DDP/compiled engine, under autocast), back-propagated
+        on the one group ``model``. Then the EMA follows the weights.
 
         Args:
             batch: on the training device; ``image`` [B,1,H,W] in [0,1].
 
         Returns:
-            Detached scalars: ``'loss'`` (the weighted sum that was back-propagated) and every raw term.
+            Detached scalars: ``'loss'`` (the sum that was back-propagated) and every raw term.
         """
-        if self.groups is not None:
-            return self._group_training_step(batch)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            terms = self.engine(batch)
-        loss = self._weighted_sum(terms)
-        self.scaler.scale(loss).backward()
-        if self.grad_clip_norm is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.step)
-        if self._scheduler_steps("step"):
-            self.scheduler.step()
-        return {"loss": loss.detach(), **{name: value.detach() for name, value in terms.items()}}
-
-    def _group_training_step(self, batch: Batch) -> dict[str, Tensor]:
-        """The model's own ``training_step`` with one optimizer per group; ``loss`` = the sum it back-propagated."""
         ctx = self.groups.context(self.step)
-        terms = self.model.training_step(batch, ctx)
+        if self.model_steps_itself:
+            terms = self.model.training_step(batch, ctx)
+            if self._term_names is None:
+                reserved = sorted(set(terms) & set(RESERVED_TERMS))
+                if reserved:
+                    raise ValueError(f"{type(self.model).__name__}.training_step returns reserved term(s) {reserved}")
+        else:
+            with ctx.autocast():
+                terms = self.engine(batch)
+            ctx.backward_step(DEFAULT_GROUP, self._weighted_sum(terms))
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
-        if self._term_names is None:
-            reserved = sorted(set(terms) & set(RESERVED_TERMS))
-            if reserved:
-                raise ValueError(f"{type(self.model).__name__}.training_step returns reserved term(s) {reserved}")
         return {"loss": ctx.loss, **{name: value.detach() for name, value in terms.items()}}
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -496,10 +431,7 @@ class Trainer:
             dist.all_reduce(means)
             means = means / self.run.world_size
         values = dict(zip(["loss", *self._term_names], means.tolist(), strict=True))
-        if self.groups is not None:
-            values.update(self.groups.learning_rates())
-        else:
-            values["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        values.update(self.groups.learning_rates())
         if self.run.is_main:
             self.run.logger.log_train(values, step=self.step)
             self.run.heartbeat(step=self.step)  # the run is alive (written at most every 30 s)
@@ -517,17 +449,14 @@ class Trainer:
                 pass
         return batches
 
-    def _scheduler_steps(self, when: str) -> bool:
-        return (self.scheduler is not None and self.lr_scheduler_interval == when
-                and not isinstance(self.scheduler, ReduceLROnPlateau))
-
     def _step_limit_reached(self) -> bool:
         return self.max_steps is not None and self.step >= self.max_steps
 
     def _done(self, *, ignore_patience: bool = False) -> bool:
         if self.epoch >= self.max_epochs or self._step_limit_reached():
             return True
-        return not ignore_patience and self.patience is not None and self.bad_validations >= self.patience
+        patience = self.early_stopping.patience
+        return not ignore_patience and patience is not None and self.bad_validations >= patience
 
     def _eval_model(self) -> TrainableModel:
         return self.ema.module if self.ema is not None else self.model
@@ -545,7 +474,7 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(self.run.seed)
         sums: dict[str, Tensor] = {}
         count = 0
-        for batch in itertools.islice(loader, self.val_max_batches):
+        for batch in itertools.islice(loader, self.validation.max_batches):
             batch = batch.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 values = net.validation_losses(batch, generator=generator)
@@ -572,16 +501,14 @@ class Trainer:
             shared = torch.tensor([value], dtype=torch.float64, device=self.device)
             dist.broadcast(shared, src=0)
             value = float(shared.item())
-        if isinstance(self.scheduler, ReduceLROnPlateau):
-            self.scheduler.step(value)
-        if self.groups is not None:
-            self.groups.step_plateau(value)
+        self.groups.step_plateau(value)
         warmup = self.model.warmup_steps
         if self.step <= warmup:  # the model still trains its warm-up objective: not a candidate for best.pt
             logger.info("validation at step %d: %s %.5g (in the model's %d-step warm-up: not a candidate for "
                         "best.pt, no early-stopping count)", self.step, self.monitor, value, warmup)
             return
-        improved = math.isfinite(value) and (self.best_metric is None or value < self.best_metric - self.min_delta)
+        best, min_delta = self.best_metric, self.early_stopping.min_delta
+        improved = math.isfinite(value) and (best is None or value < best - min_delta)
         if improved:
             self.best_metric, self.bad_validations = value, 0
             if self.run.is_main:
@@ -607,19 +534,16 @@ class Trainer:
     def state_dict(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
         """Everything needed to continue training exactly (see ``dl_utils.checkpoint``).
 
-        A model with optimizer groups has ``optimizer``/``scheduler``/``scaler`` None and per-group
-        ``optimizers``/``schedulers``/``scalers`` instead; a model with :meth:`provenance` adds ``provenance``.
+        ``optimizers``/``schedulers``/``scalers`` are keyed by optimizer group (``model`` for a model without groups
+        of its own); a model with :meth:`provenance` adds ``provenance``.
         """
-        extra: dict[str, Any] = self.groups.state_dict() if self.groups is not None else {}
+        extra: dict[str, Any] = self.groups.state_dict()
         if self.model.provenance():
             extra["provenance"] = self.model.provenance()
         return {
             **extra,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "epoch": self.epoch,
             "step": self.step,
             "best_metric": self.best_metric,
@@ -643,7 +567,7 @@ class Trainer:
         """Restore the loop from a checkpoint; return this rank's RNG state (restored when the data is)."""
         path = Path(path)
         state = ckpt.load_checkpoint(path)
-        missing = [k for k in ("model", "optimizer", "epoch", "step", "rng", "trainer") if k not in state]
+        missing = ckpt.missing_training_keys(state)
         if missing:
             raise ckpt.CheckpointError(f"{path} is not a training checkpoint (no {', '.join(missing)}); "
                                        "to start from weights only, load them into the model instead of resuming")
@@ -655,19 +579,10 @@ class Trainer:
             else:
                 ckpt.load_state_strict(self.ema.module, state["ema"], f"'ema' weights of {path}")
         try:
-            if self.groups is not None:
-                self.groups.load_state_dict(state, str(path))
-            else:
-                self.optimizer.load_state_dict(state["optimizer"])
-            if self.scheduler is not None and state.get("scheduler") is not None:
-                self.scheduler.load_state_dict(state["scheduler"])
-            if self.scaler.is_enabled() and state.get("scaler") is not None:
-                self.scaler.load_state_dict(state["scaler"])
+            self.groups.load_state_dict(ckpt.grouped_optimizer_state(state), str(path))
         except (ValueError, KeyError) as err:
             raise ckpt.CheckpointError(f"{path}: optimizer/scheduler state does not fit this trainer "
                                        f"configuration: {err}") from err
-        if self.scheduler is not None and state.get("scheduler") is None:
-            logger.warning("%s has no LR scheduler state: the scheduler starts afresh", path)
         self.epoch, self.step, self.best_metric = int(state["epoch"]), int(state["step"]), state["best_metric"]
         self.batch_in_epoch = int(state["trainer"]["batch_in_epoch"])
         self.bad_validations = int(state["trainer"]["bad_validations"])

@@ -1,6 +1,8 @@
-"""Several named optimizers for one model (GANs, Soft-Intro VAEs, inpainting pipelines), driven by the Trainer.
+"""Named optimizers for one model, driven by the Trainer: the one optimisation path of every model.
 
-A model opts in by returning named, disjoint parameter subsets from
+A model that declares nothing trains as one group, ``model``, holding its trainable parameters (the trainer
+back-propagates the weighted sum of its ``training_losses`` on it). A model with several networks (GANs, Soft-Intro
+VAEs, inpainting pipelines) opts in to several groups by returning named, disjoint parameter subsets from
 :meth:`model_zoo.base.TrainableModel.optimizer_groups` and implementing
 :meth:`~model_zoo.base.TrainableModel.training_step`, which receives a :class:`StepContext` per batch and runs its
 own sub-steps through it::
@@ -29,10 +31,11 @@ Per group: one optimizer, one scheduler (stepped per epoch, or after each of tha
 (fp16 only) and gradient clipping over the group's parameters. The checkpoint holds every group's optimizer,
 scheduler and scaler state under ``optimizers``/``schedulers``/``scalers`` (keyed by group name).
 
-Distributed: the model is not wrapped in DistributedDataParallel (a sub-step's backward would not synchronise
-the right parameters); instead parameters and buffers are broadcast from rank 0 at construction, buffers again
-before every batch (as DDP's ``broadcast_buffers``), and each group's gradients are averaged over the ranks
-with one all-reduce per sub-step before its optimizer step.
+Distributed: a model with its own groups is not wrapped in DistributedDataParallel (a sub-step's backward would
+not synchronise the right parameters); instead (``synchronise=True``) parameters and buffers are broadcast from
+rank 0 at construction, buffers again before every batch (as DDP's ``broadcast_buffers``), and each group's
+gradients are averaged over the ranks with one all-reduce per sub-step before its optimizer step. The one default
+group of any other model is DDP-wrapped by the trainer, which then synchronises (``synchronise=False``).
 """
 
 from __future__ import annotations
@@ -50,18 +53,22 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from core.Configurator import build, check_keys, is_enabled, resolve_class
+from dl_utils.checkpoint import DEFAULT_GROUP
 from dl_utils.distributed import is_distributed
 
 logger = logging.getLogger(__name__)
 
 GROUP_KEYS = ("optimizer", "lr_scheduler")
+__all__ = ["DEFAULT_GROUP", "GROUP_KEYS", "OptimizerGroups", "StepContext"]
 
 
 class OptimizerGroups:
     """One optimizer, scheduler and gradient scaler per named parameter group of a model.
 
     Args:
-        model: the model (already on ``device``); its ``optimizer_groups()`` must be non-empty.
+        model: the model (already on ``device``).
+        groups: named parameter lists, ``model.optimizer_groups()`` or ``{DEFAULT_GROUP: trainable parameters}``;
+            together they must hold every trainable parameter of ``model`` and no frozen one.
         default_optimizer: optimizer block used by every group without its own.
         default_scheduler: scheduler block used by every group without its own (None = no scheduler).
         overrides: ``trainer.params.optimizers``: ``{group: {optimizer?, lr_scheduler?}}``.
@@ -69,17 +76,18 @@ class OptimizerGroups:
         amp_dtype: autocast dtype or None; fp16 enables a GradScaler per group.
         device: the training device.
         grad_clip_norm: clip each group's gradient 2-norm to this before its step; None = no clipping.
+        synchronise: under ``torchrun``, broadcast rank 0's parameters and buffers and average each group's
+            gradients over the ranks (False: a DistributedDataParallel wrapper does it).
 
     Raises:
         ValueError: overlapping groups, a frozen parameter in a group, a trainable parameter in no group, or an
             override naming an unknown group (the message lists the model's groups).
     """
 
-    def __init__(self, *, model: nn.Module, default_optimizer: dict[str, Any],
-                 default_scheduler: dict[str, Any] | None, overrides: Mapping[str, Any] | None,
-                 scheduler_interval: str, amp_dtype: torch.dtype | None, device: torch.device,
-                 grad_clip_norm: float | None) -> None:
-        groups = model.optimizer_groups()
+    def __init__(self, *, model: nn.Module, groups: Mapping[str, list[nn.Parameter]],
+                 default_optimizer: dict[str, Any], default_scheduler: dict[str, Any] | None,
+                 overrides: Mapping[str, Any] | None, scheduler_interval: str, amp_dtype: torch.dtype | None,
+                 device: torch.device, grad_clip_norm: float | None, synchronise: bool = True) -> None:
         self.params: dict[str, list[nn.Parameter]] = {name: list(params) for name, params in groups.items()}
         self._check_partition(model)
         overrides = dict(overrides or {})
@@ -89,21 +97,25 @@ class OptimizerGroups:
                              f"declares {list(self.params)}")
         self.model, self.device, self.amp_dtype = model, device, amp_dtype
         self.scheduler_interval, self.grad_clip_norm = scheduler_interval, grad_clip_norm
+        self.synchronise = synchronise and is_distributed()
         self.optimizers: dict[str, Optimizer] = {}
         self.schedulers: dict[str, LRScheduler | None] = {}
         self.scalers: dict[str, torch.amp.GradScaler] = {}
         for name, params in self.params.items():
             path = f"trainer.params.optimizers.{name}"
             block = check_keys(overrides.get(name), GROUP_KEYS, path)
-            opt_block = block.get("optimizer") or default_optimizer
-            self.optimizers[name] = self._build_optimizer(opt_block, params, f"{path}.optimizer")
-            sched_block = block["lr_scheduler"] if "lr_scheduler" in block else default_scheduler
+            own = block.get("optimizer") is not None  # a group without its own block reports the default's path
+            self.optimizers[name] = self._build_optimizer(block["optimizer"] if own else default_optimizer, params,
+                                                          f"{path}.optimizer" if own else "trainer.params.optimizer")
+            own = "lr_scheduler" in block
+            sched_block = block["lr_scheduler"] if own else default_scheduler
             self.schedulers[name] = None
             if sched_block is not None and is_enabled(sched_block):
-                self.schedulers[name] = build(sched_block, f"{path}.lr_scheduler", base=LRScheduler,
+                self.schedulers[name] = build(sched_block, f"{path}.lr_scheduler" if own else
+                                              "trainer.params.lr_scheduler", base=LRScheduler,
                                               optimizer=self.optimizers[name])
             self.scalers[name] = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        if is_distributed():
+        if self.synchronise:
             for tensor in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(tensor.data, src=0)
         logger.info("optimizer groups: %s", ", ".join(
@@ -112,6 +124,8 @@ class OptimizerGroups:
             for name, params in self.params.items()))
 
     def _check_partition(self, model: nn.Module) -> None:
+        if list(self.params) == [DEFAULT_GROUP] and not self.params[DEFAULT_GROUP]:
+            raise ValueError(f"{type(model).__name__} has no trainable parameter: there is nothing to train")
         if not self.params or any(not params for params in self.params.values()):
             raise ValueError(f"{type(model).__name__}.optimizer_groups() must return non-empty parameter lists, "
                              f"got sizes { {k: len(v) for k, v in self.params.items()} }")
@@ -141,7 +155,7 @@ class OptimizerGroups:
     # ------------------------------------------------------------------------------------------ per batch
     def context(self, step: int) -> StepContext:
         """The handle a model's ``training_step`` uses for the batch with global index ``step`` (0-based)."""
-        if is_distributed():  # every rank starts the batch from rank 0's buffers (BN statistics, VQ EMA)
+        if self.synchronise:  # every rank starts the batch from rank 0's buffers (BN statistics, VQ EMA)
             for buffer in self.model.buffers():
                 dist.broadcast(buffer.data, src=0)
         return StepContext(self, step)
@@ -161,7 +175,10 @@ class OptimizerGroups:
                 scheduler.step(value)
 
     def learning_rates(self) -> dict[str, float]:
-        """``{'lr_<group>': current lr of the group's first param group}`` for logging."""
+        """``{'lr_<group>': current lr of the group's first param group}`` for logging (``{'lr': ...}`` for the one
+        default group)."""
+        if list(self.optimizers) == [DEFAULT_GROUP]:
+            return {"lr": float(self.optimizers[DEFAULT_GROUP].param_groups[0]["lr"])}
         return {f"lr_{name}": float(opt.param_groups[0]["lr"]) for name, opt in self.optimizers.items()}
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -258,7 +275,7 @@ class StepContext:
             raise ValueError(f"backward_step({name!r}): the loss must be a scalar, got shape {tuple(loss.shape)}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss.float()).backward()
-        if is_distributed():
+        if groups.synchronise:
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
                 flat = torch.cat([g.flatten() for g in grads])

@@ -2,10 +2,14 @@
 
 A training checkpoint (``latest.pt`` / ``best.pt``) is a dict::
 
-    {'model', 'ema', 'optimizer', 'scheduler', 'scaler', 'epoch', 'step', 'best_metric', 'rng', 'config',
+    {'model', 'ema', 'optimizers', 'schedulers', 'scalers', 'epoch', 'step', 'best_metric', 'rng', 'config',
      'trainer'}
 
-``model``/``ema`` are full ``state_dict``s (``ema`` is None without EMA), ``rng`` is a list with one
+``model``/``ema`` are full ``state_dict``s (``ema`` is None without EMA), ``optimizers``/``schedulers``/``scalers``
+map each optimizer group to its state (None where a group has no scheduler or no fp16 scaler; a model without
+groups of its own has the one group ``model``). Checkpoints written before the trainer had one optimisation path
+hold a single optimizer as ``optimizer``/``scheduler``/``scaler`` instead: :func:`grouped_optimizer_state` reads
+both formats. ``rng`` is a list with one
 :func:`capture_rng_state` dict per rank, ``trainer`` holds the loop's bookkeeping (batches consumed in the
 current epoch, validations without improvement, world size). Everything in it is tensors and plain Python
 values, so it loads with ``torch.load(weights_only=True)``. A file written by the checkpoint importer holds
@@ -92,6 +96,29 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
+
+
+TRAINING_KEYS = ("model", "optimizers", "epoch", "step", "rng", "trainer")
+DEFAULT_GROUP = "model"  # the one optimizer group of a model that declares none
+
+
+def missing_training_keys(state: Mapping[str, Any]) -> list[str]:
+    """The keys a resumable training checkpoint lacks ([] when it has all); the single-optimizer format's
+    ``optimizer`` counts for ``optimizers``."""
+    return [key for key in TRAINING_KEYS if key not in state and not (key == "optimizers" and "optimizer" in state)]
+
+
+def grouped_optimizer_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``{'optimizers', 'schedulers', 'scalers'}`` keyed by group, from a checkpoint of either format.
+
+    A single-optimizer checkpoint (``optimizer``/``scheduler``/``scaler``, with ``optimizers`` absent or None) maps
+    to the one group :data:`DEFAULT_GROUP`, which is what the trainer builds for a model without groups.
+    """
+    if state.get("optimizers") is not None:
+        return {key: state.get(key) for key in ("optimizers", "schedulers", "scalers")}
+    return {"optimizers": {DEFAULT_GROUP: state.get("optimizer")},
+            "schedulers": {DEFAULT_GROUP: state.get("scheduler")},
+            "scalers": {DEFAULT_GROUP: state.get("scaler")}}
 
 
 def _listed(keys: set[str]) -> str:

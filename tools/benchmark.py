@@ -315,7 +315,7 @@ def make_trainer(*, spec: SizeSpec, path: PathSettings, device: torch.device, ru
     model = build_model(spec, path, chains=REFERENCE_CHAINS, seed=seed)
     optimizer = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": 1e-4, "fused": path.fused_adam}}
     run = Run(run_dir=run_dir, device=device, seed=seed)
-    trainer = Trainer(model=model, run=run, amp=path.trainer_amp, optimizer=optimizer, progress=False)
+    trainer = Trainer.from_options(model=model, run=run, amp=path.trainer_amp, optimizer=optimizer, progress=False)
     trainer.model.train()
     return trainer, Batch(image=_images(spec.train_batch, spec.image, device, seed))
 

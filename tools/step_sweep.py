@@ -462,7 +462,8 @@ def train_small(model: DDPM, data: Any, *, seconds: float, max_steps: int, lr: f
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="step_sweep_") as tmp:
         run = Run(run_dir=Path(tmp), device=device, seed=seed)
-        trainer = Trainer(model=model, run=run, optimizer=optimizer, ema_decay=ema_decay, progress=False)
+        trainer = Trainer.from_options(model=model, run=run, optimizer=optimizer, ema_decay=ema_decay,
+                                       progress=False)
         torch.manual_seed(seed)
         model.train()
         epoch = 0

@@ -117,7 +117,7 @@ def _main() -> None:
     log = RecordingLogger()
     run = make_run(args.run_dir, rank=info.rank, world_size=info.world_size, logger=log,
                    resume_from=args.run_dir / "checkpoints" / "latest.pt" if args.resume else None)
-    trainer = Trainer(model=model, data=data, run=run, **params)
+    trainer = Trainer.from_options(model=model, data=data, run=run, **params)
     trainer.fit()
     if args.mode == "ddp-gan":
         torch.save(model.state_dict(), args.out.with_name(f"{args.out.stem}_rank{info.rank}.pt"))

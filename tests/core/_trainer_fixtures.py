@@ -177,7 +177,7 @@ def _main() -> None:
     log = RecordingLogger()
     run = make_run(args.run_dir, rank=info.rank, world_size=info.world_size, logger=log,
                    resume_from=args.run_dir / "checkpoints" / "latest.pt" if args.resume else None)
-    trainer = Trainer(model=model, data=data, run=run, **params)
+    trainer = Trainer.from_options(model=model, data=data, run=run, **params)
     best = trainer.fit()
     if info.rank == 0:
         torch.save({"model": model.state_dict(), "ema": trainer.ema.state_dict() if trainer.ema else None,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.Configurator import ConfigError
 from core.Trainer import Trainer
 from dl_utils.distributed import barrier, cleanup, init_distributed, is_distributed
 from tests.core._trainer_fixtures import FakeData, RecordingLogger, TinyAE, make_run
@@ -45,8 +46,8 @@ def test_bad_requests_are_clear_errors(no_torchrun_env: None, monkeypatch: pytes
 
 
 def test_trainer_refuses_world_size_without_process_group(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="world_size=2 but no process group"):
-        Trainer(model=TinyAE(), data=FakeData(), run=make_run(tmp_path, world_size=2))
+    with pytest.raises(ConfigError, match="world_size=2 but no process group"):
+        Trainer.from_options(model=TinyAE(), data=FakeData(), run=make_run(tmp_path, world_size=2))
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
@@ -62,7 +63,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
     # The same global batch (8) in one process: 16 images, no shuffling, no randomness.
     torch.manual_seed(0)
     model, log = TinyAE(), RecordingLogger()
-    Trainer(model=model, data=FakeData(n_train=16, batch_size=8, shuffle=False),
+    Trainer.from_options(model=model, data=FakeData(n_train=16, batch_size=8, shuffle=False),
             run=make_run(tmp_path / "single", logger=log), max_epochs=2, log_interval=1, progress=False,
             optimizer={"module_name": "torch.optim", "class_name": "SGD", "params": {"lr": 0.5}}).fit()
 

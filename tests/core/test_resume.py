@@ -73,8 +73,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path)
 
 def _trainer(tmp_path: Path, resume_from: Path | None, **params: object) -> Trainer:
     torch.manual_seed(0)
-    return Trainer(model=TinyAE(), data=FakeData(), run=make_run(tmp_path, resume_from=resume_from), progress=False,
-                   **params)
+    return Trainer.from_options(model=TinyAE(), data=FakeData(), run=make_run(tmp_path, resume_from=resume_from),
+                                progress=False, **params)
 
 
 def test_resume_at_an_epoch_end_continues_to_the_same_weights(tmp_path: Path) -> None:

@@ -79,7 +79,7 @@ def test_shipped_cpu_config_trains_and_evaluates(config: str, tmp_path: Path, on
     assert any(k.startswith("train/") for k in metrics)
     latest = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
     if config in SEVERAL_OPTIMIZERS:  # one state per group, no single-optimizer state
-        assert latest["optimizer"] is None and len(latest["optimizers"]) >= 2
+        assert len(latest["optimizers"]) >= 2
     if config in ("ra_cpu", "phanes_cpu"):  # which saliency network was used is on record
         manifest = json.loads((run_dir / "manifest.json").read_text())
         assert "saliency_perceptual" in manifest["model_provenance"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
@@ -11,13 +12,14 @@ from torch import Tensor
 
 from core.Configurator import ConfigError, build
 from core.Trainer import Trainer
+from core.trainer_options import EarlyStopping, EMAOptions, Optimization, Reporting, Validation
 from data.batch import Batch
 from dl_utils import checkpoint as ckpt
 from dl_utils.run import Run
 from tests.core._trainer_fixtures import FakeData, RecordingLogger, TinyAE, make_run
 
 TRAINER_BLOCK = {"module_name": "core.Trainer", "class_name": "Trainer"}
-CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scheduler", "scaler", "epoch", "step", "best_metric", "rng",
+CHECKPOINT_KEYS = {"model", "ema", "optimizers", "schedulers", "scalers", "epoch", "step", "best_metric", "rng",
                    "config", "trainer"}
 
 
@@ -85,9 +87,16 @@ def test_yaml_options_are_validated(tmp_path: Path) -> None:
         make_trainer(tmp_path, amp="fp32")
     with pytest.raises(ConfigError, match="max_epoch.*did you mean 'max_epochs'"):
         make_trainer(tmp_path, max_epoch=3)
-    with pytest.raises(ValueError, match="lr_scheduler_interval='batch' is not one of 'epoch', 'step'"):
-        Trainer(model=TinyAE(), data=FakeData(), run=make_run(tmp_path),
-                lr_scheduler_interval="batch")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="ema_decy: unknown parameter .did you mean 'ema_decay'.*flat names"):
+        make_trainer(tmp_path, ema_decy=0.9)
+    with pytest.raises(ValueError, match="optimization.lr_scheduler_interval: 'batch' is not one of 'epoch', 'step'"):
+        Optimization(lr_scheduler_interval="batch")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="trainer.params.val_interval: must be > 0, got 0"):  # as written
+        make_trainer(tmp_path, val_interval=0)
+    with pytest.raises(ConfigError, match="trainer.params.validation.interval: must be > 0, got 0"):
+        make_trainer(tmp_path, validation={"interval": 0})
+    with pytest.raises(ConfigError, match="trainer.params.ema.decay: must lie in .0, 1."):
+        make_trainer(tmp_path, ema={"decay": 1.5})
     with pytest.raises(ConfigError, match="trainer.params.optimizer.class_name: torch.optim has no class 'Adamm'"):
         make_trainer(tmp_path, optimizer={"module_name": "torch.optim", "class_name": "Adamm"})
     with pytest.raises(ConfigError, match="ema_warmup=true needs an ema_decay"):
@@ -170,7 +179,7 @@ def test_scheduler_steps_per_epoch_or_per_step(tmp_path: Path, interval: str, ex
         lr_scheduler={"module_name": "torch.optim.lr_scheduler", "class_name": "StepLR",
                       "params": {"step_size": 1, "gamma": 0.5}})
     trainer.fit()
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected_lr)
+    assert trainer.groups.optimizers["model"].param_groups[0]["lr"] == pytest.approx(expected_lr)
     logged = [v["lr"] for _, v in log.train]
     if interval == "epoch":
         assert logged == pytest.approx([0.1] * 6 + [0.05] * 6 + [0.025] * 6)
@@ -217,7 +226,7 @@ def test_autocast_modes_train_on_cpu(tmp_path: Path, amp: str) -> None:
     trainer, log = make_trainer(tmp_path, max_steps=4, log_interval=2, amp=amp, grad_clip_norm=1.0)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.fit()
-    assert trainer.scaler.is_enabled() is (amp == "fp16")
+    assert trainer.groups.scalers["model"].is_enabled() is (amp == "fp16")
     assert all(math.isfinite(v["loss"]) for _, v in log.train)
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
@@ -255,8 +264,8 @@ def test_training_step_needs_neither_data_nor_logger_and_fit_refuses_without_the
     full, _ = make_trainer(tmp_path / "full", max_epochs=1, max_steps=3, optimizer=adam)
     full.fit()
     torch.manual_seed(0)
-    step_only = Trainer(model=TinyAE(), run=Run(run_dir=tmp_path / "step", device=torch.device("cpu")),
-                        optimizer=adam, progress=False)
+    step_only = Trainer.from_options(model=TinyAE(), run=Run(run_dir=tmp_path / "step", device=torch.device("cpu")),
+                                     optimizer=adam, progress=False)
     step_only.model.train()
     batches = list(FakeData().train_dataloader(seed=make_run(tmp_path).seed))[:3]
     losses = [float(step_only.training_step(batch)["loss"]) for batch in batches]
@@ -264,8 +273,8 @@ def test_training_step_needs_neither_data_nor_logger_and_fit_refuses_without_the
     assert all(torch.equal(full.model.state_dict()[k], v) for k, v in step_only.model.state_dict().items())
     with pytest.raises(ValueError, match=r"Trainer.fit\(\) needs data and logger"):
         step_only.fit()
-    no_logger = Trainer(model=TinyAE(), data=FakeData(), progress=False,
-                        run=Run(run_dir=tmp_path / "nolog", device=torch.device("cpu")))
+    no_logger = Trainer.from_options(model=TinyAE(), data=FakeData(), progress=False,
+                                     run=Run(run_dir=tmp_path / "nolog", device=torch.device("cpu")))
     with pytest.raises(ValueError, match=r"Trainer.train_epoch\(\) needs logger:"):
         no_logger.train_epoch()
 
@@ -282,3 +291,52 @@ def test_training_time_is_checkpointed_and_summed_over_a_resume(tmp_path: Path) 
     second.fit()
     (_, timing), = [(step, v) for step, v in log.scalars if "train/wall_s" in v]
     assert timing["train/wall_s"] > spent  # the first run's seconds plus the resumed epoch's
+
+
+def test_the_constructor_takes_typed_sub_blocks_and_at_most_twelve_parameters() -> None:
+    assert len(inspect.signature(Trainer.__init__).parameters) - 1 <= 12  # self aside
+
+
+def test_flat_and_nested_options_build_the_same_trainer_and_both_at_once_is_an_error(tmp_path: Path) -> None:
+    adam = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": 0.01}}
+    flat, _ = make_trainer(tmp_path / "flat", max_epochs=2, optimizer=adam, ema_decay=0.9, val_interval=2,
+                           monitor="recon_mae", early_stopping_patience=3, log_interval=7)
+    nested, _ = make_trainer(tmp_path / "nested", max_epochs=2, optimization={"optimizer": adam}, ema={"decay": 0.9},
+                             validation={"interval": 2, "monitor": "recon_mae"}, early_stopping={"patience": 3},
+                             reporting={"log_interval": 7})  # progress: False from make_trainer, flat
+    for trainer in (flat, nested):
+        assert trainer.optimization == Optimization(optimizer=adam)
+        assert trainer.ema_options == EMAOptions(decay=0.9)
+        assert trainer.validation == Validation(interval=2)
+        assert trainer.early_stopping == EarlyStopping(patience=3)
+        assert trainer.reporting == Reporting(log_interval=7, progress=False)
+    mixed, _ = make_trainer(tmp_path / "mixed", ema_decay=0.9, ema={"warmup": True})  # flat adds to a nested block
+    assert mixed.ema_options == EMAOptions(decay=0.9, warmup=True)
+    with pytest.raises(ConfigError, match=r"trainer.params.ema_decay and trainer.params.ema.decay are the same option"):
+        make_trainer(tmp_path / "both", ema_decay=0.9, ema={"decay": 0.99})
+    with pytest.raises(ConfigError, match=r"trainer.params.validation.intervall: unknown key .did you mean 'interval'"):
+        make_trainer(tmp_path / "typo", validation={"intervall": 2})
+
+
+def test_a_checkpoint_of_the_single_optimizer_format_resumes_exactly(tmp_path: Path) -> None:
+    sgd = {"module_name": "torch.optim", "class_name": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}
+    sched = {"module_name": "torch.optim.lr_scheduler", "class_name": "StepLR", "params": {"step_size": 1,
+                                                                                        "gamma": 0.5}}
+    whole, _ = make_trainer(tmp_path / "whole", max_epochs=2, optimizer=sgd, lr_scheduler=sched)
+    whole.fit()
+    first, _ = make_trainer(tmp_path / "first", max_epochs=1, optimizer=sgd, lr_scheduler=sched)
+    first.fit()
+    latest = tmp_path / "first" / "checkpoints" / "latest.pt"
+    state = torch.load(latest, weights_only=True)
+    old = {k: v for k, v in state.items() if k not in ("optimizers", "schedulers", "scalers")}
+    old.update(optimizer=state["optimizers"]["model"], scheduler=state["schedulers"]["model"], scaler=None)
+    ckpt.save_checkpoint(latest, old)  # as written before the one optimisation path
+    torch.manual_seed(0)
+    log = RecordingLogger()
+    resumed = build({**TRAINER_BLOCK, "params": {"max_epochs": 2, "optimizer": sgd, "lr_scheduler": sched,
+                                                 "progress": False}}, "trainer", base=Trainer, model=TinyAE(),
+                    data=FakeData(), run=make_run(tmp_path / "first", logger=log, resume_from=latest))
+    resumed.fit()
+    assert resumed.groups.optimizers["model"].param_groups[0]["lr"] == pytest.approx(0.025)
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key

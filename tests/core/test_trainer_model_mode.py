@@ -50,8 +50,8 @@ def test_every_training_step_runs_in_the_configured_mode(tmp_path: Path, mode: s
     model = ModeRecorder()
     start = model.norm.running_mean.clone()
     log = RecordingLogger()
-    trainer = Trainer(model=model, data=FakeData(n_train=8), run=make_run(tmp_path, logger=log), max_epochs=2,
-                      progress=False, model_mode=mode)
+    trainer = Trainer.from_options(model=model, data=FakeData(n_train=8), run=make_run(tmp_path, logger=log),
+                                   max_epochs=2, progress=False, model_mode=mode)
     trainer.fit()
     assert len(model.modes) == 4  # 2 epochs of 2 batches, validation between them
     assert model.modes == [{mode == "train"}] * 4  # every module, every step (a validation in between included)
@@ -74,7 +74,7 @@ def test_reference_mode_reaches_a_model_with_optimizer_groups(tmp_path: Path, mo
         return original(self, batch, ctx)
 
     monkeypatch.setattr(SoftIntroVAE, "training_step", spy)
-    Trainer(model=model, data=FakeData(n_train=8, with_val=False), run=make_run(tmp_path),
+    Trainer.from_options(model=model, data=FakeData(n_train=8, with_val=False), run=make_run(tmp_path),
             max_steps=2, progress=False, model_mode="reference").fit()
     assert seen == [{False}, {False}]
 

@@ -55,7 +55,7 @@ def test_a_wgan_step_updates_batchnorm_statistics_from_the_real_batch_only(tmp_p
     data = FakeData(n_train=4, batch_size=4, shuffle=False, with_val=False)
     with torch.no_grad():
         real_only.critic(real_only.to_gan(next(iter(data.train_dataloader())).image))
-    Trainer(model=wgan, data=data, run=make_run(tmp_path), max_steps=1,
+    Trainer.from_options(model=wgan, data=data, run=make_run(tmp_path), max_steps=1,
             progress=False).fit()  # batch 0: a critic step (real, fakes, interpolates) and a generator step
     state, expected = wgan.state_dict(), real_only.state_dict()
     critic_stats = [k for k in state if k.startswith("critic.") and ("running_" in k or "num_batches" in k)]
@@ -72,9 +72,9 @@ def test_a_stage2_training_step_leaves_generator_and_critic_bit_identical(tmp_pa
                     wgan_checkpoint=str(path))
     before = ckpt.clone_state_dict(model)
     trainer_run = make_run(tmp_path / "run")
-    trainer = Trainer(model=model, data=FakeData(with_val=False), run=trainer_run,
+    trainer = Trainer.from_options(model=model, data=FakeData(with_val=False), run=trainer_run,
                       max_steps=2, progress=False)
-    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    in_optimizer = {id(p) for group in trainer.groups.optimizers["model"].param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for p in model.encoder.parameters()}  # G and D are in no optimizer
     trainer.fit()
     after = model.state_dict()

@@ -27,7 +27,7 @@ def _stage1(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     model = VQVAE(**ARCH)
     before = {k: model.state_dict()[k].clone() for k in CODEBOOK}
-    Trainer(model=model, data=FakeData(with_val=False), run=make_run(tmp_path / "vq"),
+    Trainer.from_options(model=model, data=FakeData(with_val=False), run=make_run(tmp_path / "vq"),
             max_steps=2, progress=False, optimizer={"module_name": "torch.optim", "class_name": "Adam",
                                                     "params": {"lr": 1e-3}}).fit()
     path = tmp_path / "vq" / "checkpoints" / "latest.pt"
@@ -42,7 +42,7 @@ def test_stage2_step_keeps_the_vq_codebook_bit_identical(tmp_path: Path) -> None
     path = _stage1(tmp_path)
     model = LTM(vqvae=ARCH, vqvae_checkpoint=str(path), width=8, depth=1, heads=2)
     before = ckpt.clone_state_dict(model)
-    Trainer(model=model, data=FakeData(with_val=False), run=make_run(tmp_path / "ltm"),
+    Trainer.from_options(model=model, data=FakeData(with_val=False), run=make_run(tmp_path / "ltm"),
             max_steps=2, progress=False).fit()
     after = model.state_dict()
     for key, value in before.items():

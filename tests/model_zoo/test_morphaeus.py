@@ -76,7 +76,7 @@ def test_the_trainer_reports_each_epoch_to_the_model(tmp_path: Path) -> None:
         def on_train_epoch_start(self, epoch: int) -> None:
             seen.append(epoch)
 
-    trainer = Trainer(model=Recording(), data=FakeData(), run=make_run(tmp_path),
+    trainer = Trainer.from_options(model=Recording(), data=FakeData(), run=make_run(tmp_path),
                       max_epochs=3, progress=False)
     trainer.fit()
     assert seen == [0, 1, 2]

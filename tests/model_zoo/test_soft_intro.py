@@ -44,7 +44,7 @@ def test_each_sub_step_updates_only_its_own_network(tmp_path: Path, monkeypatch:
                                                     warmup: int) -> None:
     torch.manual_seed(0)
     model = SoftIntroVAE(**TINY, vae_warmup_steps=warmup)
-    trainer = Trainer(model=model, data=_Data(), run=make_run(tmp_path), max_steps=1,
+    trainer = Trainer.from_options(model=model, data=_Data(), run=make_run(tmp_path), max_steps=1,
                       progress=False)
     seen: list[tuple[str, bool, bool]] = []
     original = StepContext.backward_step
@@ -72,7 +72,7 @@ def test_vae_warmup_trains_the_plain_elbo_then_turns_introspective(tmp_path: Pat
     calls: list[int] = []
     original = model._encoder_loss
     model._encoder_loss = lambda *a, **k: (calls.append(1), original(*a, **k))[1]  # the introspective loss
-    trainer = Trainer(model=model, data=_Data(), run=make_run(tmp_path), max_steps=4,
+    trainer = Trainer.from_options(model=model, data=_Data(), run=make_run(tmp_path), max_steps=4,
                       log_interval=1, progress=False)
     trainer.fit()
     logged = [values for _, values in trainer.run.logger.train]
@@ -120,7 +120,7 @@ def test_one_training_step_updates_batchnorm_statistics_from_the_real_passes_onl
     x = _Data().images[:4]  # the first training batch
     with torch.no_grad():  # the real passes alone: E(x) and D(z) with z = mu(x)
         real_only.decoder(real_only.encode(x)[0])
-    Trainer(model=model, data=_Data(), run=make_run(tmp_path), max_steps=1,
+    Trainer.from_options(model=model, data=_Data(), run=make_run(tmp_path), max_steps=1,
             progress=False).fit()
     after, expected = _running_stats(model), _running_stats(real_only)
     assert any(not torch.equal(expected[k], before[k]) for k in expected)  # the real passes did move them
@@ -137,7 +137,7 @@ def test_keeping_the_statistics_changes_no_weight(tmp_path: Path, monkeypatch: p
             monkeypatch.setattr(soft_intro, "keep_running_stats", lambda *_: contextlib.nullcontext())
         torch.manual_seed(0)
         model = RA(**TINY, perceptual=None)
-        Trainer(model=model, data=_Data(), run=make_run(tmp_path / str(guarded)),
+        Trainer.from_options(model=model, data=_Data(), run=make_run(tmp_path / str(guarded)),
                 max_steps=2, progress=False).fit()
         results.append(model.state_dict())
     guarded_state, unguarded_state = results

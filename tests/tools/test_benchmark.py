@@ -117,7 +117,7 @@ def test_make_trainer_builds_a_step_only_trainer_whose_step_trains(tmp_path, one
     assert batch.image.shape == (spec.train_batch, 1, spec.image, spec.image)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     terms = trainer.training_step(batch)
-    assert math.isfinite(float(terms["loss"])) and trainer.optimizer.state  # Adam took a step
+    assert math.isfinite(float(terms["loss"])) and trainer.groups.optimizers["model"].state  # Adam took a step
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     with pytest.raises(ValueError, match="needs data and logger"):
         trainer.fit()
