@@ -37,6 +37,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import platform
@@ -58,7 +59,7 @@ from dl_utils.reinit import randomize_zero_layers
 from model_zoo.autoddpm import AutoDDPM
 from model_zoo.autoddpm import network_calls as autoddpm_network_calls
 from model_zoo.ddpm import DDPM, CompileMode
-from model_zoo.diffusion.settings import InferenceSetting, RepaintSetting, UNetSetting
+from model_zoo.diffusion.settings import InferenceSetting, RepaintSetting
 
 if TYPE_CHECKING:
     from core.Trainer import Trainer
@@ -81,31 +82,52 @@ PARITY_TOLERANCE: dict[str, dict[str, float]] = {
 
 @dataclass(frozen=True)
 class SizeSpec:
-    """A benchmark size: the DDPM's UNet, the image side and the batch sizes.
+    """A benchmark size: a shipped DDPM YAML and ``--set`` overrides on it, and the batch sizes.
+
+    The network, its noise schedule and the trainer's options are the YAML's (built through the project's strict
+    builder, as a run builds them), so the benchmark times the model users train; the image side is the YAML's
+    ``data.params.target_size``.
 
     Attributes:
-        image: image side (square).
-        channels, attention_levels, num_head_channels, norm_num_groups: ``DiffusionModelUNet`` settings.
+        config: the YAML, relative to the repository root.
+        overrides: ``a.b.c=value`` overrides (as ``--set``), e.g. a smaller network.
         train_batch: training batch size.
         infer_batches: inference batch sizes (seconds per image is reported for each).
     """
 
-    image: int
-    channels: tuple[int, ...]
-    attention_levels: tuple[bool, ...]
-    num_head_channels: int
-    norm_num_groups: int
-    train_batch: int
-    infer_batches: tuple[int, ...]
+    config: str
+    overrides: tuple[str, ...] = ()
+    train_batch: int = 16
+    infer_batches: tuple[int, ...] = (1, 16)
+
+    def load(self) -> dict[str, Any]:
+        """The resolved config (``_base_`` composed, overrides applied)."""
+        from core.Configurator import load_config
+
+        return load_config(REPO_ROOT / self.config, list(self.overrides))
+
+    @property
+    def image(self) -> int:
+        """Image side: the first entry of the config's ``data.params.target_size``."""
+        return int(self.load()["data"]["params"]["target_size"][0])
+
+    def describe(self) -> dict[str, Any]:
+        """The size as JSON: YAML, overrides, batch sizes, image side and the resolved network block."""
+        return {**asdict(self), "image": self.image, "network": self.load()["model"]["params"]["network"]}
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZES: dict[str, SizeSpec] = {
     # The reference DDPM (docs/methods.md#ddpm-and-anoddpm): 128x128, (128,256,256), attention (F,T,T), 1 res block,
     # 256 heads.
-    "reference": SizeSpec(128, (128, 256, 256), (False, True, True), 256, 32, 16, (1, 16)),
-    # The CPU configs' network (projects/normative_eval/configs/ddpm_cpu.yaml).
-    "small": SizeSpec(64, (32, 64, 64), (False, True, True), 64, 32, 16, (1, 16)),
-    "tiny": SizeSpec(32, (16, 32, 32), (False, True, True), 32, 8, 8, (1, 16)),
+    "reference": SizeSpec("projects/normative_eval/configs/ddpm.yaml"),
+    # The CPU study's DDPM, as shipped (32x32, (32,64,64)).
+    "small": SizeSpec("projects/normative_eval/configs/ddpm_cpu.yaml"),
+    # The CPU DDPM at a quarter of its widths (CI).
+    "tiny": SizeSpec("projects/normative_eval/configs/ddpm_cpu.yaml",
+                     overrides=("model.params.network.channels=[16, 32, 32]",
+                                "model.params.network.num_head_channels=32", "model.params.network.norm_num_groups=8"),
+                     train_batch=8),
 }
 
 
@@ -256,26 +278,41 @@ def _images(n: int, size: int, device: torch.device, seed: int) -> Tensor:
     return (0.8 * smooth + 0.2 * torch.rand(n, 1, size, size, generator=generator)).clamp(0, 1).to(device)
 
 
+def model_block(spec: SizeSpec, path: PathSettings, *, chains: Chains, autoddpm: bool = False,
+                tau: float = 0.13) -> dict[str, Any]:
+    """The size's YAML ``model`` block with the path's knobs and the benchmark's chains (a new dict).
+
+    AnoDDPM's chain is the full DDPM chain from ``chains.anoddpm_level``; AutoDDPM (the same block, class
+    ``model_zoo.autoddpm.AutoDDPM``) uses ``chains.autoddpm_levels`` and mask threshold ``tau`` (reference 0.13;
+    < 0: per-image 95th percentile).
+    """
+    block = copy.deepcopy(spec.load()["model"])
+    params = dict(block.get("params") or {})
+    network = {**(params.get("network") or {}), "use_flash_attention": path.flash_attention}
+    params.update(network=network, autocast_dtype=path.autocast_dtype, channels_last=path.channels_last,
+                  torch_compile=path.torch_compile, compile_mode=path.compile_mode)
+    if autoddpm:
+        reconstruction, repaint = chains.autoddpm
+        block.update(module_name="model_zoo.autoddpm", class_name="AutoDDPM")
+        params.update(inference=asdict(reconstruction), val_inference=asdict(reconstruction), repaint=asdict(repaint),
+                      tau=tau)
+    else:
+        params.update(inference=asdict(chains.anoddpm), val_inference=asdict(chains.anoddpm))
+    block["params"] = params
+    return block
+
+
 def build_model(spec: SizeSpec, path: PathSettings, *, chains: Chains, autoddpm: bool = False,
                 state_dict: dict[str, Tensor] | None = None, seed: int = 0, tau: float = 0.13) -> DDPM:
-    """A DDPM (or AutoDDPM) of size ``spec`` with the path's knobs; ``state_dict`` loads shared weights strictly.
+    """The size's DDPM (or AutoDDPM) built from its YAML by the strict builder, with the path's knobs
+    (:func:`model_block`); ``state_dict`` loads shared weights strictly. Zero-initialised output layers are
+    re-initialised (seeded), so that maps and parity compare real outputs, not zeros."""
+    from core.Configurator import build
 
-    AnoDDPM's chain is the full DDPM chain from ``chains.anoddpm_level``; AutoDDPM's uses ``chains.autoddpm_levels``
-    and mask threshold ``tau`` (reference 0.13; < 0: per-image 95th percentile).
-    """
-    network = UNetSetting(channels=spec.channels, attention_levels=spec.attention_levels, num_res_blocks=1,
-                          num_head_channels=spec.num_head_channels, norm_num_groups=spec.norm_num_groups,
-                          use_flash_attention=path.flash_attention)
-    common = {"network": network, "autocast_dtype": path.autocast_dtype, "channels_last": path.channels_last,
-              "torch_compile": path.torch_compile, "compile_mode": path.compile_mode}
+    block = model_block(spec, path, chains=chains, autoddpm=autoddpm, tau=tau)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if autoddpm:
-            reconstruction, repaint = chains.autoddpm
-            model: DDPM = AutoDDPM(**common, inference=reconstruction, val_inference=reconstruction, repaint=repaint,
-                                   tau=tau)
-        else:
-            model = DDPM(**common, inference=chains.anoddpm, val_inference=chains.anoddpm)
+        model = build(block, "model", base=AutoDDPM if autoddpm else DDPM)
         randomize_zero_layers(model, seed=seed)
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True)
@@ -307,17 +344,28 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, device: torch.dev
 
 def make_trainer(*, spec: SizeSpec, path: PathSettings, device: torch.device, run_dir: Path,
                  seed: int = 0) -> tuple[Trainer, Batch]:
-    """A step-only ``core.Trainer.Trainer`` (no data, no logger: the benchmark times ``training_step``) on a
-    DDPM with the path's knobs (Adam lr 1e-4, fused per path), and a batch."""
+    """The size's YAML trainer (its optimizer, EMA, clipping: ``trainer.params`` as a run builds them) on its DDPM,
+    with the path's ``amp`` and fused Adam, and a batch. Step-only: no data, no logger (the benchmark times
+    ``training_step``, the step :meth:`~core.Trainer.Trainer.fit` runs per batch, so that the two paths' steps can be
+    interleaved)."""
     from core.Trainer import Trainer
     from dl_utils.run import Run
 
     model = build_model(spec, path, chains=REFERENCE_CHAINS, seed=seed)
-    optimizer = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": 1e-4, "fused": path.fused_adam}}
+    params = copy.deepcopy(spec.load()["trainer"].get("params") or {})
+    optimizer = dict(params.pop("optimizer", None) or {"module_name": "torch.optim", "class_name": "Adam",
+                                                        "params": {"lr": 1e-4}})
+    optimizer["params"] = {**(optimizer.get("params") or {}), "fused": path.fused_adam}
+    params.update(optimizer=optimizer, amp=path.trainer_amp, progress=False)
     run = Run(run_dir=run_dir, device=device, seed=seed)
-    trainer = Trainer.from_options(model=model, run=run, amp=path.trainer_amp, optimizer=optimizer, progress=False)
+    trainer = Trainer.from_options(model=model, run=run, **params)
     trainer.model.train()
     return trainer, Batch(image=_images(spec.train_batch, spec.image, device, seed))
+
+
+def _optimizer_label(spec: SizeSpec) -> str:
+    block = (spec.load()["trainer"].get("params") or {}).get("optimizer") or {}
+    return f"{block.get('class_name', 'Adam')} {block.get('params') or {}}"
 
 
 def training_throughput(*, spec: SizeSpec, paths: Mapping[str, PathSettings], device: torch.device, steps: int,
@@ -550,7 +598,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     result: dict[str, Any] = {
         "meta": {**info, "monai": _version("monai"), "python": platform.python_version(),
                  "timestamp": datetime.now(UTC).isoformat(timespec="seconds"), "size": config.size,
-                 "size_spec": asdict(spec), "smoke": config.smoke, "config": _jsonable(asdict(config)),
+                 "size_spec": spec.describe(), "smoke": config.smoke, "config": _jsonable(asdict(config)),
                  "paths": {name: asdict(p) for name, p in paths.items()},
                  "fast_precision": paths["fast"].precision(device)},
     }
@@ -561,7 +609,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
                                 warmup=config.train_warmup, seed=config.seed)
     training: dict[str, Any] = {}
     for name, path in paths.items():
-        settings = {**asdict(path), "image": spec.image, "unet": asdict(spec), "optimizer": "Adam lr 1e-4",
+        settings = {**asdict(path), "image": spec.image, "size": spec.describe(), "optimizer": _optimizer_label(spec),
                     "precision": path.precision(device)}
         training[name] = _with_common(steps[name], info, settings)
         logger.info("training %s: %.2f images/s", name, steps[name]["images_per_s"])

@@ -34,8 +34,13 @@ Outputs (``--out-dir``): ``step_sweep.csv``, ``step_sweep.md`` (the table and th
 
 CLI::
 
-    python -m tools.step_sweep --checkpoint runs/.../best.pt --config projects/normative_eval/configs/ddpm.yaml
-    python -m tools.step_sweep --train-seconds 240 --size 48      # trains a small DDPM on the embedded set
+    python -m tools.step_sweep --config projects/normative_eval/configs/ddpm.yaml --checkpoint runs/.../best.pt
+    python -m tools.step_sweep                      # trains ddpm_cpu.yaml as core/Main.py does, then sweeps it
+    python -m tools.step_sweep --set trainer.params.max_steps=300 --set model.params.network.channels=[16,32,32]
+
+Without ``--checkpoint`` the config is trained first through ``core/Main.py`` (its data, model and
+``Trainer.fit``, in a run folder under ``--out-dir``/train, no evaluation tasks), so the sweep measures the model a
+user's run produces; sizes and budgets are ``--set`` overrides of that YAML.
 """
 
 from __future__ import annotations
@@ -46,8 +51,6 @@ import json
 import logging
 import math
 import statistics
-import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -64,12 +67,14 @@ from core.evaluation.runner import cost_metrics
 from data.batch import Batch
 from model_zoo.base import AnomalyModel, AnomalyOutput
 from model_zoo.ddpm import DDPM
-from model_zoo.diffusion.settings import InferenceSetting, UNetSetting
+from model_zoo.diffusion.settings import InferenceSetting
 from optim.metrics import auroc, average_precision, segmentation
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS = (5, 10, 25, 50, 100)
+DEFAULT_CONFIG = "projects/normative_eval/configs/ddpm_cpu.yaml"
+DEFAULT_AUTODDPM_CONFIG = "projects/normative_eval/configs/autoddpm_cpu.yaml"
 
 
 @dataclass(frozen=True)
@@ -409,96 +414,41 @@ def load_from_checkpoint(config_path: str, checkpoint: str, overrides: Sequence[
     return model, data
 
 
-def embedded_data(*, size: int, n_train: int, n_per_class: int, batch_size: int, seed: int = 0) -> Any:
-    """A DataModule on the embedded benchmark (built into the cache on first use) at ``size`` x ``size``."""
-    from core.DataLoader import DataModule
-    from data.embedded import CLASSES
+def train_with_main(config_path: str, overrides: Sequence[str], out_dir: Path) -> Path:
+    """Train ``config_path`` exactly as ``python core/Main.py --config_path ... --set ...`` does (its data, model and
+    ``Trainer.fit`` in a run folder under ``out_dir``), without its evaluation tasks; return the run's ``best.pt``.
 
-    split = "$prepared/splits/"
-    test = {"healthy_test": {"images": [f"{split}healthy_test.csv"], "masks": [f"{split}healthy_test_mask.csv"],
-                             "pathological": False},
-            **{name: {"images": [f"{split}{name}.csv"], "labels": [f"{split}{name}_label.csv"],
-                      "masks": [f"{split}{name}_mask.csv"], "annotation": "pixel"} for name in CLASSES}}
-    prepare = {"module_name": "data.embedded", "class_name": "EmbeddedBenchmark",
-               "params": {"seed": seed, "n_train": n_train, "n_val": 8, "n_test": 8, "n_per_class": n_per_class,
-                          "size": size}}
-    return DataModule(target_size=(size, size), batch_size=batch_size, eval_batch_size=64, intensity="unit",
-                      prepare=prepare, train={"images": [f"{split}healthy_train.csv"]}, test=test)
+    Sizes and budgets are overrides, e.g. ``trainer.params.max_steps=500`` or ``model.params.network.channels=[16,
+    32, 32]``.
 
-
-def small_ddpm(*, channels: Sequence[int] = (16, 32, 32), noise_level: int | None = None, autoddpm: bool = False,
-               seed: int = 0) -> DDPM:
-    """A small DDPM (or AutoDDPM with the reference L_r/L_i/U) with flash attention, for the CPU sweep.
-
-    ``noise_level`` None: the reference L (250 for AnoDDPM, L_r = 200 for AutoDDPM).
+    Raises:
+        RuntimeError: the training run failed (its exit code; the run's own error is in the log above).
     """
-    from model_zoo.autoddpm import AutoDDPM
+    from core.Main import main as run_main
 
-    level = noise_level if noise_level is not None else (200 if autoddpm else 250)
-    full_chain = InferenceSetting(sampler="ddpm", noise_level=level)
-    network = UNetSetting(channels=tuple(channels), attention_levels=(False, True, True),
-                          num_head_channels=channels[-1], norm_num_groups=8, use_flash_attention=True)
-    kwargs = {"network": network, "inference": full_chain, "val_inference": full_chain}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoDDPM(**kwargs) if autoddpm else DDPM(**kwargs)
-
-
-def train_small(model: DDPM, data: Any, *, seconds: float, max_steps: int, lr: float, device: torch.device,
-                seed: int = 0, ema_decay: float | None = None) -> dict[str, Any]:
-    """Train ``model`` with the step of a ``core.Trainer.Trainer`` built without data or logger (its
-    ``training_step``: AMP, clipping, EMA as in a run) for at most ``seconds`` / ``max_steps``.
-
-    Returns:
-        ``steps``, ``seconds``, ``last_loss`` (mean of the last 20 steps); the EMA weights (if any) are copied
-        into ``model`` at the end. Keep the EMA off for budgets of a few hundred steps: with decay 0.995 the
-        average still holds 0.995^steps of the random initial weights (over half after 125 steps).
-    """
-    from core.Trainer import Trainer
-    from dl_utils.run import Run
-
-    optimizer = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": lr}}
-    losses: list[float] = []
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="step_sweep_") as tmp:
-        run = Run(run_dir=Path(tmp), device=device, seed=seed)
-        trainer = Trainer.from_options(model=model, run=run, optimizer=optimizer, ema_decay=ema_decay,
-                                       progress=False)
-        torch.manual_seed(seed)
-        model.train()
-        epoch = 0
-        while len(losses) < max_steps and time.perf_counter() - start < seconds:
-            for batch in data.train_dataloader(seed=seed + epoch):
-                terms = trainer.training_step(batch.to(device))
-                losses.append(float(terms["loss"]))
-                if len(losses) % 50 == 0:
-                    logger.info("step %d, loss %.4f, %.0f s", len(losses), statistics.fmean(losses[-50:]),
-                                time.perf_counter() - start)
-                if len(losses) >= max_steps or time.perf_counter() - start >= seconds:
-                    break
-            epoch += 1
-        if trainer.ema is not None:
-            model.load_state_dict(trainer.ema.state_dict(), strict=True)
-    model.eval()
-    return {"steps": len(losses), "seconds": round(time.perf_counter() - start, 1),
-            "last_loss": statistics.fmean(losses[-20:]) if losses else math.nan, "lr": lr, "ema_decay": ema_decay}
+    sets = [*overrides, f"experiment.output_dir={out_dir}", "experiment.task=train", "downstream_tasks=null"]
+    code = run_main(["--config_path", config_path, *(arg for value in sets for arg in ("--set", value))])
+    if code != 0:
+        raise RuntimeError(f"training {config_path} failed with exit code {code} (see the log above)")
+    done = sorted(out_dir.glob("*/*/*/checkpoints/best.pt"), key=lambda p: p.stat().st_mtime)
+    if not done:
+        raise RuntimeError(f"training {config_path} finished but left no best.pt under {out_dir}")
+    return done[-1]
 
 
 # ------------------------------------------------------------------------------------------------ CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: sweep a trained checkpoint, or train a small DDPM on the embedded benchmark first."""
+    """CLI: sweep a trained checkpoint, or train the config (as core/Main.py does) first."""
     parser = argparse.ArgumentParser(description="AnoDDPM/AutoDDPM inference-step sweep (accuracy vs cost).")
-    parser.add_argument("--checkpoint", default=None, help="trained DDPM/AutoDDPM checkpoint (with --config)")
-    parser.add_argument("--config", default=None, help="the YAML the checkpoint was trained with")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override a.b=v")
-    parser.add_argument("--train-seconds", type=float, default=240.0, help="train mode: time budget")
-    parser.add_argument("--train-steps", type=int, default=5000, help="train mode: step budget")
-    parser.add_argument("--lr", type=float, default=5e-4, help="train mode: Adam lr (short budget)")
-    parser.add_argument("--ema-decay", type=float, default=None, help="train mode: EMA decay (default off)")
-    parser.add_argument("--weights", default=None, help="train mode: load this model.pt instead of training")
-    parser.add_argument("--size", type=int, default=48, help="train mode: image side")
-    parser.add_argument("--channels", default="16,32,32", help="train mode: UNet widths")
-    parser.add_argument("--n-per-class", type=int, default=6, help="train mode: pathological images per class")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help=f"the DDPM/AutoDDPM YAML (default {DEFAULT_CONFIG}); without --checkpoint it is trained "
+                             "first, as core/Main.py trains it")
+    parser.add_argument("--checkpoint", default=None, help="weights trained with --config (skips training)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="config override a.b=v (sizes and budgets, e.g. trainer.params.max_steps=300); repeatable")
+    parser.add_argument("--autoddpm-config", default=DEFAULT_AUTODDPM_CONFIG,
+                        help="--method autoddpm/both on a DDPM: the AutoDDPM YAML its weights are evaluated with "
+                             "(same network; the --set overrides apply to it too)")
     parser.add_argument("--max-images", type=int, default=None, help="use at most N images per set")
     parser.add_argument("--healthy", default="healthy_test",
                         help="healthy test set: the 5%% FPR threshold (Dice) and the image AUROC reference")
@@ -516,45 +466,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    provenance: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    if args.checkpoint is not None or args.config is not None:
-        if args.checkpoint is None or args.config is None:
-            parser.error("--checkpoint and --config go together")
-        model, data = load_from_checkpoint(args.config, args.checkpoint, args.overrides)
-        provenance.update({"checkpoint": args.checkpoint, "config": args.config})
-    else:
-        channels = [int(c) for c in args.channels.split(",")]
-        data = embedded_data(size=args.size, n_train=300, n_per_class=args.n_per_class, batch_size=16)
-        model = small_ddpm(channels=channels).to(device)
-        from dl_utils.checkpoint import load_model_weights, save_checkpoint
-
-        if args.weights is not None:
-            training: dict[str, Any] = {"weights": load_model_weights(model, args.weights)}
-        else:
-            training = train_small(model, data, seconds=args.train_seconds, max_steps=args.train_steps, lr=args.lr,
-                                   device=device, ema_decay=args.ema_decay)
-            args.out_dir.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(args.out_dir / "model.pt", {"model": model.state_dict(), "ema": None, **training,
-                                                        "config": {"channels": channels, "size": args.size}})
-        provenance.update({"trained": training, "size": args.size, "channels": channels})
-        logger.info("model: %s", training)
+    provenance: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                  "config": args.config, "overrides": list(args.overrides)}
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint = str(train_with_main(args.config, args.overrides, args.out_dir / "train"))
+        provenance["trained"] = checkpoint
+    model, data = load_from_checkpoint(args.config, checkpoint, args.overrides)
+    provenance["checkpoint"] = checkpoint
+    model.to(device)
     if args.max_images is not None:
         data = FirstImages(data, args.max_images)
     steps = [int(k) for k in args.steps.split(",") if k]
+    own = "autoddpm" if _is_autoddpm(model) else "anoddpm"
+    method = args.method or own
+    if own == "autoddpm" and method != "autoddpm":
+        parser.error(f"{args.config} builds {type(model).__name__}: use --method autoddpm (or leave it out)")
     models: dict[str, DDPM] = {}
-    if args.checkpoint is not None:
-        own = "autoddpm" if _is_autoddpm(model) else "anoddpm"
-        if args.method not in (None, own):
-            parser.error(f"{args.config} builds {type(model).__name__}: use --method {own} (or leave it out)")
-        models[own] = model
-    else:
-        method = args.method or "anoddpm"
-        if method in ("anoddpm", "both"):
-            models["anoddpm"] = model
-        if method in ("autoddpm", "both"):
-            auto = small_ddpm(channels=[int(c) for c in args.channels.split(",")], autoddpm=True)
-            auto.load_state_dict(model.state_dict(), strict=True)
-            models["autoddpm"] = auto.to(device)
+    if method in ("anoddpm", "both"):
+        models["anoddpm"] = model
+    if method == "autoddpm" and own == "autoddpm":
+        models["autoddpm"] = model
+    elif method in ("autoddpm", "both"):
+        auto, _ = load_from_checkpoint(args.autoddpm_config, checkpoint, args.overrides)
+        if not _is_autoddpm(auto):
+            parser.error(f"--autoddpm-config {args.autoddpm_config} builds {type(auto).__name__}, not AutoDDPM")
+        models["autoddpm"] = auto.to(device)
+        provenance["autoddpm_config"] = args.autoddpm_config
     for method, target in models.items():
         settings = default_settings(target.inference.noise_level, steps=steps, full_seeds=args.full_seeds)
         result = sweep(target, data, settings, device=device, healthy=args.healthy)

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from core.Configurator import build, load_config
 from dl_utils.reinit import randomize_zero_layers
 from tools import benchmark as bm
 
@@ -59,8 +60,7 @@ def test_untrained_unet_is_randomised_so_parity_is_not_vacuous():
     model = bm.build_model(spec, plain, chains=bm.SMOKE_CHAINS)
     with torch.no_grad():
         assert model.eps(x, t).abs().max() > 1e-3  # MONAI's zero-initialised output conv was re-initialised
-    fresh = bm.DDPM(network=bm.UNetSetting(channels=spec.channels, attention_levels=spec.attention_levels,
-                                           num_head_channels=32, norm_num_groups=8))
+    fresh = build(spec.load()["model"], "model", base=bm.DDPM)  # the YAML's DDPM as a run builds it
     with torch.no_grad():
         assert fresh.eps(x, t).abs().max() == 0  # why the re-initialisation is needed
     assert randomize_zero_layers(fresh) > 0
@@ -104,15 +104,29 @@ def test_time_call_runs_warmup_then_repeats():
 
 def test_reference_size_is_the_methods_network():
     spec = bm.SIZES["reference"]
-    assert (spec.image, spec.channels, spec.attention_levels, spec.num_head_channels, spec.train_batch) == (
-        128, (128, 256, 256), (False, True, True), 256, 16)
+    network = spec.describe()["network"]
+    assert (spec.image, network["channels"], network["attention_levels"], network["num_head_channels"],
+            network["num_res_blocks"], spec.train_batch) == (128, [128, 256, 256], [False, True, True], 256, 1, 16)
     assert max(spec.infer_batches) >= 16 and min(spec.infer_batches) == 1
     assert bm.REFERENCE_CHAINS.anoddpm_calls == 251 and bm.REFERENCE_CHAINS.autoddpm_calls == 201 + 50 * 5
+
+
+def test_sizes_are_the_shipped_yaml_and_build_the_network_a_run_builds():
+    small = bm.SIZES["small"]
+    shipped = load_config(bm.REPO_ROOT / "projects/normative_eval/configs/ddpm_cpu.yaml")
+    built = bm.build_model(small, bm.path_settings("plain", CPU), chains=bm.SMOKE_CHAINS)
+    run_model = build(shipped["model"], "model", base=bm.DDPM)
+    assert small.image == shipped["data"]["params"]["target_size"][0]
+    shapes = {k: v.shape for k, v in run_model.state_dict().items()}
+    assert {k: v.shape for k, v in built.state_dict().items()} == shapes
+    assert bm.SIZES["tiny"].describe()["network"]["channels"] == [16, 32, 32]
 
 
 def test_make_trainer_builds_a_step_only_trainer_whose_step_trains(tmp_path, one_thread):
     spec, plain = bm.SIZES["tiny"], bm.path_settings("plain", CPU)
     trainer, batch = bm.make_trainer(spec=spec, path=plain, device=CPU, run_dir=tmp_path)
+    shipped = spec.load()["trainer"]["params"]
+    assert trainer.ema is not None and trainer.ema_options.decay == shipped["ema_decay"]  # the YAML's trainer
     assert trainer.data is None and trainer.run.logger is None and trainer.model.training
     assert batch.image.shape == (spec.train_batch, 1, spec.image, spec.image)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}

@@ -4,6 +4,7 @@ table, CSV and plot."""
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from core.evaluation import DownstreamEvaluator, evaluate
 from dl_utils.reinit import randomize_zero_layers
 from model_zoo.diffusion.settings import InferenceSetting, UNetSetting
 from tests.core.evaluation.fakes import FakeData
+from tests.smoke_data import SMOKE_OVERRIDES
 from tools import step_sweep as sw
 
 CPU = torch.device("cpu")
@@ -19,7 +21,11 @@ CHANNELS = (8, 16, 16)
 
 
 def _tiny_model(noise_level: int = 12) -> sw.DDPM:
-    model = sw.small_ddpm(channels=CHANNELS, noise_level=noise_level)
+    chain = InferenceSetting(sampler="ddpm", noise_level=noise_level)
+    network = UNetSetting(channels=CHANNELS, attention_levels=(False, True, True), num_head_channels=CHANNELS[-1],
+                          norm_num_groups=8, use_flash_attention=True)
+    torch.manual_seed(0)
+    model = sw.DDPM(network=network, inference=chain, val_inference=chain)
     randomize_zero_layers(model)
     return model
 
@@ -119,3 +125,21 @@ def test_first_images_keeps_the_first_images_of_every_set():
     assert [len(b) for b in sw.FirstImages(FakeData(), 5).eval_dataloader("lesions")] == [4, 1]
     with pytest.raises(ValueError, match="max_images must be >= 1"):
         sw.FirstImages(FakeData(), 0)
+
+
+def test_train_mode_trains_the_config_as_main_does_then_sweeps_it(tmp_path, one_thread):
+    # no --checkpoint: ddpm_cpu.yaml (smoke-sized data, a tiny network, 2 steps) trains through core/Main.py's
+    # Trainer.fit in a run folder, and the sweep evaluates that run's best.pt
+    tiny = ["model.params.network={channels: [8, 16, 16], num_head_channels: 16, norm_num_groups: 8}",
+            "model.params.inference={sampler: ddpm, noise_level: 6}", "model.params.val_inference=null",
+            "trainer.params.max_steps=2", "trainer.params.max_epochs=1", *SMOKE_OVERRIDES]
+    out = tmp_path / "sweep"
+    code = sw.main([*(a for value in tiny for a in ("--set", value)), "--steps", "3", "--full-seeds", "1",
+                    "--max-images", "2", "--out-dir", str(out), "--threads", "1"])
+    assert code == 0
+    (best,) = (out / "train").glob("*/*/*/checkpoints/best.pt")
+    saved = torch.load(best, weights_only=True)
+    assert saved["step"] == 2 and set(saved["optimizers"]) == {"model"}  # a real Trainer.fit checkpoint
+    result = json.loads((out / "anoddpm" / "step_sweep.json").read_text())
+    assert result["provenance"]["checkpoint"] == str(best)
+    assert [row["network_evals"] for row in result["rows"]] == [7, 3, 3]  # full chain L=6, strided 3, ddim 3
