@@ -54,6 +54,8 @@ BLOCK_KEYS = ("module_name", "class_name", "params", "enabled")
 MERGE_MARKERS = ("<<<<<<<", "=======", ">>>>>>>", "|||||||")
 # The repository's top-level packages: a config may import any module inside them.
 PROJECT_PACKAGES = ("core", "data", "dl_utils", "model_zoo", "optim", "projects", "tests", "tools")
+# Earlier module names that YAML files may still use, and the module each now means (a rename never breaks a config).
+MODULE_ALIASES = {"core.DataLoader": "core.data_module", "core.DownstreamEvaluator": "core.evaluation"}
 # Modules outside the project that the shipped configs build from (exactly these, not their submodules).
 LIBRARY_MODULES = ("torch.optim", "torch.optim.lr_scheduler")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -428,7 +430,7 @@ def resolve_class(block: Any, path: str, base: type | None = None) -> type:
             raise ConfigError(f"{path}.{key}: required, must be a non-empty string")
     if not isinstance(block.get("enabled", True), bool):
         raise ConfigError(f"{path}.enabled: must be true or false, got {block['enabled']!r}")
-    module_name, class_name = block["module_name"], block["class_name"]
+    module_name, class_name = MODULE_ALIASES.get(block["module_name"], block["module_name"]), block["class_name"]
     problem = import_problem(module_name)
     if problem:
         raise ConfigError(f"{path}.module_name: {problem}")
@@ -442,7 +444,8 @@ def resolve_class(block: Any, path: str, base: type | None = None) -> type:
     if not inspect.isclass(cls):
         choices = sorted(
             n for n, obj in vars(module).items()
-            if inspect.isclass(obj) and obj.__module__ == module.__name__ and not n.startswith("_")
+            if inspect.isclass(obj) and not n.startswith("_")
+            and (obj.__module__ == module.__name__ or n in getattr(module, "__all__", ()))
             and (base is None or issubclass(obj, base))
         )
         raise ConfigError(

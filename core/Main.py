@@ -60,7 +60,7 @@ from dl_utils.errors import RunInterrupted, UserError  # noqa: E402
 from dl_utils.run import one_line  # noqa: E402
 
 if TYPE_CHECKING:
-    from core.DataLoader import DataModule
+    from core.data_module import DataModule
     from dl_utils.run import Run, RunState
     from model_zoo.base import TrainableModel
 
@@ -271,7 +271,7 @@ def check_resume(run_dir: Path, config: dict[str, Any], model: Any) -> ResumePla
 def build_objects(config: dict[str, Any]) -> tuple[DataModule, TrainableModel]:
     """Build the data module and the model (the parts every task needs; the model slot takes anything the trainer
     trains, :func:`check_scorer` refuses a stage-1 network where scores are needed)."""
-    from core.DataLoader import DataModule
+    from core.data_module import DataModule
     from model_zoo.base import TrainableModel
 
     data = build(config["data"], "data", base=DataModule)
@@ -309,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
         return run_prediction(config, experiment=experiment, wandb_settings=wandb_settings, name=name,
                               config_path=args.config_path, dry_run=args.dry_run)
 
-    from core.DownstreamEvaluator import build_downstream
+    from core.evaluation import build_downstream
     from core.Trainer import Trainer
     from dl_utils.checkpoint import load_model_weights
     from dl_utils.distributed import cleanup, init_distributed
@@ -375,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
 def train_and_evaluate(run: Run, *, model: TrainableModel, data: DataModule, evaluators: dict[str, Any], task: str,
                        weights: str | None, initialised: str | None) -> None:
     """Train (task 'train', from ``initialised`` weights when given) or take ``weights``, then evaluate them."""
-    from core.DownstreamEvaluator import run_downstream
+    from core.evaluation import run_downstream
     from core.Trainer import Trainer
     from dl_utils.checkpoint import load_model_weights
 

@@ -92,7 +92,7 @@ RESERVED_TERMS = ("loss", "lr")
 
 
 class TrainData(Protocol):
-    """What the trainer needs from ``core.DataLoader.DataModule``."""
+    """What the trainer needs from ``core.data_module.DataModule``."""
 
     def train_dataloader(self, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> DataLoader: ...
 

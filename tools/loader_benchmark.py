@@ -1,7 +1,7 @@
 """Loader throughput: images/s of the first (decoding) epoch and of a cached epoch.
 
 ``loader_throughput`` writes ``n`` synthetic grey images (smooth random blobs, non-square so padding and
-resizing run) to a temporary folder with a split CSV, builds a :class:`core.DataLoader.DataModule` on it and
+resizing run) to a temporary folder with a split CSV, builds a :class:`core.data_module.DataModule` on it and
 times two passes of the training loader: the first pass decodes and preprocesses every file (filling the
 cache), the second reads the cache. CLI: ``python -m tools.loader_benchmark [--n 10000] [--size 128]`` prints JSON.
 """
@@ -67,7 +67,7 @@ def loader_throughput(n: int = 10000, size: int = 128, *, fmt: FileFormat = "png
         ``cached_epoch_images_per_s``, the seconds of each pass, the seconds spent writing the files, and
         the settings.
     """
-    from core.DataLoader import DataModule
+    from core.data_module import DataModule
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")

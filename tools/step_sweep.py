@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from core.DataLoader import DatasetInfo
+from core.data_module import DatasetInfo
 from core.evaluation import DataSource, DownstreamEvaluator, EvalContext, Inference, run_tasks
 from core.evaluation.runner import cost_metrics
 from data.batch import Batch
@@ -403,7 +403,7 @@ def plot(result: Mapping[str, Any], path: Path) -> Path:
 def load_from_checkpoint(config_path: str, checkpoint: str, overrides: Sequence[str] = ()) -> tuple[DDPM, Any]:
     """Build the config's model and data (the project's builder) and load the checkpoint's weights strictly."""
     from core.Configurator import allow_imports, build, load_config
-    from core.DataLoader import DataModule
+    from core.data_module import DataModule
     from dl_utils.checkpoint import load_model_weights
 
     config = load_config(config_path, list(overrides))

@@ -1,11 +1,11 @@
 """Evaluation after training: a registry of small task functions, one runner, thresholds as data.
 
-YAML (the block class keeps its historical module path ``core.DownstreamEvaluator``)::
+YAML (the earlier module path ``core.DownstreamEvaluator`` still resolves here: ``core.Configurator.MODULE_ALIASES``)::
 
     downstream_tasks:
-      thresholds:   {module_name: core.DownstreamEvaluator, class_name: DownstreamEvaluator,
+      thresholds:   {module_name: core.evaluation, class_name: DownstreamEvaluator,
                      params: {task: thresholding, dataset: val, fprs: [0.01, 0.02, 0.05]}}
-      segmentation: {module_name: core.DownstreamEvaluator, class_name: DownstreamEvaluator, enabled: true,
+      segmentation: {module_name: core.evaluation, class_name: DownstreamEvaluator, enabled: true,
                      params: {task: segmentation, datasets: [atlas], fpr: 0.05}}
 
 Modules:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from core.DataLoader import DatasetInfo
+from core.data_module import DatasetInfo
 from core.evaluation.protocols import DataSource
 from core.evaluation.thresholds import MaskCalibration, describe_mask_threshold
 from model_zoo.base import AnomalyModel, AnomalyOutput, MaskThresholdModel

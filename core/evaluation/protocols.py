@@ -1,6 +1,6 @@
 """The interfaces the evaluation package needs from the data and from whoever records results.
 
-A :class:`core.DataLoader.DataModule` is a :class:`DataSource`; a :class:`dl_utils.experiment_logger.ExperimentLogger`
+A :class:`core.data_module.DataModule` is a :class:`DataSource`; a :class:`dl_utils.experiment_logger.ExperimentLogger`
 is a :class:`MetricSink`. Tests and command-line tools may pass any object with these methods.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from core.DataLoader import DatasetInfo
+from core.data_module import DatasetInfo
 from data.batch import Batch
 
 if TYPE_CHECKING:

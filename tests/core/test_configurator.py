@@ -338,3 +338,19 @@ def test_check_value_bounds_stops_a_shared_reference_bomb_and_deep_nesting():
     with pytest.raises(ConfigError, match=r"^ckpt: nested more than 64 levels deep"):
         check_value_bounds(deep, "ckpt")
     check_value_bounds({"model": {"params": {"channels": [4, 8]}}}, "ckpt")
+
+
+@pytest.mark.parametrize(("old", "new", "class_name"), [
+    ("core.DataLoader", "core.data_module", "DataModule"),
+    ("core.DownstreamEvaluator", "core.evaluation", "DownstreamEvaluator"),
+])
+def test_a_renamed_module_keeps_its_earlier_yaml_name(old: str, new: str, class_name: str) -> None:
+    assert configurator.MODULE_ALIASES[old] == new
+    earlier = configurator.resolve_class({"module_name": old, "class_name": class_name}, "x")
+    assert earlier is configurator.resolve_class({"module_name": new, "class_name": class_name}, "x")
+    assert not (configurator.REPO_ROOT / (old.replace(".", "/") + ".py")).exists()  # a name, not a second module
+
+
+def test_a_class_re_exported_by_a_package_is_offered_as_a_choice() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'DownstreamEvaluator'"):
+        build({"module_name": "core.evaluation", "class_name": "DownstreamEvaluater"}, "downstream_tasks.x")

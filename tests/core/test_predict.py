@@ -29,7 +29,7 @@ from optim.metrics.segmentation import ThresholdResult
 SIZE = 16
 MODEL = {"module_name": "model_zoo.ae", "class_name": "AutoEncoder",
          "params": {"channels": [4, 8], "latent_channels": 8, "kernel_size": 3, "norm": "none"}}
-DATA = {"module_name": "core.DataLoader", "class_name": "DataModule",
+DATA = {"module_name": "core.data_module", "class_name": "DataModule",
         "params": {"target_size": [SIZE, SIZE], "intensity": "minmax", "train": {"glob": "no_such_folder/*.png"}}}
 # Voxel axes -> (A, S, L): permuted, one axis flipped, anisotropic spacing, translated.
 AFFINE = np.array([[0.0, 0.0, -2.0, 10.0], [1.2, 0.0, 0.0, -5.0], [0.0, 3.0, 0.0, 7.0], [0.0, 0.0, 0.0, 1.0]])

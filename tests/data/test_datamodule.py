@@ -1,4 +1,4 @@
-"""core.DataLoader.DataModule: split specs, sources, loaders, the no-augmentation-at-eval rule, errors.
+"""core.data_module.DataModule: split specs, sources, loaders, the no-augmentation-at-eval rule, errors.
 
 (Lives with the data tests: the data engineer owns tests/data/.)
 """
@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from core.Configurator import ConfigError, build
-from core.DataLoader import REPO_ROOT, DataModule, DatasetInfo
+from core.data_module import REPO_ROOT, DataModule, DatasetInfo
 from data.batch import Batch
 from data.dataset import SplitError
 from data.readers import DataReadError
@@ -29,7 +29,7 @@ def _module(split: dict[str, Path], **params) -> DataModule:  # noqa: ANN003
                         "masks": [str(split["masks"])]}}
     params = {"target_size": [16, 16], "batch_size": 2, "eval_batch_size": 3, "train": spec, "val": spec,
               "test": test, **params}
-    return build({"module_name": "core.DataLoader", "class_name": "DataModule", "params": params}, "data",
+    return build({"module_name": "core.data_module", "class_name": "DataModule", "params": params}, "data",
                  base=DataModule)
 
 
@@ -135,7 +135,7 @@ def test_val_is_optional_and_unknown_names_list_valid_ones(make_split) -> None: 
 ])
 def test_config_errors_name_the_key(params: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        build({"module_name": "core.DataLoader", "class_name": "DataModule", "params": params}, "data",
+        build({"module_name": "core.data_module", "class_name": "DataModule", "params": params}, "data",
               base=DataModule)
 
 

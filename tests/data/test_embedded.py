@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from core.Configurator import build, load_config
-from core.DataLoader import REPO_ROOT, DataModule
+from core.data_module import REPO_ROOT, DataModule
 from data.embedded import CHANGE, CLASSES, EmbeddedBenchmark, main, render, render_subject, size_bin
 
 TINY = {"seed": 3, "n_train": 2, "n_val": 1, "n_test": 1, "n_per_class": 3, "size": 32}

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from core.DataLoader import DataModule
+from core.data_module import DataModule
 from data.prepare import PrepareError, foreground_mask, main, normalise_label
 
 

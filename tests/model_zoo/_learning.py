@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from core.Configurator import build, load_config
-from core.DataLoader import DataModule
+from core.data_module import DataModule
 from core.Trainer import Trainer
 from model_zoo.base import AnomalyModel
 from optim.metrics import auroc, pixel_auroc_auprc

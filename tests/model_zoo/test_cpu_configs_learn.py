@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from core.Configurator import build, load_config
-from core.DataLoader import DataModule
+from core.data_module import DataModule
 from core.evaluation import DownstreamEvaluator, evaluate
 from core.Trainer import Trainer
 from dl_utils.checkpoint import load_model_weights

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from core.Configurator import ConfigError, build, load_config
-from core.DataLoader import DataModule
+from core.data_module import DataModule
 from data.batch import Batch
 from dl_utils.reinit import randomize_zero_layers
 from model_zoo.base import AnomalyModel

@@ -93,7 +93,7 @@ def base_config(root: Path, data: dict[str, Path]) -> dict[str, Any]:
         "experiment": {"name": "rel", "task": "train", "seed": 0, "device": "cpu",
                        "output_dir": str(root / "runs")},
         "wandb": {"mode": "disabled"},
-        "data": {"module_name": "core.DataLoader", "class_name": "DataModule", "params": {
+        "data": {"module_name": "core.data_module", "class_name": "DataModule", "params": {
             "target_size": [32, 32], "batch_size": 4, "eval_batch_size": 4, "num_workers": 0, "cache": "none",
             "train": {"images": [str(data["train"])]}, "val": {"images": [str(data["val"])]}}},
         "model": {"module_name": "model_zoo.ae", "class_name": "AutoEncoder",

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from core.DataLoader import DatasetInfo
+from core.data_module import DatasetInfo
 from data.batch import Sample, collate
 from model_zoo.base import AnomalyModel, AnomalyOutput
 

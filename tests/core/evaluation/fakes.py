@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from core.DataLoader import DatasetInfo
+from core.data_module import DatasetInfo
 from data.batch import Sample, collate
 from model_zoo.base import AnomalyModel, AnomalyOutput
 
@@ -131,5 +131,5 @@ class RecordingLogger:
 
 
 def block(task: str, **params) -> dict:
-    return {"module_name": "core.DownstreamEvaluator", "class_name": "DownstreamEvaluator",
+    return {"module_name": "core.evaluation", "class_name": "DownstreamEvaluator",
             "params": {"task": task, **params}}
