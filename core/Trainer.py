@@ -185,6 +185,9 @@ class Trainer:
         elif opt.optimizers:
             raise ValueError(f"trainer.params.optimizers is set but {type(model).__name__} declares no "
                              "optimizer_groups(); use trainer.params.optimizer")
+        elif type(model).training_losses is TrainableModel.training_losses:
+            raise ValueError(f"{type(model).__name__} implements neither training_losses (one optimizer) nor "
+                             "optimizer_groups() with a training_step (several): there is nothing to train")
         self.engine: Any = self.model
         wrapped = run.world_size > 1 and not declared  # DDP averages the gradients of the one default group
         # frozen parameters (a two-stage model's stage-1 networks) belong in no optimizer

@@ -65,14 +65,19 @@ class AnomalyOutput:
 class TrainableModel(nn.Module, abc.ABC):
     """Base class of everything the trainer trains: a network on healthy data with named loss terms.
 
-    Subclasses implement :meth:`training_losses` and :meth:`validation_losses`; a scorer derives from
+    Subclasses implement :meth:`validation_losses` and one of two training interfaces: :meth:`training_losses` (named
+    loss terms; the trainer weights, sums and back-propagates them on one optimizer), or, for several networks with
+    their own optimizers, :meth:`optimizer_groups` and :meth:`training_step`. A scorer derives from
     :class:`AnomalyModel` instead. Method knobs are keyword-only constructor arguments. Everything stays in torch on
     the input's device.
     """
 
-    @abc.abstractmethod
     def training_losses(self, batch: Batch) -> dict[str, Tensor]:
-        """Named scalar loss terms for one training batch; the trainer weights and sums them."""
+        """Named scalar loss terms for one training batch; the trainer weights and sums them and back-propagates the
+        sum on the one optimizer group ``model``. Not implemented by a model with several optimizer groups (it
+        implements :meth:`training_step`)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither training_losses (one optimizer) nor "
+                                  "optimizer_groups() with a training_step (several)")
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         """``training_losses(batch)``: the trainer calls the (DDP-wrapped) model so gradients are synchronised."""

@@ -207,14 +207,6 @@ class WGANGP(_GANSpace):
         return {"critic": fake_score - real_score + self.lambda_gp * gp, "gp": gp,
                 "wasserstein": (real_score - fake_score).detach(), "generator": -fake_score.detach()}
 
-    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
-        """Both objectives on one batch without stepping (``critic`` reaches D, ``generator`` reaches G)."""
-        z = torch.randn(batch.image.shape[0], self.latent_dim, device=batch.image.device)
-        terms = self._critic_terms(batch.image, z)
-        with keep_running_stats(self.generator, self.critic):
-            generator_loss = -self.critic(self.generator(z)).mean()
-        return {"critic": terms["critic"], "generator": generator_loss}
-
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         """Critic step every batch, generator step every ``n_critic``-th batch (``ctx.step % n_critic == 0``).
 

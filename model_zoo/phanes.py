@@ -343,21 +343,6 @@ class PHANES(RA):
             mu, logvar, _ = self.encode(x)
             return self.decoder(self.sample(mu, logvar))
 
-    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
-        """The objectives of every trained group on one batch without stepping (for checks; training uses
-        :meth:`training_step`)."""
-        x = batch.image
-        losses: dict[str, Tensor] = {}
-        if self.coarse_frozen:
-            x_r = self._frozen_reconstruction(x)
-        else:
-            eps = torch.randn(x.shape[0], self.zdim, device=x.device)
-            losses["encoder"], z, _ = self._encoder_loss(x, eps)
-            losses["decoder"], x_r = self._decoder_loss(x, eps, z)
-        m_syn, m = self._training_masks(x, x_r)
-        generator_loss, x_c, _ = self._inpainter_losses(x, m_syn, m)
-        return {**losses, "inpainter": generator_loss, "discriminator": self._discriminator_loss(x, x_c, m_syn)}
-
     @property
     def warmup_steps(self) -> int:
         """The coarse RA's plain-VAE warm-up; none on a frozen, finished RA (``coarse_checkpoint``)."""

@@ -235,14 +235,6 @@ class SoftIntroVAE(AnomalyModel):
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"encoder": list(self.encoder.parameters()), "decoder": list(self.decoder.parameters())}
 
-    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
-        """``{'encoder': L_E, 'decoder': L_D}`` on one batch without stepping (for checks; training uses
-        :meth:`training_step`)."""
-        x = batch.image
-        eps = torch.randn(x.shape[0], self.zdim, device=x.device)
-        encoder_loss, z, _ = self._encoder_loss(x, eps)
-        return {"encoder": encoder_loss, "decoder": self._decoder_loss(x, eps, z)[0]}
-
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
         """Encoder step (decoder frozen), then decoder step (encoder frozen) with the same eps and z."""
         return self._intro_steps(batch.image, ctx)[0]

@@ -19,8 +19,10 @@ import torch
 
 import model_zoo
 from core.Configurator import build
+from core.Trainer import Trainer
 from data.batch import Batch
 from dl_utils.reinit import randomize_zero_layers
+from dl_utils.run import Run
 from model_zoo.base import AnomalyModel, AnomalyOutput, MaskThresholdModel, TrainableModel
 from model_zoo.registry import METHODS, SIZE, Method, entries_of, stage1_problem
 
@@ -102,7 +104,38 @@ def test_builds_from_block_as_its_kind(trainable: TrainableModel) -> None:
         assert method.next_stage and method.next_stage in stage1_problem(type(trainable))
 
 
+def _one_training_interface(model: TrainableModel) -> str:
+    """'losses' (training_losses on one optimizer) or 'step' (optimizer_groups and its own training_step)."""
+    own_losses = type(model).training_losses is not TrainableModel.training_losses
+    own_step = type(model).training_step is not TrainableModel.training_step
+    assert own_losses != own_step, f"{type(model).__name__} must implement exactly one of training_losses and " \
+                                   "training_step (with optimizer_groups)"
+    assert bool(model.optimizer_groups()) == own_step
+    return "step" if own_step else "losses"
+
+
+def test_a_training_step_is_finite_and_moves_every_optimizer_group(trainable: TrainableModel, x: torch.Tensor,
+                                                                   tmp_path: Path) -> None:
+    # the step core/Trainer.py runs per batch, past the model's warm-up (SI-VAE's plain-VAE phase), one SGD step
+    _one_training_interface(trainable)
+    trainer = Trainer.from_options(model=trainable, run=Run(run_dir=tmp_path / "run", device=torch.device("cpu")),
+                                   optimizer={"module_name": "torch.optim", "class_name": "SGD",
+                                              "params": {"lr": 0.01}}, progress=False)
+    trainer.step = trainable.warmup_steps
+    before = {n: p.detach().clone() for n, p in trainable.named_parameters() if p.requires_grad}
+    trainable.train()
+    terms = trainer.training_step(Batch(image=x))
+    assert "loss" in terms and all(v.ndim == 0 and torch.isfinite(v) for v in terms.values()), terms
+    after = dict(trainable.named_parameters())
+    assert all(torch.isfinite(after[n]).all() for n in before)
+    for group, params in trainer.groups.params.items():
+        names = [n for n, p in trainable.named_parameters() if any(p is q for q in params)]
+        assert any(not torch.equal(before[n], after[n]) for n in names), f"group {group!r} did not move"
+
+
 def test_training_losses_are_finite_and_reach_every_parameter(trainable: TrainableModel, x: torch.Tensor) -> None:
+    if _one_training_interface(trainable) == "step":
+        pytest.skip("trains through its own training_step (test_a_training_step_is_finite_and_moves_every_...)")
     trainable.train()
     losses = trainable.training_losses(Batch(image=x))
     assert losses and all(isinstance(k, str) for k in losses)
@@ -119,6 +152,8 @@ def test_training_losses_are_finite_and_reach_every_parameter(trainable: Trainab
 
 def test_calling_the_model_returns_training_losses(trainable: TrainableModel, x: torch.Tensor) -> None:
     # the trainer calls the (DDP-wrapped) module, so ``forward`` must stay ``training_losses``
+    if _one_training_interface(trainable) == "step":
+        pytest.skip("trains through its own training_step: never called as a module")
     trainable.train()
     buffers = {k: v.clone() for k, v in trainable.state_dict().items()}  # train-mode updates (a VQ EMA codebook)
     torch.manual_seed(0)
