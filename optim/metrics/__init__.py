@@ -23,6 +23,7 @@ from optim.metrics.localization import localization_per_image, localization_summ
 from optim.metrics.normative import (
     ahi,
     ahi_equal_n,
+    ahi_unclipped,
     caci,
     combined_score,
     harmonic_mean,
@@ -45,7 +46,8 @@ from optim.metrics.segmentation import (
 )
 
 __all__ = [
-    "REFERENCE_SIZE_BINS", "BinomialInterval", "GaussianStats", "ThresholdResult", "ahi", "ahi_equal_n", "aupro",
+    "REFERENCE_SIZE_BINS", "BinomialInterval", "GaussianStats", "ThresholdResult", "ahi", "ahi_equal_n",
+    "ahi_unclipped", "aupro",
     "auroc", "average_precision", "benjamini_hochberg", "best_dice", "caci", "clopper_pearson", "combined_score",
     "conformal_p_values", "dice_at_threshold", "dice_per_image", "fpr_acceptance_interval", "fpr_at_threshold",
     "frechet_distance",

@@ -24,6 +24,7 @@ mean (which crops the (win-1)/2 border); the masked SSIM is the mean of the full
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -118,8 +119,12 @@ def rqi(ssim: Any, lpips: Any, mae: Any) -> dict[str, float]:
             "mae_mean": float(e.mean()), "n": float(s.size)}
 
 
-def ahi(fid_pathological: float, fid_restored: float, fid_healthy: float) -> float:
-    """Anomaly-to-Healthy Index: clip((FID(P,N) - FID(R(P),N)) / (FID(P,N) - FID(U,N)), 0, 1).
+def ahi_unclipped(fid_pathological: float, fid_restored: float, fid_healthy: float) -> float:
+    """(FID(P,N) - FID(R(P),N)) / (FID(P,N) - FID(U,N)): the Anomaly-to-Healthy Index before its clip to [0, 1].
+
+    Below 0 the restorations are further from the healthy training set N than the pathological inputs (in units of
+    the gap between P and unseen healthy images U); above 1 closer to N than U is. The clipped :func:`ahi` is 0 for
+    every method below 0, so only this value ranks them there.
 
     Returns NaN (with a warning) when the gap FID(P,N) - FID(U,N) is not positive: the pathological
     inputs are then no farther from the healthy training set than unseen healthy images.
@@ -127,9 +132,16 @@ def ahi(fid_pathological: float, fid_restored: float, fid_healthy: float) -> flo
     gap = float(fid_pathological) - float(fid_healthy)
     if not np.isfinite(gap) or gap <= 0:
         warnings.warn(f"ahi: FID(P,N) - FID(U,N) = {gap:.4g} is not positive; AHI undefined (NaN)",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
         return float("nan")
-    return float(np.clip((float(fid_pathological) - float(fid_restored)) / gap, 0.0, 1.0))
+    return (float(fid_pathological) - float(fid_restored)) / gap
+
+
+def ahi(fid_pathological: float, fid_restored: float, fid_healthy: float) -> float:
+    """Anomaly-to-Healthy Index: clip((FID(P,N) - FID(R(P),N)) / (FID(P,N) - FID(U,N)), 0, 1)
+    (:func:`ahi_unclipped`, clipped; NaN with a warning when the gap is not positive)."""
+    value = ahi_unclipped(fid_pathological, fid_restored, fid_healthy)
+    return value if math.isnan(value) else float(np.clip(value, 0.0, 1.0))
 
 
 def ahi_equal_n(reference: Any, healthy: Any, pathological: Any, restored: Any, *, draws: int = 5, seed: int = 0,
@@ -155,8 +167,8 @@ def ahi_equal_n(reference: Any, healthy: Any, pathological: Any, restored: Any, 
         reference_stats: ``GaussianStats`` of ``reference`` to reuse its square root across calls (else computed).
 
     Returns:
-        ``ahi``, ``fid_u``, ``fid_p``, ``fid_rp`` (means over draws) with ``n_fid`` (the common n) and
-        ``draws``; ``kid_u``, ``kid_p``, ``kid_rp`` on the full sets with ``n_u``, ``n_p``, ``n_reference``.
+        ``ahi``, ``ahi_unclipped``, ``fid_u``, ``fid_p``, ``fid_rp`` (means over draws) with ``n_fid`` (the common n)
+        and ``draws``; ``kid_u``, ``kid_p``, ``kid_rp`` on the full sets with ``n_u``, ``n_p``, ``n_reference``.
     """
     n_feat, u_feat = as_features(reference, "ahi_equal_n: reference"), as_features(healthy, "ahi_equal_n: healthy")
     p_feat, r_feat = as_features(pathological, "ahi_equal_n: pathological"), \
@@ -198,7 +210,8 @@ def ahi_equal_n_rows(rows: FeatureRows, healthy: Any, pathological: Any, restore
         draws, seed: as in ``ahi_equal_n``.
 
     Returns:
-        ``ahi`` (NaN with a warning when FID(P,N) <= FID(U,N)), ``fid_u``, ``fid_p``, ``fid_rp``, ``n_fid``.
+        ``ahi`` (NaN with a warning when FID(P,N) <= FID(U,N)), ``ahi_unclipped``, ``fid_u``, ``fid_p``, ``fid_rp``,
+        ``n_fid``.
     """
     u, p, r = (np.asarray(v, dtype=np.int64).reshape(-1) for v in (healthy, pathological, restored))
     if p.shape != r.shape:
@@ -215,7 +228,11 @@ def ahi_equal_n_rows(rows: FeatureRows, healthy: Any, pathological: Any, restore
         p_pick = rng.choice(p.size, n, replace=False)
         fids[k] = [rows.fid(u[u_pick]), rows.fid(p[p_pick]), rows.fid(r[p_pick])]
     fid_u, fid_p, fid_rp = (float(v) for v in fids.mean(axis=0))
-    return {"ahi": ahi(fid_p, fid_rp, fid_u), "fid_u": fid_u, "fid_p": fid_p, "fid_rp": fid_rp, "n_fid": float(n)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the same warning comes from ahi() below
+        unclipped = ahi_unclipped(fid_p, fid_rp, fid_u)
+    return {"ahi": ahi(fid_p, fid_rp, fid_u), "ahi_unclipped": unclipped, "fid_u": fid_u, "fid_p": fid_p,
+            "fid_rp": fid_rp, "n_fid": float(n)}
 
 
 def caci_per_image(conservation: Any, correction: Any) -> np.ndarray:

@@ -12,6 +12,7 @@ from optim.metrics.normative import (
     ahi,
     ahi_equal_n,
     ahi_equal_n_rows,
+    ahi_unclipped,
     caci,
     caci_per_image,
     combined_score,
@@ -62,6 +63,15 @@ def test_ahi_hand_computed_clipped_and_undefined():
     assert ahi(100, 10, 20) == 1.0  # closer than unseen healthy images: clipped
     with pytest.warns(RuntimeWarning, match="not positive"):
         assert np.isnan(ahi(20, 10, 20))
+
+
+def test_unclipped_ahi_hand_computed_ranks_what_the_clip_ties():
+    assert ahi_unclipped(100, 40, 20) == pytest.approx(0.75)  # inside [0, 1]: the same as AHI
+    assert ahi_unclipped(100, 120, 20) == pytest.approx(-0.25)  # 20 further than P, gap 80
+    assert ahi_unclipped(100, 260, 20) == pytest.approx(-2.0)  # worse still; both clip to AHI 0
+    assert ahi_unclipped(100, 10, 20) == pytest.approx(1.125)
+    with pytest.warns(RuntimeWarning, match="not positive"):
+        assert np.isnan(ahi_unclipped(20, 10, 30))
 
 
 def test_ahi_equal_n_removes_the_small_sample_bias():

@@ -31,7 +31,7 @@ import numpy as np
 from optim.metrics.normative import combined_score
 from optim.stats import mean_and_spread, paired_difference, percentile_interval
 from tools.study.plan import Statistics
-from tools.study.results import ALL_CLASSES, COST, IMAGE, INDICES, PIXEL, RunResult
+from tools.study.results import AHI_UNCLIPPED, ALL_CLASSES, COST, IMAGE, INDICES, PIXEL, RunResult
 
 COMBINED = "combined"
 INDEX_COLUMNS = (*INDICES, COMBINED)
@@ -92,11 +92,12 @@ class Evidence:
 
 
 def quality_columns(points: Sequence[Mapping[str, float]]) -> tuple[str, ...]:
-    """Image AUROC per class (``all_pathological`` first), pixel AUROC per class, RQI, AHI, CACI, combined."""
+    """Image AUROC per class (``all_pathological`` first), pixel AUROC per class, RQI, AHI, CACI, combined, and the
+    unclipped AHI."""
     seen = list(dict.fromkeys(c for p in points for c in p))
     image = sorted((c for c in seen if c.endswith(IMAGE)), key=lambda c: c != ALL_CLASSES + IMAGE)
     pixel = sorted((c for c in seen if c.endswith(PIXEL)), key=lambda c: c != ALL_CLASSES + PIXEL)
-    return (*image, *pixel, *INDEX_COLUMNS)
+    return (*image, *pixel, *INDEX_COLUMNS, AHI_UNCLIPPED)
 
 
 def _with_combined(values: Mapping[str, float | np.ndarray]) -> dict[str, float | np.ndarray]:

@@ -33,7 +33,7 @@ from core.Configurator import ConfigError
 from tools.study.analysis import CAVEAT, Agreement, CorrelationRow
 from tools.study.evidence import INDEX_COLUMNS, Cell, Evidence
 from tools.study.plan import REPO, Study
-from tools.study.results import ALL_CLASSES, IMAGE, PIXEL, RunResult
+from tools.study.results import AHI_UNCLIPPED, ALL_CLASSES, IMAGE, PIXEL, RunResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -85,7 +85,7 @@ def table_columns(evidence: Evidence) -> list[tuple[str, list[str]]]:
         elif title == "Cost":
             columns = list(evidence.cost)
         else:
-            columns = list(INDEX_COLUMNS)
+            columns = [*INDEX_COLUMNS, AHI_UNCLIPPED]
         columns = [c for c in columns if c not in empty]
         if columns:
             out.append((title, columns))
@@ -124,7 +124,10 @@ def comparison_markdown(evidence: Evidence) -> str:
                  "subject unless the splits name subjects), the same for every method and seed]. **Bold**: "
                  f"the column's best; ≈: not distinguishable from it (paired bootstrap p >= {s.alpha:g}; "
                  "`comparisons.csv` has every difference, its interval and p). Combined = ((harmonic mean of RQI and "
-                 "CACI) + AHI) / 2 on the raw indices. Cost: the mean over the seeds' runs.\n")
+                 "CACI) + AHI) / 2 on the raw indices. AHI (unclipped): (FID(P,N) - FID(R(P),N)) / "
+                 "(FID(P,N) - FID(U,N)) before AHI's clip to [0, 1]; below 0 the restorations are further from the "
+                 "healthy images than the pathological inputs (in units of the P-U gap), which the clipped AHI cannot "
+                 "rank. Cost: the mean over the seeds' runs.\n")
     dropped = empty_columns(evidence)
     if dropped:
         parts.append("Left out, no method has a value (not computed in these runs): "

@@ -31,7 +31,7 @@ import numpy as np
 
 from core.evaluation.per_image import PerImage, read_per_image
 from optim.metrics.distribution import FeatureRows, GaussianStats
-from optim.metrics.normative import ahi_equal_n_rows
+from optim.metrics.normative import ahi_equal_n_rows, ahi_unclipped
 from optim.metrics.resampled import auroc_from_counts, score_bins
 from optim.stats import bootstrap_indices, multiplicities
 from tools.study.plan import Job, Study, finished_run
@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 ALL_CLASSES = "all_pathological"
 IMAGE, PIXEL = " image AUROC", " pixel AUROC"
 INDICES = ("RQI", "AHI", "CACI")
+# AHI before its clip to [0, 1]: (FID(P,N) - FID(R(P),N)) / (FID(P,N) - FID(U,N)). A negative value says how much
+# further the restorations are from the healthy set than the pathological inputs (in units of the P-U gap), which the
+# clipped AHI (0 for all of them) cannot rank.
+AHI_UNCLIPPED = "AHI (unclipped)"
 COST = ("wall s", "train s", "load avg", "network calls / image", "test s / image")
 
 
@@ -81,6 +85,10 @@ class RunResult:
         rqi = sorted(k for k in self.metrics if k.startswith("eval/rqi/") and k.endswith("/rqi"))
         out["RQI"] = _num(self.metrics[rqi[0]]) if rqi else float("nan")
         out["AHI"] = _num(self.metrics.get(f"eval/ahi/{ALL_CLASSES}/ahi"))
+        fids = [_num(self.metrics.get(f"eval/ahi/{ALL_CLASSES}/{k}")) for k in ("fid_p", "fid_rp", "fid_u")]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # no AHI in this run, or an undefined one: NaN
+            out[AHI_UNCLIPPED] = ahi_unclipped(*fids)  # from the FIDs, so runs logged before the key count too
         out["CACI"] = _num(self.metrics.get("eval/caci/all_annotated/caci"))
         out["wall s"], out["load avg"] = self.wall_s, self.load_average
         out["train s"] = _num(self.metrics.get("train/wall_s"))
@@ -234,7 +242,8 @@ class FeatureCache:
         self._rows.clear()
 
 
-def _ahi(tables: Mapping[str, PerImage], draws: Draws, cache: FeatureCache) -> np.ndarray | None:
+def _ahi(tables: Mapping[str, PerImage], draws: Draws, cache: FeatureCache) -> dict[str, np.ndarray] | None:
+    """AHI and the unclipped AHI on each resample of ``draws`` (``{'AHI': [R], AHI_UNCLIPPED: [R]}``)."""
     reference = [t for t in tables.values() if "ahi/pathological" in t.constants]
     if len(reference) != 1:
         return None
@@ -251,16 +260,18 @@ def _ahi(tables: Mapping[str, PerImage], draws: Draws, cache: FeatureCache) -> n
     offsets = np.cumsum([0, *sizes])
     restored_offset = offsets[-1]
     names = [healthy, *pooled]
-    out = np.empty(max(draws.count, 1))
+    out = {"AHI": np.empty(max(draws.count, 1)), AHI_UNCLIPPED: np.empty(max(draws.count, 1))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an undefined AHI in a resample is NaN, counted by the caller
-        for r in range(out.size):
+        for r in range(out["AHI"].size):
             picks = [draws.images(n, s, r) for n, s in zip(names, sizes, strict=True)]
             u = offsets[0] + picks[0]
             p = np.concatenate([offsets[1 + k] + picks[1 + k] for k in range(len(pooled))])
             q = np.concatenate([restored_offset + offsets[1 + k] - offsets[1] + picks[1 + k]
                                 for k in range(len(pooled))])
-            out[r] = ahi_equal_n_rows(rows, u, p, q, draws=draws_n, seed=seed)["ahi"]
+            values = ahi_equal_n_rows(rows, u, p, q, draws=draws_n, seed=seed)
+            out["AHI"][r] = values["ahi"]
+            out[AHI_UNCLIPPED][r] = values["ahi_unclipped"]
     return out
 
 
@@ -297,7 +308,7 @@ def column_values(tables: Mapping[str, PerImage], draws: Draws, cache: FeatureCa
             out["CACI"] = _mean([tables[n] for n in caci], [w(n) for n in caci], "caci/caci")
     ahi = _ahi(tables, draws, cache)
     if ahi is not None:
-        out["AHI"] = ahi
+        out.update(ahi)
     return out
 
 
@@ -305,7 +316,7 @@ def _tolerance(column: str, tables: Mapping[str, PerImage]) -> tuple[float, floa
     """(absolute, relative) tolerance of a recomputed column against the run's number."""
     if column.endswith(PIXEL):
         return float(tables[column.removesuffix(PIXEL)].constants["segmentation/hist_bound"]) + 1e-9, 0.0
-    if column == "AHI":
+    if column in ("AHI", AHI_UNCLIPPED):
         return 1e-6, 1e-4  # features stored as float32
     return 1e-9, 0.0
 
