@@ -64,8 +64,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model, log = TinyAE(), RecordingLogger()
     Trainer.from_options(model=model, data=FakeData(n_train=16, batch_size=8, shuffle=False),
-            run=make_run(tmp_path / "single", logger=log), max_epochs=2, log_interval=1, progress=False,
-            optimizer={"module_name": "torch.optim", "class_name": "SGD", "params": {"lr": 0.5}}).fit()
+                         run=make_run(tmp_path / "single", logger=log), max_epochs=2, log_interval=1, progress=False,
+                         optimizer={"module_name": "torch.optim", "class_name": "SGD", "params": {"lr": 0.5}}).fit()
 
     rank0 = json.loads((tmp_path / "ddp_rank0.json").read_text())
     rank1 = json.loads((tmp_path / "ddp_rank1.json").read_text())

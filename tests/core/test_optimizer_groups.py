@@ -34,7 +34,7 @@ def _gan_trainer(tmp_path: Path, **params: Any) -> Trainer:
     torch.manual_seed(0)
     defaults: dict[str, Any] = {"max_epochs": 1, "progress": False, "monitor": "wasserstein", "optimizer": ADAM}
     return Trainer.from_options(model=KillableWGAN(), data=FakeData(), run=make_run(tmp_path),
-                   **{**defaults, **params})
+                                **{**defaults, **params})
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_gan_run(tmp_path: Path) -> None:
@@ -177,7 +177,7 @@ def test_torchrun_two_processes_match_one_process_with_two_groups(tmp_path: Path
     torch.manual_seed(0)
     model, log = TwoPartAE(), RecordingLogger()
     Trainer.from_options(model=model, data=FakeData(n_train=16, batch_size=8, shuffle=False),
-            run=make_run(tmp_path / "single", logger=log), **ddp_params()).fit()
+                         run=make_run(tmp_path / "single", logger=log), **ddp_params()).fit()
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert ddp["train_logs"] == pytest.approx([values["loss"] for _, values in log.train], rel=1e-5)
     for key, value in model.state_dict().items():

@@ -75,7 +75,7 @@ def test_reference_mode_reaches_a_model_with_optimizer_groups(tmp_path: Path, mo
 
     monkeypatch.setattr(SoftIntroVAE, "training_step", spy)
     Trainer.from_options(model=model, data=FakeData(n_train=8, with_val=False), run=make_run(tmp_path),
-            max_steps=2, progress=False, model_mode="reference").fit()
+                         max_steps=2, progress=False, model_mode="reference").fit()
     assert seen == [{False}, {False}]
 
 

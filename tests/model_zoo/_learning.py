@@ -46,7 +46,7 @@ class WithoutValidation:
 def train(model: AnomalyModel, data: DataModule, run_dir: Path, *, steps: int, **params: Any) -> Trainer:
     """``steps`` optimizer batches with the project's Trainer (no validation loader), returning the trainer."""
     trainer = Trainer.from_options(model=model, data=WithoutValidation(data), run=make_run(run_dir),
-                      max_epochs=10_000, max_steps=steps, log_interval=10, progress=False, **params)
+                                   max_epochs=10_000, max_steps=steps, log_interval=10, progress=False, **params)
     trainer.fit()
     return trainer
 

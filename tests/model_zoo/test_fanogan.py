@@ -73,7 +73,7 @@ def test_a_stage2_training_step_leaves_generator_and_critic_bit_identical(tmp_pa
     before = ckpt.clone_state_dict(model)
     trainer_run = make_run(tmp_path / "run")
     trainer = Trainer.from_options(model=model, data=FakeData(with_val=False), run=trainer_run,
-                      max_steps=2, progress=False)
+                                   max_steps=2, progress=False)
     in_optimizer = {id(p) for group in trainer.groups.optimizers["model"].param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for p in model.encoder.parameters()}  # G and D are in no optimizer
     trainer.fit()

@@ -28,7 +28,7 @@ def _stage1(tmp_path: Path) -> Path:
     model = VQVAE(**ARCH)
     before = {k: model.state_dict()[k].clone() for k in CODEBOOK}
     Trainer.from_options(model=model, data=FakeData(with_val=False), run=make_run(tmp_path / "vq"),
-            max_steps=2, progress=False, optimizer={"module_name": "torch.optim", "class_name": "Adam",
+                         max_steps=2, progress=False, optimizer={"module_name": "torch.optim", "class_name": "Adam",
                                                     "params": {"lr": 1e-3}}).fit()
     path = tmp_path / "vq" / "checkpoints" / "latest.pt"
     saved = torch.load(path, weights_only=True)["model"]
@@ -43,7 +43,7 @@ def test_stage2_step_keeps_the_vq_codebook_bit_identical(tmp_path: Path) -> None
     model = LTM(vqvae=ARCH, vqvae_checkpoint=str(path), width=8, depth=1, heads=2)
     before = ckpt.clone_state_dict(model)
     Trainer.from_options(model=model, data=FakeData(with_val=False), run=make_run(tmp_path / "ltm"),
-            max_steps=2, progress=False).fit()
+                         max_steps=2, progress=False).fit()
     after = model.state_dict()
     for key, value in before.items():
         if key.startswith("vqvae."):

@@ -77,7 +77,7 @@ def test_the_trainer_reports_each_epoch_to_the_model(tmp_path: Path) -> None:
             seen.append(epoch)
 
     trainer = Trainer.from_options(model=Recording(), data=FakeData(), run=make_run(tmp_path),
-                      max_epochs=3, progress=False)
+                                   max_epochs=3, progress=False)
     trainer.fit()
     assert seen == [0, 1, 2]
 

@@ -85,7 +85,7 @@ def test_one_trainer_step_updates_all_four_networks(tmp_path: Path) -> None:
     model = PHANES(**TINY)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = Trainer.from_options(model=model, data=_OneBatch(), run=make_run(tmp_path), max_steps=1,
-                      progress=False)
+                                   progress=False)
     trainer.fit()
     changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"encoder", "decoder", "inpainter", "discriminator"}
@@ -125,7 +125,7 @@ def test_phanes_on_a_frozen_ra_trains_only_the_inpainter_and_the_discriminator(t
     assert f"coarse RA frozen from {path.resolve()}" in model.inference_label()
     before = ckpt.clone_state_dict(model)
     trainer = Trainer.from_options(model=model, data=_OneBatch(), run=make_run(tmp_path / "run"),
-                      max_steps=2, progress=False)
+                                   max_steps=2, progress=False)
     assert set(trainer.groups.optimizers) == {"inpainter", "discriminator"}
     trainer.fit()
     after = model.state_dict()

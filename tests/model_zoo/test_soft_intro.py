@@ -45,7 +45,7 @@ def test_each_sub_step_updates_only_its_own_network(tmp_path: Path, monkeypatch:
     torch.manual_seed(0)
     model = SoftIntroVAE(**TINY, vae_warmup_steps=warmup)
     trainer = Trainer.from_options(model=model, data=_Data(), run=make_run(tmp_path), max_steps=1,
-                      progress=False)
+                                   progress=False)
     seen: list[tuple[str, bool, bool]] = []
     original = StepContext.backward_step
 
@@ -73,7 +73,7 @@ def test_vae_warmup_trains_the_plain_elbo_then_turns_introspective(tmp_path: Pat
     original = model._encoder_loss
     model._encoder_loss = lambda *a, **k: (calls.append(1), original(*a, **k))[1]  # the introspective loss
     trainer = Trainer.from_options(model=model, data=_Data(), run=make_run(tmp_path), max_steps=4,
-                      log_interval=1, progress=False)
+                                   log_interval=1, progress=False)
     trainer.fit()
     logged = [values for _, values in trainer.run.logger.train]
     assert len(calls) == 2  # batches 3 and 4 only
@@ -121,7 +121,7 @@ def test_one_training_step_updates_batchnorm_statistics_from_the_real_passes_onl
     with torch.no_grad():  # the real passes alone: E(x) and D(z) with z = mu(x)
         real_only.decoder(real_only.encode(x)[0])
     Trainer.from_options(model=model, data=_Data(), run=make_run(tmp_path), max_steps=1,
-            progress=False).fit()
+                         progress=False).fit()
     after, expected = _running_stats(model), _running_stats(real_only)
     assert any(not torch.equal(expected[k], before[k]) for k in expected)  # the real passes did move them
     for key, value in expected.items():
@@ -138,7 +138,7 @@ def test_keeping_the_statistics_changes_no_weight(tmp_path: Path, monkeypatch: p
         torch.manual_seed(0)
         model = RA(**TINY, perceptual=None)
         Trainer.from_options(model=model, data=_Data(), run=make_run(tmp_path / str(guarded)),
-                max_steps=2, progress=False).fit()
+                             max_steps=2, progress=False).fit()
         results.append(model.state_dict())
     guarded_state, unguarded_state = results
     weights = [k for k in guarded_state if "running_" not in k and "num_batches" not in k]
