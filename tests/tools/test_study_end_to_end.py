@@ -166,6 +166,9 @@ def test_the_summary_run_holds_the_tables_and_the_agreement(study_run):
     logged = json.loads(table.read_text())
     rqi = dict(zip(logged["columns"], next(r for r in logged["data"] if r[0] == "RQI"), strict=True))
     assert rqi["kendall_tau"] == 1.0 and rqi["methods"] == "ae_cpu=AE-S;vae_cpu=VAE"
+    manifest = json.loads((folder / "summary" / "manifest.json").read_text())  # a Run like every run
+    assert (manifest["task"], manifest["status"]) == ("study", "finished") and "git" in manifest
+    assert manifest["wandb"]["id"] and (folder / "summary" / "config.yaml").is_file()
 
 
 def test_the_command_lists_every_output_once(study_run, capsys, monkeypatch):

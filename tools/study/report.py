@@ -290,18 +290,22 @@ def write_outputs(study: Study, evidence: Evidence, results: Sequence[RunResult]
 
 def log_summary(study: Study, evidence: Evidence, correlation: Sequence[CorrelationRow], agreement: Agreement | None,
                 drawn: Mapping[str, Figure]) -> Path:
-    """The study's wandb run in ``<study>/summary`` (group = the study, job type 'study'): the tables as wandb Tables
-    (``study/tables/<name>``), the figures (``study/figures/<name>``), and the agreement numbers as
+    """The study's wandb run in ``<study>/summary`` (group = the study, job type 'study'), a
+    :class:`~dl_utils.run.Run` with its ``config.yaml`` and manifest (git state, packages, status): the tables as wandb
+    Tables (``study/tables/<name>``), the figures (``study/figures/<name>``), and the agreement numbers as
     ``agreement/<index>/{kendall_tau,low,high,p_value,n_methods}``."""
-    from dl_utils.experiment_logger import ExperimentLogger
+    import torch
+
+    from dl_utils.run import Run
 
     folder = study.folder / "summary"
-    log = ExperimentLogger(run_dir=folder, mode="offline", project=study.experiment, name=f"{study.name}/summary",
-                           group=study.name, job_type="study", notes=CAVEAT if agreement else None,
-                           config={"study": str(study.source), "methods": list(evidence.methods),
-                                   "seeds": [s for s in evidence.seeds if s is not None],
-                                   "statistics": asdict(study.statistics)})
-    try:
+    config = {"study": str(study.source), "methods": list(evidence.methods),
+              "seeds": [s for s in evidence.seeds if s is not None], "statistics": asdict(study.statistics)}
+    run = Run(run_dir=folder, device=torch.device("cpu"), config=config)
+    with run.recording(task="study"):  # the summary is a run like the others: config.yaml, manifest, status
+        run.start(config_path=study.source, task="study")
+        log = run.open_logger(mode="offline", project=study.experiment, name=f"{study.name}/summary",
+                              group=study.name, job_type="study", notes=CAVEAT if agreement else None)
         log.log_table("study/tables/comparison", flat_rows(evidence))
         log.log_table("study/tables/comparisons", comparison_rows(evidence))
         log.log_table("study/tables/correlations", correlation_rows(correlation))
@@ -311,8 +315,6 @@ def log_summary(study: Study, evidence: Evidence, correlation: Sequence[Correlat
                              for k in ("kendall_tau", "low", "high", "p_value", "n_methods")})
         for kind, fig in drawn.items():
             log.log_figure(f"study/figures/{kind.replace(' ', '_')}", fig)
-    finally:
-        log.close()
     return folder
 
 
