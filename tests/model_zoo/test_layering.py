@@ -57,3 +57,25 @@ def test_runners_never_probe_a_model_for_capabilities() -> None:
     assert not {k: v for k, v in offenders.items() if v}
     assert capability_probes("label = getattr(self.model, 'inference_label', None)\nhasattr(model, 'x')") == [
         "getattr(self.model, 'inference_label', None)", "hasattr(model, 'x')"]
+
+
+def manifest_writers(source: str) -> list[str]:
+    """Calls that write a file while naming the manifest (``MANIFEST``, ``"manifest.json"``) in the same statement."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
+                "write_text", "write_bytes", "dump", "open", "replace", "rename"):
+            text = ast.unparse(node)
+            if "manifest" in text.lower():
+                found.append(text)
+    return found
+
+
+def test_the_manifest_has_one_writer() -> None:
+    # dl_utils/run.py (Run) writes manifest.json; everything else reads it or asks the Run to update it
+    offenders = {str(p.relative_to(REPO)): manifest_writers(p.read_text(encoding="utf-8"))
+                 for package in ("core", "tools", "dl_utils", "data", "model_zoo", "optim")
+                 for p in sorted((REPO / package).rglob("*.py")) if p != REPO / "dl_utils" / "run.py"}
+    assert not {k: v for k, v in offenders.items() if v}
+    assert manifest_writers("(run_dir / MANIFEST).write_text(json.dumps(m))") != []
+    assert manifest_writers((REPO / "dl_utils" / "run.py").read_text(encoding="utf-8")) != []  # the check sees it
