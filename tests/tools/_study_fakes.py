@@ -45,10 +45,11 @@ def write_run(run_dir: Path, kind: str, seed: int, overrides: list[str] | None =
     pos, neg = hist_a.sum(0), hist_h.sum(0)
     pixel = float((pos * (np.cumsum(neg) - neg + neg / 2)).sum() / (pos.sum() * neg.sum()))
     image = auroc(np.r_[d["healthy"], d["lesion"]], np.r_[np.zeros(3), np.ones(3)])
-    ahi = ahi_equal_n(N_FEAT, U_FEAT, P_FEAT, d["restored"], draws=2, seed=seed)["ahi"]
+    ahi = ahi_equal_n(N_FEAT, U_FEAT, P_FEAT, d["restored"], draws=2, seed=seed)  # what the ahi task logs
     metrics = {"eval/detection/lesion/auroc": image, "eval/detection/all_pathological/auroc": image,
                "eval/segmentation/lesion/auroc_pooled": pixel, "eval/rqi/healthy_test/rqi": float(rqi.mean()),
-               "eval/caci/all_annotated/caci": float(caci.mean()), "eval/ahi/all_pathological/ahi": ahi,
+               "eval/caci/all_annotated/caci": float(caci.mean()),
+               **{f"eval/ahi/all_pathological/{k}": ahi[k] for k in ("ahi", "fid_u", "fid_p", "fid_rp")},
                "train/wall_s": 3.0, "eval/cost/all_datasets/s_per_image": 0.002}
     run_dir.mkdir(parents=True)
     (run_dir / "checkpoints").mkdir()

@@ -88,7 +88,8 @@ class RunResult:
         fids = [_num(self.metrics.get(f"eval/ahi/{ALL_CLASSES}/{k}")) for k in ("fid_p", "fid_rp", "fid_u")]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # no AHI in this run, or an undefined one: NaN
-            out[AHI_UNCLIPPED] = ahi_unclipped(*fids)  # from the FIDs, so runs logged before the key count too
+            # from the logged FIDs (the same value as the logged ahi_unclipped), so runs from before the key count too
+            out[AHI_UNCLIPPED] = ahi_unclipped(*fids)
         out["CACI"] = _num(self.metrics.get("eval/caci/all_annotated/caci"))
         out["wall s"], out["load avg"] = self.wall_s, self.load_average
         out["train s"] = _num(self.metrics.get("train/wall_s"))
