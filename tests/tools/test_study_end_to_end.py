@@ -86,6 +86,11 @@ def test_every_method_runs_once_per_seed_in_the_studys_wandb_group(study_run):
                                                                    "vae_cpu/seed2"}
 
 
+def _ahi_defined(drawn: dict[str, np.ndarray]) -> np.ndarray:
+    """[B] whether a resample drew at least two distinct images of every AHI set (FID needs two)."""
+    return np.all([[len(np.unique(row)) >= 2 for row in drawn[name]] for name in ("healthy_test", "lesion")], axis=0)
+
+
 def test_interval_and_seed_columns_are_the_hand_computed_ones(study_run):
     _, folder, _, _ = study_run
     rows = {r["method"]: r for r in _csv(folder / "study.csv")}
@@ -99,7 +104,8 @@ def test_interval_and_seed_columns_are_the_hand_computed_ones(study_run):
     assert float(good["RQI"]) == pytest.approx(0.7) and float(good["RQI seed sd"]) == pytest.approx(math.sqrt(0.02))
     assert float(good["RQI low"]) == float(good["RQI high"]) == pytest.approx(0.7)  # constant within each seed
     # flat's RQI varies with the resample: the interval of the mean of the drawn images' terms, drawn here directly
-    draws = bootstrap_indices({"healthy_test": 3, "lesion": 3}, replicates=B, seed=0)["healthy_test"]
+    drawn = bootstrap_indices({"healthy_test": 3, "lesion": 3}, replicates=B, seed=0)
+    draws = drawn["healthy_test"]
     means = np.array([0.2, 0.4, 0.6])[draws].mean(axis=1)
     assert [float(flat["RQI low"]), float(flat["RQI high"])] == pytest.approx(np.quantile(means, [0.025, 0.975]))
     assert float(flat["RQI"]) == pytest.approx(0.4) and float(flat["RQI seed sd"]) == 0.0
@@ -108,8 +114,10 @@ def test_interval_and_seed_columns_are_the_hand_computed_ones(study_run):
     assert float(good["combined low"]) == pytest.approx((combined[1] + combined[2]) / 2)
     assert float(good["combined seed sd"]) == pytest.approx(abs(combined[1] - combined[2]) / math.sqrt(2))
     flat_combined = ((2 * means * 0.1 / (means + 0.1)) + 0.0) / 2
+    # AHI's resamples use each draw's distinct images; one with a single distinct image in a set has no AHI
+    defined = _ahi_defined(drawn)
     assert [float(flat["combined low"]), float(flat["combined high"])] == \
-        pytest.approx(np.quantile(flat_combined, [0.025, 0.975]))
+        pytest.approx(np.quantile(flat_combined[defined], [0.025, 0.975]))
 
 
 def test_the_paired_comparison_against_the_best(study_run):
@@ -120,7 +128,9 @@ def test_the_paired_comparison_against_the_best(study_run):
         assert (row["best"], row["method"]) == ("ae_cpu", "vae_cpu")
         assert [float(row[k]) for k in ("difference", "low", "high")] == pytest.approx([0.5, 0.5, 0.5])
         assert float(row["p_value"]) == pytest.approx(2 / (B + 1)) and row["distinguishable"] == "true"
-    assert float(comparisons["AHI"]["p_value"]) == pytest.approx(2 / (B + 1))
+    defined = _ahi_defined(bootstrap_indices({"healthy_test": 3, "lesion": 3}, replicates=B, seed=0))
+    assert 0 < defined.sum() < B  # the 3-image fakes make some resamples AHI-less
+    assert float(comparisons["AHI"]["p_value"]) == pytest.approx(2 / (defined.sum() + 1))
     rows = {r["method"]: r for r in _csv(folder / "study.csv")}
     assert rows["ae_cpu"]["lesion image AUROC mark"] == "best" and rows["vae_cpu"]["lesion image AUROC mark"] == ""
     md = (folder / "study.md").read_text()

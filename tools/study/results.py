@@ -8,7 +8,8 @@ Point values are the runs' own numbers (``metrics.json``). Replicates recompute 
 from the run's ``per_image/`` tables (:mod:`core.evaluation.per_image`): image AUROC from the scores weighted by
 how often each image was drawn, pooled pixel AUROC from the summed per-image histograms, RQI and CACI as means of
 their per-image terms, AHI as the equal-n AHI of the resampled feature rows (U, P and R(P) resampled with their
-images; the reference set N is the fixed healthy training distribution and is not resampled). Every resampling
+images, each resample's distinct images only since FID is biased by repeats, see :func:`_ahi`; the reference set N
+is the fixed healthy training distribution and is not resampled). Every resampling
 unit is a subject (the split's ``subject`` column; each image is its own subject when there is none), stratified
 by dataset: a resample draws each dataset's subjects with replacement and takes all their images. Before any
 replicate is used, each column is recomputed on the original images and must equal the run's number (to within the
@@ -244,7 +245,16 @@ class FeatureCache:
 
 
 def _ahi(tables: Mapping[str, PerImage], draws: Draws, cache: FeatureCache) -> dict[str, np.ndarray] | None:
-    """AHI and the unclipped AHI on each resample of ``draws`` (``{'AHI': [R], AHI_UNCLIPPED: [R]}``)."""
+    """AHI and the unclipped AHI on each resample of ``draws`` (``{'AHI': [R], AHI_UNCLIPPED: [R]}``).
+
+    FID is biased upwards by repeated images (a duplicated row adds no diversity), so a resample with repeats would
+    move every FID and the interval would miss the run's own value. Each resample therefore uses the *distinct*
+    images it drew (a subsample without replacement of about 63 % of each set, the same images for every method, so
+    differences stay paired), and its deviation from the mean over the resamples is scaled to the full sets as in
+    half-sampling: value_r = point + sqrt(f / (1 - f)) * (value_r' - mean), with f the mean fraction of distinct
+    images (f = 1/2 gives the factor 1). AHI is the clip to [0, 1] of the unclipped value. The identity (R = 1) is
+    the run's own number.
+    """
     reference = [t for t in tables.values() if "ahi/pathological" in t.constants]
     if len(reference) != 1:
         return None
@@ -261,19 +271,30 @@ def _ahi(tables: Mapping[str, PerImage], draws: Draws, cache: FeatureCache) -> d
     offsets = np.cumsum([0, *sizes])
     restored_offset = offsets[-1]
     names = [healthy, *pooled]
-    out = {"AHI": np.empty(max(draws.count, 1)), AHI_UNCLIPPED: np.empty(max(draws.count, 1))}
+
+    def unclipped(picks: Sequence[np.ndarray]) -> float:
+        if min(len(p) for p in picks) < 2:  # FID needs two images of a set: this resample has no AHI
+            return float("nan")
+        u = offsets[0] + picks[0]
+        p = np.concatenate([offsets[1 + k] + picks[1 + k] for k in range(len(pooled))])
+        q = np.concatenate([restored_offset + offsets[1 + k] - offsets[1] + picks[1 + k] for k in range(len(pooled))])
+        return ahi_equal_n_rows(rows, u, p, q, draws=draws_n, seed=seed)["ahi_unclipped"]
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an undefined AHI in a resample is NaN, counted by the caller
-        for r in range(out["AHI"].size):
-            picks = [draws.images(n, s, r) for n, s in zip(names, sizes, strict=True)]
-            u = offsets[0] + picks[0]
-            p = np.concatenate([offsets[1 + k] + picks[1 + k] for k in range(len(pooled))])
-            q = np.concatenate([restored_offset + offsets[1 + k] - offsets[1] + picks[1 + k]
-                                for k in range(len(pooled))])
-            values = ahi_equal_n_rows(rows, u, p, q, draws=draws_n, seed=seed)
-            out["AHI"][r] = values["ahi"]
-            out[AHI_UNCLIPPED][r] = values["ahi_unclipped"]
-    return out
+        point = unclipped([np.arange(s) for s in sizes])
+        if draws.drawn is None:
+            values = np.array([point])
+        else:
+            raw, fractions = np.empty(draws.count), np.empty(draws.count)
+            for r in range(draws.count):
+                picks = [np.unique(draws.images(n, s, r)) for n, s in zip(names, sizes, strict=True)]
+                raw[r] = unclipped(picks)
+                fractions[r] = sum(len(p) for p in picks) / sum(sizes)
+            f = float(np.mean(fractions))
+            values = point + math.sqrt(f / (1.0 - f)) * (raw - np.nanmean(raw)) if f < 1.0 else np.full(raw.size, point)
+    clipped = np.where(np.isnan(values), np.nan, np.clip(values, 0.0, 1.0))
+    return {"AHI": clipped, AHI_UNCLIPPED: values}
 
 
 def column_values(tables: Mapping[str, PerImage], draws: Draws, cache: FeatureCache) -> dict[str, np.ndarray]:
