@@ -141,8 +141,8 @@ def test_the_paired_comparison_against_the_best(study_run):
 def test_the_correlation_table(study_run):
     _, folder, _, _ = study_run
     rows = _csv(folder / "correlations.csv")
-    assert len(rows) == 4 * 3  # RQI, AHI, CACI, combined x (2 image AUROC columns + 1 pixel AUROC column)
-    assert {r["index"] for r in rows} == {"RQI", "AHI", "CACI", "combined"}
+    assert len(rows) == 5 * 3  # RQI, AHI, CACI, combined, AHI (unclipped) x (2 image + 1 pixel AUROC columns)
+    assert {r["index"] for r in rows} == {"RQI", "AHI", "CACI", "combined", "AHI (unclipped)"}
     for r in rows:
         assert [float(r[k]) for k in ("rho", "low", "high", "p_value")] == [1.0, 1.0, 1.0, 1.0], r
         assert r["n_methods"] == "2" and r["exact_permutations"] == "True" and 0 < int(r["n_replicates"]) < B

@@ -25,7 +25,7 @@ from pathlib import Path
 from core.Configurator import ConfigError
 from optim.metrics.normative import combined_score
 from optim.stats import CorrelationTest, correlation_test
-from tools.study.evidence import INDEX_COLUMNS, Evidence
+from tools.study.evidence import CORRELATED_INDICES, INDEX_COLUMNS, Evidence
 from tools.study.results import IMAGE, PIXEL
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def correlations(evidence: Evidence) -> list[CorrelationRow]:
     s = evidence.statistics
     targets = [c for c in evidence.quality if c.endswith((IMAGE, PIXEL))]
     rows = []
-    for index in INDEX_COLUMNS:
+    for index in CORRELATED_INDICES:
         x = [evidence.cells[m][index].value for m in evidence.methods]
         for target in targets:
             y = [evidence.cells[m][target].value for m in evidence.methods]

@@ -35,6 +35,9 @@ from tools.study.results import AHI_UNCLIPPED, ALL_CLASSES, COST, IMAGE, INDICES
 
 COMBINED = "combined"
 INDEX_COLUMNS = (*INDICES, COMBINED)
+# the indices correlated with per-pathology performance: the reference's, and AHI before its clip (which still ranks
+# methods when every AHI is 0); the agreement with the reference uses INDEX_COLUMNS only (it has no unclipped AHI)
+CORRELATED_INDICES = (*INDEX_COLUMNS, AHI_UNCLIPPED)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -155,10 +155,11 @@ def correlation_markdown(rows: Sequence[CorrelationRow], n_methods: int) -> str:
         return ""
     targets = list(dict.fromkeys(r.target for r in rows))
     by = {(r.index, r.target): r.test for r in rows}
+    indices = list(dict.fromkeys(r.index for r in rows))
     body = [[_short(t), *(_test_text(by[i, t].estimate, by[i, t].low, by[i, t].high, by[i, t].p_value)
-                          for i in INDEX_COLUMNS)] for t in targets]
+                          for i in indices)] for t in targets]
     return (f"**Do methods with high indices find more pathologies? (Spearman's rho across {n_methods} methods)**\n\n"
-            + _grid(body, ["per-pathology number", *INDEX_COLUMNS])
+            + _grid(body, ["per-pathology number", *indices])
             + "\nrho [bootstrap interval over methods] p = permutation p-value (two-sided); few methods make wide "
               "intervals: read the signs and sizes, not single p-values.\n")
 
