@@ -44,6 +44,7 @@ Other ranks wait for rank 0 during validation (keep validation shorter than the 
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import math
@@ -60,7 +61,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from core.Configurator import ParamError, build
+from core.Configurator import build
 from core.optimizer_groups import DEFAULT_GROUP, OptimizerGroups
 from core.trainer_options import (
     Checkpointing,
@@ -70,6 +71,7 @@ from core.trainer_options import (
     Optimization,
     Reporting,
     Validation,
+    check_positive,
     nest_flat_options,
 )
 from data.batch import Batch
@@ -124,7 +126,11 @@ class Trainer:
     :meth:`from_options` takes either form as keyword arguments.
     """
 
-    config_aliases = staticmethod(nest_flat_options)  # the flat short names, for the strict builder
+    @staticmethod
+    def config_aliases(params: dict[str, Any], path: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """The flat short names moved into their sub-blocks, for the strict builder (``nest_flat_options``)."""
+        names = [n for n in inspect.signature(Trainer.__init__).parameters if n not in ("self", "model", "data", "run")]
+        return nest_flat_options(params, path, parameters=names)
 
     def __init__(
         self,
@@ -142,9 +148,8 @@ class Trainer:
         checkpoints: Checkpointing | None = None,
         reporting: Reporting | None = None,
     ) -> None:
-        for name, value in (("max_epochs", max_epochs), ("max_steps", max_steps)):
-            if (value is not None or name == "max_epochs") and (value is None or value <= 0):
-                raise ParamError(name, f"must be > 0{' or null' if name == 'max_steps' else ''}, got {value!r}")
+        check_positive("max_epochs", max_epochs, allow_none=False)
+        check_positive("max_steps", max_steps)
         opt = optimization or Optimization()
         self.execution = execution or Execution()
         self.ema_options, self.validation = ema or EMAOptions(), validation or Validation()

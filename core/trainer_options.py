@@ -21,6 +21,7 @@ existing YAML key and ``--set trainer.params.<key>=...`` keeps working. Giving o
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -31,10 +32,6 @@ SchedulerInterval = Literal["epoch", "step"]
 ModelMode = Literal["train", "reference"]
 DEFAULT_OPTIMIZER: dict[str, Any] = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": 1e-4}}
 
-# the trainer's YAML parameters (besides the injected model, data and run)
-TOP_LEVEL = ("max_epochs", "max_steps", "optimization", "execution", "ema", "validation", "early_stopping",
-             "checkpoints", "reporting")
-INJECTED = ("model", "data", "run")
 # flat name in trainer.params -> (sub-block, field)
 FLAT_ALIASES: dict[str, tuple[str, str]] = {
     "optimizer": ("optimization", "optimizer"),
@@ -72,7 +69,8 @@ def _choice(name: str, value: str, options: Any) -> None:
         raise _fail(name, f"{value!r} is not one of {', '.join(repr(c) for c in choices)}")
 
 
-def _positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
+def check_positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
+    """Raise a ParamError unless ``value`` > 0 (or None, when ``allow_none``)."""
     if value is None and allow_none:
         return
     if value is None or value <= 0:
@@ -114,7 +112,7 @@ class Optimization:
     def __post_init__(self) -> None:
         _choice("optimization.lr_scheduler_interval", self.lr_scheduler_interval, SchedulerInterval)
         _choice("optimization.model_mode", self.model_mode, ModelMode)
-        _positive("optimization.grad_clip_norm", self.grad_clip_norm)
+        check_positive("optimization.grad_clip_norm", self.grad_clip_norm)
 
     @property
     def optimizer_block(self) -> dict[str, Any]:
@@ -177,8 +175,8 @@ class Validation:
     monitor: str = "recon_mae"
 
     def __post_init__(self) -> None:
-        _positive("validation.interval", self.interval, allow_none=False)
-        _positive("validation.max_batches", self.max_batches)
+        check_positive("validation.interval", self.interval, allow_none=False)
+        check_positive("validation.max_batches", self.max_batches)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,7 +190,7 @@ class EarlyStopping:
     min_delta: float = 0.0
 
     def __post_init__(self) -> None:
-        _positive("early_stopping.patience", self.patience)
+        check_positive("early_stopping.patience", self.patience)
         if self.min_delta < 0:
             raise _fail("early_stopping.min_delta", f"must be >= 0, got {self.min_delta!r}")
 
@@ -206,7 +204,7 @@ class Checkpointing:
     every_steps: int | None = None
 
     def __post_init__(self) -> None:
-        _positive("checkpoints.every_steps", self.every_steps)
+        check_positive("checkpoints.every_steps", self.every_steps)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,12 +218,14 @@ class Reporting:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _positive("reporting.log_interval", self.log_interval, allow_none=False)
+        check_positive("reporting.log_interval", self.log_interval, allow_none=False)
 
 
-def nest_flat_options(options: dict[str, Any], path: str = "trainer.params") -> tuple[dict[str, Any], dict[str, str]]:
+def nest_flat_options(options: dict[str, Any], path: str, *,
+                      parameters: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
     """``options`` with every flat alias moved into its sub-block (a new dict; ``options`` is not changed), and
     ``{nested YAML path: flat YAML path}`` of the keys moved, so that errors name the key as the user wrote it.
+    ``parameters``: the trainer's own YAML parameters (its signature without the injected objects).
 
     Raises:
         ValueError: an option given both flat and nested (naming both YAML paths), or a sub-block that is not a
@@ -233,11 +233,11 @@ def nest_flat_options(options: dict[str, Any], path: str = "trainer.params") -> 
     """
     out = dict(options)
     for key in out:
-        if key not in TOP_LEVEL and key not in FLAT_ALIASES and key not in INJECTED:
-            names = [*TOP_LEVEL, *FLAT_ALIASES]
+        if key not in parameters and key not in FLAT_ALIASES:
+            names = [*parameters, *FLAT_ALIASES]
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{path}.{key}: unknown parameter{hint}; valid parameters: {', '.join(TOP_LEVEL)}, "
+            raise ValueError(f"{path}.{key}: unknown parameter{hint}; valid parameters: {', '.join(parameters)}, "
                              f"or the flat names {', '.join(FLAT_ALIASES)}")
     moved: dict[str, str] = {}
     for flat, (block, field) in FLAT_ALIASES.items():

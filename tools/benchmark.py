@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import platform
@@ -100,11 +101,17 @@ class SizeSpec:
     train_batch: int = 16
     infer_batches: tuple[int, ...] = (1, 16)
 
-    def load(self) -> dict[str, Any]:
-        """The resolved config (``_base_`` composed, overrides applied)."""
+    @functools.cached_property
+    def resolved(self) -> dict[str, Any]:
+        """The resolved config (``_base_`` composed, overrides applied), read once per size; callers copy before
+        changing it."""
         from core.Configurator import load_config
 
         return load_config(REPO_ROOT / self.config, list(self.overrides))
+
+    def load(self) -> dict[str, Any]:
+        """A fresh copy of :attr:`resolved`."""
+        return copy.deepcopy(self.resolved)
 
     @property
     def image(self) -> int:
