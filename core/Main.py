@@ -32,14 +32,12 @@ weights when it has them) before training; the manifest records it as ``initiali
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import logging
 import os
 import random
 import signal
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -57,6 +55,7 @@ import yaml  # noqa: E402
 
 from core.Configurator import ConfigError, allow_imports, build, check_keys, check_params, load_config  # noqa: E402
 from dl_utils.errors import RunInterrupted, UserError  # noqa: E402
+from dl_utils.interrupts import interrupts_raise  # noqa: E402
 from dl_utils.run import one_line  # noqa: E402
 
 if TYPE_CHECKING:
@@ -431,25 +430,6 @@ def print_summary(run: Run) -> None:
     if wandb_dir:
         lines.append(f"  wandb:    {wandb_dir}  (dashboard: wandb sync {wandb_dir})")
     print("\n".join(lines))
-
-
-@contextlib.contextmanager
-def interrupts_raise() -> Iterator[None]:
-    """SIGINT and SIGTERM raise :class:`RunInterrupted` (main thread only), so the run records its status."""
-    def handler(signum: int, _frame: Any) -> None:
-        raise RunInterrupted(signal.Signals(signum).name)
-
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,6 @@ only ``{'model', 'config'}``; :func:`load_model_weights` accepts it.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import random
 import zipfile
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from dl_utils.errors import UserError
+from dl_utils.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -58,21 +58,18 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as handle:
-            torch.save(dict(state), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: _torch_save(state, tmp), fsync=True)
     except OSError as err:
         if err.filename is None:  # torch's writer does not name the file (e.g. ENOSPC on a full disk)
             raise OSError(err.errno, err.strerror or str(err), str(path)) from err
         raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
+
+
+def _torch_save(state: Mapping[str, Any], path: Path) -> None:
+    with open(path, "wb") as handle:  # a Python file: a full disk raises OSError (torch's own writer: RuntimeError)
+        torch.save(dict(state), handle)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

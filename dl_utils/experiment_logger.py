@@ -33,6 +33,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from dl_utils.files import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 WandbMode = Literal["offline", "online", "disabled"]
@@ -239,10 +241,7 @@ class ExperimentLogger:
 
     def _write_metrics(self, name: str) -> None:
         clean = {k: (v if math.isfinite(v) else None) for k, v in sorted(self._latest.items())}
-        path = self.run_dir / name
-        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(clean, indent=2))
-        os.replace(tmp, path)
+        write_text_atomic(self.run_dir / name, json.dumps(clean, indent=2))
 
     def close(self, exit_code: int = 0) -> None:
         """Write the metrics, finish the wandb run and wait until wandb has written everything.

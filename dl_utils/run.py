@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import torch
 
 from dl_utils.errors import RunFolderError, RunInterrupted
+from dl_utils.files import write_text_atomic
 
 if TYPE_CHECKING:
     from dl_utils.experiment_logger import ExperimentLogger
@@ -159,10 +160,7 @@ def _write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
     """Write ``manifest.json`` atomically (a temporary file renamed over it: a crash never leaves half a file);
     the run folder is created if needed."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(run_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str))
 
 
 def plain_config(value: Any) -> Any:
@@ -594,7 +592,5 @@ def rewind_history(run_dir: str | Path, step: int) -> int:
     if moved:
         with (Path(run_dir) / SUPERSEDED_HISTORY).open("a", encoding="utf-8") as f:
             f.writelines(json.dumps({"superseded_by_resume_from_step": step, **row}) + "\n" for row in moved)
-        tmp = path.with_name(f".{HISTORY}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in lines[:keep]), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(line + "\n" for line in lines[:keep]))
     return len(moved)

@@ -26,14 +26,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from dl_utils.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +55,6 @@ def cache_key(images: Tensor, key_parts: Mapping[str, KeyValue]) -> str:
             raise TypeError(f"cached_features: key_parts[{name!r}] = {value!r} must be a str/int/float/bool/None")
     text = json.dumps({"content": content_hash(images), "parts": dict(key_parts)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -108,7 +97,7 @@ def cached_features(images: Tensor, *, extractor: Callable[[Tensor], Tensor], ke
     cache_dir.mkdir(parents=True, exist_ok=True)
     meta = {"key_parts": dict(key_parts), "image_shape": list(images.shape), "feature_shape": list(features.shape),
             "feature_dtype": str(features.dtype)}
-    _write_atomic(cache_dir / f"{key}.json", lambda p: p.write_text(json.dumps(meta, indent=1, sort_keys=True)))
-    _write_atomic(path, lambda p: _save_npy(p, features))
+    write_atomic(cache_dir / f"{key}.json", lambda p: p.write_text(json.dumps(meta, indent=1, sort_keys=True)))
+    write_atomic(path, lambda p: _save_npy(p, features))
     logger.info("feature cache miss: stored %s (%d images, %s)", path.name, images.shape[0], dict(key_parts))
     return torch.from_numpy(features.copy())

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from core.Configurator import ConfigError
+from dl_utils.files import write_text_atomic
 from tools.study import runner
 from tools.study.plan import Job, LauncherSettings, SlurmSettings, Study, finished_run
 
@@ -163,9 +164,7 @@ def run_schedule(study: Study, jobs: Sequence[Job], state: runner.State, backend
 
 def write_state(path: Path, state: runner.State) -> None:
     """Write ``runs.json`` atomically (a temporary file renamed over it: a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(state, indent=2, sort_keys=True))
 
 
 def _advance(t: Tracked, deps: Sequence[Tracked], backend: Backend, apply: Callable[[Tracked, Update], None]) -> None:

@@ -41,6 +41,7 @@ import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError, pickle_load
 
 from core.Configurator import ConfigError
+from dl_utils.files import write_text_atomic
 from tools.study import runner
 from tools.study.launchers import JobState, Tracked, Update
 from tools.study.plan import REPO, Job, SlurmSettings, Study, finished_run
@@ -256,9 +257,7 @@ class SubmititBackend:
     def _write_record(self, key: str, job_id: str) -> None:
         recorded = {**self._read_record(), key: job_id}
         self.record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.record.with_name(f".{self.record.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(recorded, indent=2, sort_keys=True))
-        os.replace(tmp, self.record)
+        write_text_atomic(self.record, json.dumps(recorded, indent=2, sort_keys=True))
 
     def _job(self, job_id: str) -> submitit.SlurmJob:
         return submitit.SlurmJob(folder=self.study.folder / "slurm" / "%j", job_id=job_id)
