@@ -234,6 +234,11 @@ class PHANES(RA):
             raise ValueError(f"disc_blur_kernel={disc_blur_kernel} must be a positive odd number")
         if mask_filter not in get_args(MaskFilter):
             raise ValueError(f"mask_filter={mask_filter!r} is not one of {', '.join(map(repr, get_args(MaskFilter)))}")
+        middle = self.image_size // 4  # the inpainter's two stride-2 convolutions
+        if not aot_rates or min(aot_rates) < 1 or max(aot_rates) >= middle:
+            raise ValueError(f"aot_rates={list(aot_rates)!r}: every dilation must be in [1, {middle - 1}], below the "
+                             f"inpainter's {middle}x{middle} middle (image_size {self.image_size} / 4), which its "
+                             "reflection padding needs")
         self.inpainter = InpaintGenerator(channels=inpaint_channels, n_blocks=aot_blocks, rates=aot_rates)
         self.discriminator = PatchDiscriminator(disc_channels)
         self.n_ellipses, self.residual_threshold = n_ellipses, residual_threshold

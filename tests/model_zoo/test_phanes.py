@@ -212,3 +212,9 @@ def test_short_phanes_training_separates_hypointense_lesions(tmp_path: Path, one
     assert logs[-1][1]["inpaint_l1"] < logs[0][1]["inpaint_l1"]
     trained = hypointense_separation(trainer.model, data)  # measured: pixel 0.49 untrained -> 0.74
     trained.check("PHANES", min_pixel=max(0.6, untrained + 0.1))
+
+
+def test_dilations_the_inpainters_middle_cannot_pad_are_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"aot_rates=\[1, 2, 4, 8\].*\[1, 7\].*8x8 middle \(image_size 32"):
+        PHANES(**{**TINY, "aot_rates": (1, 2, 4, 8)})
+    PHANES(**{**TINY, "aot_rates": (1, 7)})  # the largest dilation the 8x8 middle can pad
