@@ -331,7 +331,7 @@ def check_keys(section: Any, allowed: cabc.Iterable[str], path: str, *, required
     allowed = list(allowed)
     for key in section:
         if key not in allowed:
-            raise ConfigError(f"{path}.{key}: unknown key{_suggest(key, allowed)}; valid keys: {', '.join(allowed)}")
+            raise ConfigError(f"{path}.{key}: unknown key{suggest(key, allowed)}; valid keys: {', '.join(allowed)}")
     for key in required:
         if key not in section:
             raise ConfigError(f"{path}.{key}: required key is missing")
@@ -339,7 +339,8 @@ def check_keys(section: Any, allowed: cabc.Iterable[str], path: str, *, required
 
 
 # --------------------------------------------------------------------------------------------- building
-def _suggest(name: str, choices: cabc.Iterable[str]) -> str:
+def suggest(name: str, choices: cabc.Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to ``name``, or ``""`` when none is close."""
     close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -423,7 +424,7 @@ def resolve_class(block: Any, path: str, base: type | None = None) -> type:
     for key in block:
         if key not in BLOCK_KEYS:
             raise ConfigError(
-                f"{path}.{key}: unknown key{_suggest(key, BLOCK_KEYS)}; valid keys: {', '.join(BLOCK_KEYS)}"
+                f"{path}.{key}: unknown key{suggest(key, BLOCK_KEYS)}; valid keys: {', '.join(BLOCK_KEYS)}"
             )
     for key in ("module_name", "class_name"):
         if not isinstance(block.get(key), str) or not block[key]:
@@ -449,7 +450,7 @@ def resolve_class(block: Any, path: str, base: type | None = None) -> type:
             and (base is None or issubclass(obj, base))
         )
         raise ConfigError(
-            f"{path}.class_name: {module_name} has no class {class_name!r}{_suggest(class_name, choices)}; "
+            f"{path}.class_name: {module_name} has no class {class_name!r}{suggest(class_name, choices)}; "
             f"available: {', '.join(choices) or '(none)'}"
         )
     if base is not None and not issubclass(cls, base):
@@ -569,7 +570,7 @@ def check_params(cls: Any, params: dict[str, Any], path: str, *, injected: cabc.
         for key in params:
             if key not in sig.names:
                 raise ConfigError(
-                    f"{path}.{key}: unknown parameter{_suggest(key, user_names)}; "
+                    f"{path}.{key}: unknown parameter{suggest(key, user_names)}; "
                     f"valid parameters: {', '.join(user_names) or '(none)'}"
                 )
     for name in sig.required:
@@ -625,7 +626,7 @@ def _dataclass_problem(value: Any, cls: type) -> tuple[str, str] | None:
                     f"({value!r})")
     for key in value:
         if key not in names:
-            return f".{key}", f"unknown key{_suggest(key, names)}; valid keys: {', '.join(names)}"
+            return f".{key}", f"unknown key{suggest(key, names)}; valid keys: {', '.join(names)}"
     for name in required:
         if name not in value:
             return f".{name}", f"required key of {cls.__name__} is missing"

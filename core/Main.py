@@ -141,11 +141,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate(config: dict[str, Any]) -> tuple[ExperimentSettings, WandbSettings]:
     """Check the top-level shape; blocks are checked by the builder when they are built."""
+    settings = (("experiment", ExperimentSettings), ("wandb", WandbSettings))
+    for key in config:
+        home = next((block for block, cls in settings if key in cls.__dataclass_fields__), None)
+        if key not in TOP_LEVEL_KEYS and home:
+            raise ConfigError(f"<config>.{key}: not a top-level key; it belongs in the {home} block ({home}: "
+                              f"{{{key}: ...}} in the YAML, --set {home}.{key}=... on the command line)")
     check_keys(config, TOP_LEVEL_KEYS, "<config>", required=("model", "data"))
     if not isinstance(config.get("name", "run"), str):
         raise ConfigError(f"name: expected a string, got {config['name']!r}")
     sections = {}
-    for key, cls in (("experiment", ExperimentSettings), ("wandb", WandbSettings)):
+    for key, cls in settings:
         section = check_keys(config.get(key), [f for f in cls.__dataclass_fields__], key)
         check_params(cls, section, key)
         sections[key] = cls(**section)

@@ -20,12 +20,11 @@ existing YAML key and ``--set trainer.params.<key>=...`` keeps working. Giving o
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from core.Configurator import ParamError
+from core.Configurator import ParamError, suggest
 
 AmpMode = Literal["auto", "bf16", "fp16", "off"]
 SchedulerInterval = Literal["epoch", "step"]
@@ -234,9 +233,7 @@ def nest_flat_options(options: dict[str, Any], path: str, *,
     out = dict(options)
     for key in out:
         if key not in parameters and key not in FLAT_ALIASES:
-            names = [*parameters, *FLAT_ALIASES]
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = suggest(key, [*parameters, *FLAT_ALIASES])
             raise ValueError(f"{path}.{key}: unknown parameter{hint}; valid parameters: {', '.join(parameters)}, "
                              f"or the flat names {', '.join(FLAT_ALIASES)}")
     moved: dict[str, str] = {}

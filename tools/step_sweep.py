@@ -427,13 +427,15 @@ def train_with_main(config_path: str, overrides: Sequence[str], out_dir: Path) -
     from core.Main import main as run_main
 
     sets = [*overrides, f"experiment.output_dir={out_dir}", "experiment.task=train", "downstream_tasks=null"]
+    before = set(out_dir.glob("*/*/*/"))
     code = run_main(["--config_path", config_path, *(arg for value in sets for arg in ("--set", value))])
     if code != 0:
         raise RuntimeError(f"training {config_path} failed with exit code {code} (see the log above)")
-    done = sorted(out_dir.glob("*/*/*/checkpoints/best.pt"), key=lambda p: p.stat().st_mtime)
-    if not done:
-        raise RuntimeError(f"training {config_path} finished but left no best.pt under {out_dir}")
-    return done[-1]
+    new_runs = sorted(set(out_dir.glob("*/*/*/")) - before)  # this run's folder, not an earlier run's
+    if len(new_runs) != 1 or not (new_runs[0] / "checkpoints" / "best.pt").is_file():
+        raise RuntimeError(f"training {config_path} finished but left no single new run with a best.pt under "
+                           f"{out_dir} (new run folders: {', '.join(map(str, new_runs)) or 'none'})")
+    return new_runs[0] / "checkpoints" / "best.pt"
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -50,6 +50,9 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("model:\n  module_name: model_zoo.nothing_here\n", "model.module_name: no module named"),
         ("trainer:\n  params:\n    max_epochs: many\n", "trainer.params.max_epochs: expected an integer"),
         ("experiment:\n  tsk: train\n", "experiment.tsk: unknown key"),
+        ("output_dir: /tmp/elsewhere\n", "<config>.output_dir: not a top-level key; it belongs in the experiment block "
+         "(experiment: {output_dir: ...} in the YAML, --set experiment.output_dir=... on the command line)"),
+        ("mode: online\n", "<config>.mode: not a top-level key; it belongs in the wandb block"),
         ("experiment:\n  device: tpu\n", "experiment.device: 'tpu' is not one of"),
         ("downstream_tasks:\n  thresholds:\n    params:\n      task: thresholdin\n", "downstream_tasks.thresholds"),
     ],

@@ -22,7 +22,6 @@ from model_zoo.saliency import clahe, gaussian_blur
 from model_zoo.soft_intro import RA, SoftIntroVAE
 from optim.losses.perceptual import PerceptualSetting
 from tests.core._trainer_fixtures import make_run
-from tests.model_zoo._learning import embedded_data, hypointense_separation, train
 
 TINY = {"image_size": 16, "channels": (4, 8), "zdim": 4, "beta_neg": 4.0}
 RANDOM_LPIPS = PerceptualSetting(net="squeeze", backend="random")
@@ -199,26 +198,3 @@ def test_sampled_test_maps_follow_the_generator() -> None:
     deterministic = SoftIntroVAE(**TINY).eval()
     deterministic.load_state_dict(model.state_dict())
     assert torch.equal(deterministic.get_anomaly(x).reconstruction, deterministic.decoder(deterministic.encode(x)[0]))
-
-
-SMALL = {"image_size": 32, "channels": (16, 32, 64), "zdim": 32, "beta_neg": 32.0}
-ADAM = {"module_name": "torch.optim", "class_name": "Adam", "params": {"lr": 1e-3}}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("cls", [SoftIntroVAE, RA])
-def test_short_training_separates_hypointense_lesions_better_than_the_untrained_model(
-        cls: type, tmp_path: Path, one_thread: None) -> None:
-    # The shipped _cpu recipe at 32x32: 100 plain-VAE warm-up batches, then 60 introspective ones, beta_kl scaled
-    # with the pixel count (0.25 at 64x64 -> 0.0625), batches of 16 (about a minute on one core). RA without LPIPS
-    # weights: the CLAHE residual alone ("RA-noLPIPS"). Measured (pixel / image AUROC): SI-VAE 0.62 / 0.51 untrained
-    # -> 0.83 / 0.66, RA 0.51 / 0.54 -> 0.68 / 0.59. Without the warm-up, 100 introspective batches from scratch
-    # reached pixel 0.69 but image 0.50 for SI-VAE: the image score was no better than chance.
-    torch.manual_seed(0)
-    data = embedded_data(32)
-    params = {**SMALL, "vae_warmup_steps": 100, "beta_kl": 0.0625, **({"perceptual": None} if cls is RA else {})}
-    untrained = hypointense_separation(cls(**params), data).pixel_auroc
-    torch.manual_seed(0)
-    trainer = train(cls(**params), data, tmp_path, steps=160, optimizer=ADAM)
-    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
-    hypointense_separation(trainer.model, data).check(cls.__name__, min_pixel=max(0.55, untrained + 0.05))

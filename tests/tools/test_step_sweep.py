@@ -143,3 +143,6 @@ def test_train_mode_trains_the_config_as_main_does_then_sweeps_it(tmp_path, one_
     result = json.loads((out / "anoddpm" / "step_sweep.json").read_text())
     assert result["provenance"]["checkpoint"] == str(best)
     assert [row["network_evals"] for row in result["rows"]] == [7, 3, 3]  # full chain L=6, strided 3, ddim 3
+    # a second training into the same folder returns its own run's weights, not the earlier run's
+    again = sw.train_with_main(sw.DEFAULT_CONFIG, [*tiny, "trainer.params.max_steps=1"], out / "train")
+    assert again != best and torch.load(again, weights_only=True)["step"] == 1
