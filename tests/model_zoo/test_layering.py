@@ -63,8 +63,10 @@ def manifest_writers(source: str) -> list[str]:
     """Calls that write a file while naming the manifest (``MANIFEST``, ``"manifest.json"``) in the same statement."""
     found = []
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
-                "write_text", "write_bytes", "dump", "open", "replace", "rename"):
+        name = node.func.attr if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else (
+            node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else None)
+        if name in ("write_text", "write_bytes", "dump", "open", "replace", "rename", "write_text_atomic",
+                    "write_atomic"):
             text = ast.unparse(node)
             if "manifest" in text.lower():
                 found.append(text)
