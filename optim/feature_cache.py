@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dl_utils.files import write_atomic
+from dl_utils.files import write_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def cached_features(images: Tensor, *, extractor: Callable[[Tensor], Tensor], ke
     cache_dir.mkdir(parents=True, exist_ok=True)
     meta = {"key_parts": dict(key_parts), "image_shape": list(images.shape), "feature_shape": list(features.shape),
             "feature_dtype": str(features.dtype)}
-    write_atomic(cache_dir / f"{key}.json", lambda p: p.write_text(json.dumps(meta, indent=1, sort_keys=True)))
+    write_text_atomic(cache_dir / f"{key}.json", json.dumps(meta, indent=1, sort_keys=True))
     write_atomic(path, lambda p: _save_npy(p, features))
     logger.info("feature cache miss: stored %s (%d images, %s)", path.name, images.shape[0], dict(key_parts))
     return torch.from_numpy(features.copy())

@@ -63,8 +63,9 @@ def manifest_writers(source: str) -> list[str]:
     """Calls that write a file while naming the manifest (``MANIFEST``, ``"manifest.json"``) in the same statement."""
     found = []
     for node in ast.walk(ast.parse(source)):
-        name = node.func.attr if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else (
-            node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else None)
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
         if name in ("write_text", "write_bytes", "dump", "open", "replace", "rename", "write_text_atomic",
                     "write_atomic"):
             text = ast.unparse(node)
