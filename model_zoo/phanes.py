@@ -61,7 +61,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from data.batch import Batch
 from model_zoo import filters
 from model_zoo.base import AnomalyOutput, StepContext
-from model_zoo.saliency import clahe, gaussian_blur
+from model_zoo.saliency import gaussian_blur
 from model_zoo.soft_intro import RA
 from model_zoo.stages import keep_frozen_in_eval, load_frozen_stage
 from optim.losses.vgg19 import Backend as VGGBackend
@@ -316,8 +316,7 @@ class PHANES(RA):
     def _training_masks(self, x: Tensor, x_r: Tensor) -> tuple[Tensor, Tensor]:
         """(m_syn, m): synthetic ellipses and their union with the residual masks, [B,1,S,S] in {0,1}."""
         m_syn = ellipse_masks(x.shape[0], x.shape[-1], self.n_ellipses, device=x.device)
-        limit = self.clahe_clip_limit
-        residual = (clahe(x_r.detach().clamp(0, 1), clip_limit=limit) - clahe(x, clip_limit=limit)).abs()
+        residual = (self.clahe(x_r.detach().clamp(0, 1)) - self.clahe(x)).abs()
         m_res = residual_masks(residual, threshold=self.residual_threshold)
         return m_syn, (m_res + m_syn).clamp(0, 1)
 
@@ -389,7 +388,7 @@ class PHANES(RA):
     def pipeline(self, x: Tensor) -> dict[str, Tensor]:
         """Coarse reconstruction, residual, mask, inpainting and map of x: [B,1,S,S] in [0,1]; all per image."""
         x0 = self.reconstruct(x).clamp(0, 1)
-        r = (clahe(x0, clip_limit=self.clahe_clip_limit) - clahe(x, clip_limit=self.clahe_clip_limit)).abs()
+        r = (self.clahe(x0) - self.clahe(x)).abs()
         r = (r / (self._quantile(r) + 1e-8)).clamp(max=1)
         a = r * gaussian_blur(self.perceptual.spatial(x0, x), self.saliency_sigma).clamp(min=0)
         mask = self.test_mask(a)

@@ -6,6 +6,10 @@ Everything works per image on the input's device (no statistic is taken over the
   defaults (kernel = 1/8 of the image side, clip limit 0.01, 256 bins), vectorised over the batch. Not
   bit-identical to skimage: the clipped excess is redistributed in one uniform pass (skimage iterates), and
   the tile mappings are interpolated bilinearly between tile centres (as skimage) with edge tiles extended.
+  ``size`` S computes it on the image resized to S x S: on small slices a tile of 1/8 of the side holds too few
+  pixels for a histogram (16 at 32x32, where the clip limit is one pixel and every pixel becomes about its rank
+  among 16, so noise is stretched to the full range and dominates a CLAHE residual); at the study's 128x128 a tile
+  holds 256.
 * :func:`gaussian_blur`: separable Gaussian, mirror borders, radius ``ceil(4 sigma)`` (:mod:`model_zoo.filters`).
 * :class:`SaliencyPerceptual`: the spatial perceptual distance (``optim.losses.perceptual.PerceptualDistance``,
   LPIPS-SqueezeNet with official weights from ``weights_path``/``$TORCH_HOME``, else ST-LPIPS) built with the
@@ -19,6 +23,7 @@ import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from model_zoo import filters
@@ -35,7 +40,8 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     return filters.gaussian_blur(x, sigma, border="mirror", radius=filters.radius_for(sigma, "ceil"))
 
 
-def clahe(x: Tensor, *, tiles: int = 8, clip_limit: float = 0.01, nbins: int = 256) -> Tensor:
+def clahe(x: Tensor, *, tiles: int = 8, clip_limit: float = 0.01, nbins: int = 256, size: int | None = None
+          ) -> Tensor:
     """Contrast-limited adaptive histogram equalisation, per image.
 
     Args:
@@ -44,10 +50,16 @@ def clahe(x: Tensor, *, tiles: int = 8, clip_limit: float = 0.01, nbins: int = 2
         tiles: tiles per side (skimage's default kernel of 1/8 of the side = 8 tiles).
         clip_limit: fraction of a tile's pixels a histogram bin may hold (skimage's normalised clip limit).
         nbins: histogram bins.
+        size: None: on x as given. An int S (divisible by ``tiles``): on x resized to S x S (bilinear), the result
+            area-resized back to H x W (the tiles keep their share of the field of view and hold (S/tiles)^2 pixels).
 
     Returns:
         [B,1,H,W] in [0,1] (rescaled per image to the full range, as skimage), float32.
     """
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        work = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
+        return F.interpolate(clahe(work, tiles=tiles, clip_limit=clip_limit, nbins=nbins), size=x.shape[-2:],
+                             mode="area")
     b, c, h, w = x.shape
     if c != 1 or h % tiles or w % tiles:
         raise ValueError(f"clahe expects [B,1,H,W] with H, W divisible by tiles={tiles}, got {tuple(x.shape)}")

@@ -334,17 +334,24 @@ class RA(SoftIntroVAE):
             ``weights_path``/``$TORCH_HOME`` or else ST-LPIPS, see ``optim/losses/perceptual.py``); null = off.
         saliency_sigma: Gaussian sigma of the LPIPS maps (2).
         clahe_clip_limit: CLAHE clip limit (0.01).
+        clahe_size: None (default): CLAHE on the images as given. An int S: on the images resized to S x S and back
+            (:func:`model_zoo.saliency.clahe`), so that small slices are equalised as the study's 128x128 ones were.
         Others: as :class:`SoftIntroVAE`.
     """
 
     def __init__(self, *, embedding_weight: float = 0.005, perceptual: PerceptualSetting | None = DEFAULT_LPIPS,
-                 saliency_sigma: float = 2.0, clahe_clip_limit: float = 0.01, **kwargs: Any) -> None:
+                 saliency_sigma: float = 2.0, clahe_clip_limit: float = 0.01, clahe_size: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if embedding_weight < 0 or saliency_sigma < 0 or clahe_clip_limit <= 0:
             raise ValueError(f"embedding_weight={embedding_weight} and saliency_sigma={saliency_sigma} must be >= 0, "
                              f"clahe_clip_limit={clahe_clip_limit} > 0")
+        if clahe_size is not None and (isinstance(clahe_size, bool) or not isinstance(clahe_size, int)
+                                       or clahe_size < 8 or clahe_size % 8):
+            raise ValueError(f"clahe_size={clahe_size!r} must be null or a positive multiple of 8 (CLAHE's 8 tiles)")
         self.embedding_weight, self.saliency_sigma, self.clahe_clip_limit = (embedding_weight, saliency_sigma,
                                                                              clahe_clip_limit)
+        self.clahe_size = clahe_size
         self.perceptual = SaliencyPerceptual(perceptual, "model.params.perceptual")
 
     def _extra_encoder_terms(self, features: list[Tensor], features_r: list[Tensor]) -> dict[str, Tensor]:
@@ -354,13 +361,19 @@ class RA(SoftIntroVAE):
             total = total + 0.5 * F.mse_loss(f, f_r) + (1.0 - cosine).mean()
         return {"embedding": self.embedding_weight * total}
 
+    def clahe(self, x: Tensor) -> Tensor:
+        """C(x): the method's CLAHE of x: [B,1,S,S] (clip limit ``clahe_clip_limit``, at ``clahe_size``), in [0,1]."""
+        return clahe(x, clip_limit=self.clahe_clip_limit, size=self.clahe_size)
+
     def residual_map(self, x: Tensor, x_hat: Tensor) -> Tensor:
         """``|C(x_hat) - C(x)| * G(LPIPS(x, x_hat)) * G(LPIPS(C(x_hat), C(x)))``, per image, [B,1,S,S] >= 0."""
         x, x_hat = x.clamp(0, 1), x_hat.clamp(0, 1)
-        c_x, c_hat = clahe(x, clip_limit=self.clahe_clip_limit), clahe(x_hat, clip_limit=self.clahe_clip_limit)
+        c_x, c_hat = self.clahe(x), self.clahe(x_hat)
         saliency = gaussian_blur(self.perceptual.spatial(x, x_hat), self.saliency_sigma)
         saliency = saliency * gaussian_blur(self.perceptual.spatial(c_hat, c_x), self.saliency_sigma)
         return (c_hat - c_x).abs() * saliency.clamp(min=0)
 
     def provenance(self) -> dict[str, Any]:
-        return {"saliency_perceptual": self.perceptual.description}
+        where = "on the input" if self.clahe_size is None else f"at {self.clahe_size}x{self.clahe_size}"
+        return {"saliency_perceptual": self.perceptual.description,
+                "clahe": f"clip limit {self.clahe_clip_limit:g}, 8x8 tiles, {where}"}

@@ -3,7 +3,7 @@ still learns.
 
 Every case loads the shipped YAML (data size, network, optimizer and learning rate, EMA and its warm-up,
 inference setting) and changes only the length of training: ``trainer.params.max_steps`` is cut to the
-``steps`` below (the shipped runs are 570 steps for AE, 3800 for VAE, 1500 for the diffusion models and 600 for
+``steps`` below (the shipped runs are 570 steps for AE, 3800 for VAE, 1500 for the diffusion models and 900 for
 the SI-VAE family, whose plain-VAE warm-up is cut with them, 300 -> 100), and validation is skipped. The model is
 trained with the project's Trainer and evaluated like a run (EMA weights when the config keeps an EMA). The
 thresholds are what these shortened runs must reach on the embedded benchmark's hypointense lesions (pixel AUROC
