@@ -23,9 +23,9 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from dl_utils.resample import at_size
 from model_zoo import filters
 from optim.losses.perceptual import PerceptualSetting
 
@@ -56,10 +56,8 @@ def clahe(x: Tensor, *, tiles: int = 8, clip_limit: float = 0.01, nbins: int = 2
     Returns:
         [B,1,H,W] in [0,1] (rescaled per image to the full range, as skimage), float32.
     """
-    if size is not None and tuple(x.shape[-2:]) != (size, size):
-        work = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
-        return F.interpolate(clahe(work, tiles=tiles, clip_limit=clip_limit, nbins=nbins), size=x.shape[-2:],
-                             mode="area")
+    if size is not None:
+        return at_size(lambda work: clahe(work, tiles=tiles, clip_limit=clip_limit, nbins=nbins), size, x.float())
     b, c, h, w = x.shape
     if c != 1 or h % tiles or w % tiles:
         raise ValueError(f"clahe expects [B,1,H,W] with H, W divisible by tiles={tiles}, got {tuple(x.shape)}")

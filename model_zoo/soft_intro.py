@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data.batch import Batch
+from dl_utils.resample import working_size
 from model_zoo.base import AnomalyModel, AnomalyOutput, StepContext
 from model_zoo.batchnorm import keep_running_stats
 from model_zoo.saliency import DEFAULT_LPIPS, SaliencyPerceptual, clahe, gaussian_blur
@@ -346,9 +347,7 @@ class RA(SoftIntroVAE):
         if embedding_weight < 0 or saliency_sigma < 0 or clahe_clip_limit <= 0:
             raise ValueError(f"embedding_weight={embedding_weight} and saliency_sigma={saliency_sigma} must be >= 0, "
                              f"clahe_clip_limit={clahe_clip_limit} > 0")
-        if clahe_size is not None and (isinstance(clahe_size, bool) or not isinstance(clahe_size, int)
-                                       or clahe_size < 8 or clahe_size % 8):
-            raise ValueError(f"clahe_size={clahe_size!r} must be null or a positive multiple of 8 (CLAHE's 8 tiles)")
+        working_size(clahe_size, name="clahe_size", minimum=8, multiple=8)  # CLAHE's 8 x 8 tiles
         self.embedding_weight, self.saliency_sigma, self.clahe_clip_limit = (embedding_weight, saliency_sigma,
                                                                              clahe_clip_limit)
         self.clahe_size = clahe_size

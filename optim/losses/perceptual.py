@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dl_utils.resample import at_size, working_size
+
 logger = logging.getLogger(__name__)
 
 Net = Literal["alex", "squeeze", "vgg"]
@@ -81,9 +83,7 @@ class PerceptualDistance(nn.Module):
     def __init__(self, *, net: Net = "alex", backend: Backend = "auto", weights_path: str | None = None,
                  spatial_size: int | None = None) -> None:
         super().__init__()
-        if spatial_size is not None and (isinstance(spatial_size, bool) or not isinstance(spatial_size, int)
-                                         or spatial_size < 32):
-            raise ValueError(f"spatial_size={spatial_size!r} must be null or an integer >= 32")
+        working_size(spatial_size, name="spatial_size", minimum=32)
         if net not in get_args(Net):
             raise ValueError(f"net={net!r} is not one of {', '.join(map(repr, get_args(Net)))}")
         if backend not in get_args(Backend):
@@ -149,15 +149,12 @@ class PerceptualDistance(nn.Module):
             [B,1,H,W] map, >= 0, bilinearly upsampled (align_corners=False) to the input size, or with
             ``spatial_size`` S: computed on the images resized to S x S and area-resized back to H x W.
         """
-        size = x.shape[-2:]
-        if self.spatial_size is not None:
-            work = (self.spatial_size, self.spatial_size)
-            x = F.interpolate(x, size=work, mode="bilinear", align_corners=False)
-            y = F.interpolate(y, size=work, mode="bilinear", align_corners=False)
+        return at_size(self._spatial, self.spatial_size, x, y)
+
+    def _spatial(self, x: Tensor, y: Tensor) -> Tensor:
         maps = [F.interpolate(m, size=x.shape[-2:], mode="bilinear", align_corners=False)
                 for m in self._layer_maps(x, y)]
-        out = torch.stack(maps).sum(dim=0)
-        return out if out.shape[-2:] == size else F.interpolate(out, size=size, mode="area")
+        return torch.stack(maps).sum(dim=0)
 
     def _layer_maps(self, x: Tensor, y: Tensor) -> list[Tensor]:
         """Per-layer weighted squared differences of unit-normalised features, each [B,1,h_l,w_l]."""
