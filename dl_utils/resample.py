@@ -1,8 +1,8 @@
 """Compute an image operation at a working size and bring its map back to the input's size.
 
 Two map computations depend on the pixel count of their input: CLAHE's tiles (RA, PHANES) and the receptive fields
-of a spatial LPIPS (:class:`optim.losses.perceptual.PerceptualDistance`). On the 64x64 CPU slices they are run at
-the study's 128x128 instead: inputs bilinearly resized to S x S, the operation, its map area-resized back (area
+of a spatial LPIPS (:class:`optim.losses.perceptual.PerceptualDistance`). On small CPU slices (32x32, 64x64) they can
+run at the study's 128x128 instead: inputs bilinearly resized to S x S, the operation, its map area-resized back (area
 averaging keeps a map's mean over each output pixel's footprint). :func:`working_size` validates the YAML value the
 same way for both.
 """

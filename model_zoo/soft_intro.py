@@ -347,10 +347,9 @@ class RA(SoftIntroVAE):
         if embedding_weight < 0 or saliency_sigma < 0 or clahe_clip_limit <= 0:
             raise ValueError(f"embedding_weight={embedding_weight} and saliency_sigma={saliency_sigma} must be >= 0, "
                              f"clahe_clip_limit={clahe_clip_limit} > 0")
-        working_size(clahe_size, name="clahe_size", minimum=8, multiple=8)  # CLAHE's 8 x 8 tiles
         self.embedding_weight, self.saliency_sigma, self.clahe_clip_limit = (embedding_weight, saliency_sigma,
                                                                              clahe_clip_limit)
-        self.clahe_size = clahe_size
+        self.clahe_size = working_size(clahe_size, name="clahe_size", minimum=8, multiple=8)  # CLAHE's 8 x 8 tiles
         self.perceptual = SaliencyPerceptual(perceptual, "model.params.perceptual")
 
     def _extra_encoder_terms(self, features: list[Tensor], features_r: list[Tensor]) -> dict[str, Tensor]:

@@ -83,7 +83,7 @@ class PerceptualDistance(nn.Module):
     def __init__(self, *, net: Net = "alex", backend: Backend = "auto", weights_path: str | None = None,
                  spatial_size: int | None = None) -> None:
         super().__init__()
-        working_size(spatial_size, name="spatial_size", minimum=32)
+        spatial_size = working_size(spatial_size, name="spatial_size", minimum=32)
         if net not in get_args(Net):
             raise ValueError(f"net={net!r} is not one of {', '.join(map(repr, get_args(Net)))}")
         if backend not in get_args(Backend):
